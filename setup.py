@@ -1,0 +1,41 @@
+"""t2i_jax: maintained Flax Stable Diffusion (CLIP, VAE, U-Net, samplers, training)."""
+
+from setuptools import find_packages, setup
+
+# torch is optional: safetensors checkpoints load without it. It is needed for
+# pickled checkpoints (.bin/.ckpt) and for the PyTorch reference in the tests.
+# Install `torch==2.13.0` (or your own CUDA build) *before* this package so pip
+# does not pull a different torch for you.
+TORCH = ["torch", "diffusers"]
+
+setup(
+    name="t2i_jax",
+    version="0.1.0",
+    description="JAX/Flax text-to-image latent diffusion in the Stable Diffusion family",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["t2i_jax", "t2i_jax.*"]),
+    package_data={"t2i_jax": ["assets/*"]},
+    install_requires=[
+        "jax",
+        "flax",
+        "optax",
+        "orbax-checkpoint",
+        "transformers>=5",
+        "safetensors",
+        "huggingface_hub",
+        "ml_collections",
+        "grain",
+        "tensorflow-datasets",
+        # tensorflow-datasets 4.9.10 imports it at run time without declaring it.
+        "importlib_resources",
+        "pillow",
+        "numpy",
+        "tqdm",
+    ],
+    extras_require={
+        "torch": TORCH,
+        "test": TORCH + ["pytest", "pytest-xdist"],
+    },
+)
