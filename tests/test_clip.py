@@ -281,6 +281,8 @@ def test_unexpected_and_misshapen_keys_are_named(text_folder):
     with pytest.raises(core.ConversionError) as e:
         cc.load_clip(text_folder)
     report = e.value.report
+    assert str(text_folder / "model.safetensors") in str(e.value)
+    assert "text_model.final_layer_norm.weight: model expects (48,), checkpoint has (7,)" in str(e.value)
     assert report.unexpected == ["text_model.encoder.layers.0.extra.weight"]
     assert report.misshapen == [("text_model.final_layer_norm.weight", (48,), (7,))]
     # Non-strict loading returns what fits and the same report.
@@ -353,3 +355,32 @@ def test_named_variants_param_counts(name):
         ref = T.CLIPModel(T.CLIPConfig(text_config=cfg.text.to_hf(), vision_config=cfg.vision.to_hf(),
                                        projection_dim=cfg.projection_dim))
     assert n_ours == sum(p.numel() for p in ref.parameters())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tower", ["vit-l-14 text", "vit-b-32 vision"])
+def test_full_size_parity(tmp_path, tower):
+    """Full-size configs, random weights (SD1.x's text encoder; CLIP-B/32's vision tower)."""
+    torch.manual_seed(0)
+    if tower.endswith("text"):
+        cfg = clip.named_config("vit-l-14").text
+        ref = T.CLIPTextModelWithProjection(T.CLIPTextConfig(**cfg.to_hf())).eval()
+        ids = np.random.RandomState(0).randint(0, 49406, (2, 77))
+        ids[:, 0], ids[0, 9:], ids[1, 40:] = 49406, 49407, 49407
+        inputs = {"input_ids": torch.tensor(ids)}
+        flax_inputs = (jnp.asarray(ids),)
+    else:
+        cfg = clip.named_config("vit-b-32").vision
+        ref = T.CLIPVisionModelWithProjection(T.CLIPVisionConfig(**cfg.to_hf())).eval()
+        px = np.random.RandomState(0).randn(2, 3, 224, 224).astype(np.float32)
+        inputs = {"pixel_values": torch.tensor(px)}
+        flax_inputs = (nhwc(px),)
+    ref.save_pretrained(tmp_path)
+    module, params = cc.load_clip(tmp_path)
+    with torch.no_grad():
+        r = ref(**inputs, output_hidden_states=True)
+    o = jax.jit(lambda p, x: module.apply({"params": p}, x, output_hidden_states=True))(params, *flax_inputs)
+    embeds = (o.text_embeds, r.text_embeds) if tower.endswith("text") else (o.image_embeds, r.image_embeds)
+    assert rel(o.last_hidden_state, r.last_hidden_state) <= 1e-4
+    assert rel(o.hidden_states[-2], r.hidden_states[-2]) <= 1e-4
+    assert rel(*embeds) <= 1e-4

@@ -114,3 +114,15 @@ def test_rules_rename_and_transform():
     assert out["attn.v"].tolist() == [4, 5] and origin["attn.k"] == "qkv"
     with pytest.raises(core.ConversionError, match="both map to"):
         core.apply_rules({"old.1.w": np.ones(1), "new.1.weight": np.ones(1)}, rules)
+
+
+def test_truncated_safetensors_names_file_and_key(tmp_path):
+    path = tmp_path / "model.safetensors"
+    core.write_safetensors({"a": np.zeros((4, 4), np.float32), "b": np.ones((8, 8), np.float32)}, path)
+    raw = path.read_bytes()
+    path.write_bytes(raw[:-10])  # a download cut short
+    with pytest.raises(core.ConversionError, match=r"model\.safetensors is truncated: tensor 'b'"):
+        core.read_safetensors(path)
+    path.write_bytes(raw[:20])  # cut inside the header
+    with pytest.raises(core.ConversionError, match=r"model\.safetensors is not a safetensors file"):
+        core.read_safetensors(path)

@@ -66,3 +66,39 @@ def test_save_and_reload(tmp_path, bundled):
     prompt = "a small yellow triangle on a green background"
     assert (again(prompt) == bundled(prompt)).all()
     assert again.decode(bundled(prompt)[0]) == prompt
+
+
+AWKWARD = [
+    "",
+    " ",
+    "a photo of a cat",
+    "Ünïcödé café naïve — “quotes” and ‘single’ ½ ² 𝔘𝔫𝔦",
+    "日本語のテキストと中文字符",
+    "emoji 🐱🚀👩‍👩‍👧 mixed",
+    "punctuation!!! ... ,,, ??? ;-) (parens) [brackets] {braces} #hash @at $5.00 100%",
+    "it's they're we've I'm you'll he'd don't",
+    "tabs\tand\nnewlines\r\n   multiple   spaces",
+    "<|startoftext|> literal specials <|endoftext|>",
+    "numbers 1234567890 3.14159 1e-5 0x1F",
+    "x" * 300,
+    " ".join(["very long prompt with many words"] * 20),
+]
+
+
+def test_awkward_strings_match_transformers(tmp_path, bundled):
+    """Our ids equal a transformers CLIPTokenizer read from vocab.json/merges.txt
+    files written from the same vocabulary, padded/truncated to 77 by transformers."""
+    from transformers import CLIPTokenizer
+
+    vocab, merges = tok.bundled_vocab()
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    ref = CLIPTokenizer.from_pretrained(tmp_path)
+    expected = ref(AWKWARD, padding="max_length", max_length=77, truncation=True)["input_ids"]
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours = bundled(AWKWARD)
+    for prompt, a, b in zip(AWKWARD, ours.tolist(), expected):
+        assert a == b, prompt
+    assert ours[0, :2].tolist() == [49406, 49407]  # empty prompt: start, end

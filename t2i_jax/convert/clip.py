@@ -121,13 +121,18 @@ def load_clip(path_or_id: str | os.PathLike, *, subfolder: str | None = None, to
     arch = architecture(config, str(config_path))
     module = build_module(config, tower=tower, dtype=dtype, attention_impl=attention_impl, remat=remat,
                           where=str(config_path))
-    state = canonical_state(core.read_weights_dir(folder, _WEIGHT_STEMS), arch)
+    files = core.find_weights(folder, _WEIGHT_STEMS)
+    state = {}
+    for f in files:
+        state.update(core.read_checkpoint(f))
+    state = canonical_state(state, arch)
     ignore = list(_IGNORE)
     if arch == "CLIPModel" and tower == "text":
         ignore += [r"^vision_model\.", r"^visual_projection\.", r"^logit_scale$"]
     elif arch == "CLIPModel" and tower == "vision":
         ignore += [r"^text_model\.", r"^text_projection\.", r"^logit_scale$"]
-    params, _ = core.load_params(state, expected_shapes(module), source=str(folder), ignore=ignore,
+    source = str(files[0]) if len(files) == 1 else f"{folder} ({len(files)} shards)"
+    params, _ = core.load_params(state, expected_shapes(module), source=source, ignore=ignore,
                                  dtype=param_dtype, strict=strict)
     return module, params
 

@@ -62,16 +62,25 @@ def read_safetensors(path: str | os.PathLike) -> StateDict:
         (n,) = struct.unpack("<Q", head)
         if n > path.stat().st_size:
             raise ConversionError(f"{path} is not a safetensors file: bad header length {n}")
-        header = json.loads(f.read(n))
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConversionError(f"{path} is not a safetensors file or is truncated: bad header ({e})") from e
     header.pop("__metadata__", None)
     if not header:
         return {}
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n)
+    size = path.stat().st_size - 8 - n
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n) if size > 0 else np.zeros(0, np.uint8)
     out = {}
     for key, info in header.items():
         if info["dtype"] not in _ST_DTYPES:
             raise ConversionError(f"{path}: tensor {key!r} has dtype {info['dtype']}, which is not supported")
         start, end = info["data_offsets"]
+        if end > size:
+            raise ConversionError(
+                f"{path} is truncated: tensor {key!r} needs bytes {start}..{end} of the data section, "
+                f"which holds {size}. Download or copy the file again."
+            )
         arr = data[start:end].view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
         out[key] = arr
     return out
@@ -177,8 +186,8 @@ def read_checkpoint(path: str | os.PathLike) -> StateDict:
     )
 
 
-def read_weights_dir(folder: str | os.PathLike, stems: Sequence[str], variant: str | None = None) -> StateDict:
-    """Reads the weights of a transformers/diffusers model folder.
+def find_weights(folder: str | os.PathLike, stems: Sequence[str], variant: str | None = None) -> list[Path]:
+    """The weight files of a transformers/diffusers model folder.
 
     Looks, in order, for `STEM[.VARIANT].safetensors`, its sharded index
     `STEM[.VARIANT].safetensors.index.json`, then the `.bin` equivalents, for
@@ -196,18 +205,23 @@ def read_weights_dir(folder: str | os.PathLike, stems: Sequence[str], variant: s
             index = folder / f"{name}{suffix}.index.json"
             tried += [single.name, index.name]
             if single.is_file():
-                return read_checkpoint(single)
+                return [single]
             if index.is_file():
                 weight_map = json.loads(index.read_text())["weight_map"]
-                out: StateDict = {}
-                for shard in sorted(set(weight_map.values())):
-                    out.update(read_checkpoint(folder / shard))
-                return out
+                return [folder / shard for shard in sorted(set(weight_map.values()))]
     present = sorted(p.name for p in folder.iterdir())
     raise FileNotFoundError(
         f"no weights in {folder}: looked for {', '.join(tried)}; the folder holds {present or 'nothing'}"
         + ("" if variant is None else f". Drop variant={variant!r} to load the default weights.")
     )
+
+
+def read_weights_dir(folder: str | os.PathLike, stems: Sequence[str], variant: str | None = None) -> StateDict:
+    """Reads all weights of a model folder (see `find_weights`) into one dict."""
+    out: StateDict = {}
+    for f in find_weights(folder, stems, variant):
+        out.update(read_checkpoint(f))
+    return out
 
 
 # --------------------------------------------------------------------------
