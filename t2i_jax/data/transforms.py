@@ -1,0 +1,202 @@
+"""grain transforms: decode, skip bad images, crop/flip/scale, pick a caption, tokenize.
+
+The order in a loader is
+
+    DecodeImage (Map)  ->  DropBad (Filter)  ->  Preprocess (RandomMap)  ->  [Tokenize (Map)]  ->  Batch
+
+A record that cannot be decoded (missing file, random bytes, truncated JPEG)
+becomes a marker `{"error": ..., "key": ...}` in `DecodeImage`, and `DropBad`
+filters it out, counting it in a `SkipLog` and logging a warning with the path.
+Dropping records inside the grain pipeline (not by raising, not by looping in
+Python around the iterator) keeps the iterator state an index into the sampler,
+so checkpoints stay exact.
+
+Randomness (caption choice, random crop offset, flip) comes from the rng grain
+hands to `RandomMap`: a Philox stream keyed by (loader seed + position of the
+record in the sampler's global order), so it is a function of (seed, epoch,
+index) and survives checkpoint/restore and any worker count.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+
+import grain
+import numpy as np
+from PIL import Image, ImageOps
+
+__all__ = ["SkipLog", "DecodeImage", "DropBad", "Preprocess", "Tokenize", "decode_image"]
+
+log = logging.getLogger(__name__)
+
+_ERROR = "error"
+
+
+class SkipLog:
+    """Counts (and remembers) the records skipped because their image would not load.
+
+    In-process by default. grain worker processes each get a pickled copy, so
+    for `worker_count > 0` pass `path`: every skip is then also appended as a
+    line to that file, and `count` / `skipped` read the file, summing over all
+    processes.
+    """
+
+    def __init__(self, path: str | os.PathLike | None = None):
+        self.path = None if path is None else os.fspath(path)
+        self._skipped: list[tuple[str, str]] = []
+        self._lock = threading.Lock()
+
+    def add(self, key: str, reason: str) -> None:
+        """Records one skipped image (and logs a warning naming it)."""
+        log.warning("skipping image %s: %s", key, reason)
+        with self._lock:
+            self._skipped.append((key, reason))
+            if self.path is not None:
+                # One short O_APPEND write per line is atomic across processes.
+                with open(self.path, "a", encoding="utf-8") as f:
+                    f.write(f"{key}\t{' '.join(reason.split())}\n")
+
+    @property
+    def skipped(self) -> list[tuple[str, str]]:
+        """(path or key, reason) of every skipped record so far."""
+        if self.path is None:
+            with self._lock:
+                return list(self._skipped)
+        if not os.path.exists(self.path):
+            return []
+        with open(self.path, encoding="utf-8") as f:
+            return [tuple(line.rstrip("\n").split("\t", 1)) for line in f if line.strip()]
+
+    @property
+    def count(self) -> int:
+        """Number of records skipped so far."""
+        return len(self.skipped)
+
+    def __getstate__(self):
+        return {"path": self.path, "_skipped": list(self._skipped)}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"SkipLog(count={self.count}, path={self.path!r})"
+
+
+def decode_image(image, resolution: int | None = None) -> np.ndarray:
+    """Path, encoded bytes or array -> uint8 RGB [H, W, 3]; shorter side resized to `resolution`.
+
+    Applies EXIF orientation and puts transparent images on white. Raises on a
+    missing or undecodable file.
+    """
+    if isinstance(image, np.ndarray):
+        arr = image
+        if arr.dtype != np.uint8:
+            raise ValueError(f"image array has dtype {arr.dtype}; expected uint8")
+        if arr.ndim == 2 or arr.shape[-1] == 1:
+            arr = np.repeat(arr.reshape(arr.shape[0], arr.shape[1], 1), 3, axis=-1)
+        img = Image.fromarray(np.ascontiguousarray(arr[..., :3]))
+    else:
+        img = Image.open(io.BytesIO(image) if isinstance(image, (bytes, bytearray, np.bytes_)) else image)
+        if resolution is not None and img.format == "JPEG":
+            # Let libjpeg decode at a reduced scale that still covers the target size.
+            scale = resolution / min(img.size)
+            img.draft("RGB", (int(np.ceil(img.size[0] * scale)), int(np.ceil(img.size[1] * scale))))
+        img = ImageOps.exif_transpose(img)
+        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+            img = img.convert("RGBA")
+            background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+            img = Image.alpha_composite(background, img)
+        img = img.convert("RGB")
+    if resolution is not None and min(img.size) != resolution:
+        w, h = img.size
+        scale = resolution / min(w, h)
+        size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
+        img = img.resize(size, Image.Resampling.BICUBIC)
+    return np.asarray(img, dtype=np.uint8)
+
+
+@dataclass
+class DecodeImage(grain.transforms.Map):
+    """Decodes `image` and resizes its shorter side to `resolution`; marks failures.
+
+    A failure returns `{"error": reason, "key": path}` for `DropBad` to remove.
+    """
+
+    resolution: int
+
+    def map(self, element: dict) -> dict:
+        image = element["image"]
+        where = image if isinstance(image, str) else element.get("key", "<unknown>")
+        try:
+            arr = decode_image(image, self.resolution)
+        # Any failure of one image (OSError, PIL's SyntaxError/ValueError,
+        # DecompressionBombError...) must cost that image, never the run.
+        except Exception as e:  # noqa: BLE001
+            return {_ERROR: f"{type(e).__name__}: {e}", "key": where}
+        out = dict(element)
+        out["image"] = arr
+        return out
+
+
+@dataclass
+class DropBad(grain.transforms.Filter):
+    """Drops records marked by `DecodeImage`, counting each in `skips` and logging a warning."""
+
+    skips: SkipLog = field(default_factory=SkipLog)
+
+    def filter(self, element: dict) -> bool:
+        if _ERROR in element:
+            self.skips.add(element["key"], element[_ERROR])
+            return False
+        return True
+
+
+@dataclass
+class Preprocess(grain.transforms.RandomMap):
+    """Crop to `resolution` (center or random), optional random flip, scale to [-1, 1]; pick a caption.
+
+    Input: a decoded record with shorter side == resolution. Output: the record with
+    `image` float32 [R, R, 3] in [-1, 1] and `caption` (one of `captions`, drawn per
+    record and epoch) instead of `captions`. Other fields pass through.
+    """
+
+    resolution: int
+    random_crop: bool = False
+    random_flip: bool = False
+
+    def random_map(self, element: dict, rng: np.random.Generator) -> dict:
+        out = dict(element)
+        captions = out.pop("captions")
+        # Always draw in the same order, so turning one option on or off does
+        # not change the other draws.
+        pick, u_y, u_x, u_flip = rng.integers(len(captions)), rng.random(), rng.random(), rng.random()
+        img = out["image"]
+        h, w = img.shape[:2]
+        r = self.resolution
+        if self.random_crop:
+            top, left = int(u_y * (h - r + 1)), int(u_x * (w - r + 1))
+        else:
+            top, left = (h - r) // 2, (w - r) // 2
+        img = img[top:top + r, left:left + r]
+        if self.random_flip and u_flip < 0.5:
+            img = img[:, ::-1]
+        out["image"] = img.astype(np.float32) / 127.5 - 1.0
+        out["caption"] = captions[int(pick)]
+        return out
+
+
+@dataclass
+class Tokenize(grain.transforms.Map):
+    """Adds `input_ids`: the caption's token ids, int32 [max_length], from a `t2i_jax.tokenizer.Tokenizer`."""
+
+    tokenizer: object
+
+    def map(self, element: dict) -> dict:
+        out = dict(element)
+        out["input_ids"] = np.asarray(self.tokenizer(element["caption"])[0], dtype=np.int32)
+        return out
