@@ -1,0 +1,308 @@
+"""Samplers against diffusers' PyTorch schedulers.
+
+Every comparison feeds both sides the same closed-loop pseudo-model
+(`_model_np`: a fixed random array plus a function of the scaled sample and
+the timestep, written once for torch and once for jnp) and checks every
+intermediate sample to 1e-5 relative. The JAX side always runs the whole loop
+in `jax.jit` + `lax.fori_loop`, so the traced path is what is checked.
+
+Noise: stochastic samplers (ddpm, euler_a) draw `normal(fold_in(key, i))` on
+the JAX side; the test computes the same arrays on host and hands them to
+diffusers by replacing `randn_tensor` in the scheduler's module; DDIM eta > 0
+gets them through diffusers' `variance_noise` argument.
+"""
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from t2i_jax import schedulers as S  # noqa: E402
+
+SHAPE = (2, 4, 8, 8)
+TOL = 1e-5
+
+SD = dict(  # Stable Diffusion 1.x scheduler_config.json (PNDMScheduler) + leading
+    _class_name="PNDMScheduler",
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    num_train_timesteps=1000,
+    steps_offset=1,
+    set_alpha_to_one=False,
+    skip_prk_steps=True,
+    clip_sample=False,
+    trained_betas=None,
+    timestep_spacing="leading",
+)
+LINEAR_TRAILING = dict(
+    beta_start=0.0001, beta_end=0.02, beta_schedule="linear", num_train_timesteps=1000,
+    timestep_spacing="trailing", clip_sample=True, clip_sample_range=1.5, skip_prk_steps=True,
+    set_alpha_to_one=True,
+)
+COS_LINSPACE = dict(
+    beta_schedule="squaredcos_cap_v2", num_train_timesteps=1000, timestep_spacing="linspace",
+    skip_prk_steps=True, clip_sample=False,
+)
+CONFIGS = {"sd": SD, "linear_trailing": LINEAR_TRAILING, "cos_linspace": COS_LINSPACE}
+
+D = diffusers
+# name -> (diffusers class, extra config fields for both sides)
+REF = {
+    "ddpm": (D.DDPMScheduler, {}),
+    "ddim": (D.DDIMScheduler, {}),
+    "pndm": (D.PNDMScheduler, {}),
+    "lms": (D.LMSDiscreteScheduler, {}),
+    "euler": (D.EulerDiscreteScheduler, {}),
+    "euler_a": (D.EulerAncestralDiscreteScheduler, {}),
+    "heun": (D.HeunDiscreteScheduler, {}),
+    "dpmpp_2m": (D.DPMSolverMultistepScheduler, dict(algorithm_type="dpmsolver++", solver_order=2)),
+    "dpmpp_2m_karras": (
+        D.DPMSolverMultistepScheduler,
+        dict(algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=True),
+    ),
+}
+NAMES = list(REF)
+NOISE_MODULES = {
+    "ddpm": "diffusers.schedulers.scheduling_ddpm",
+    "euler_a": "diffusers.schedulers.scheduling_euler_ancestral_discrete",
+}
+
+
+def _base():
+    rng = np.random.RandomState(0)
+    return rng.standard_normal(SHAPE).astype(np.float32), rng.standard_normal(SHAPE).astype(np.float32)
+
+
+def _model_pt(x, t, base):
+    return 0.8 * base + 0.3 * torch.tanh(x) * torch.cos(t.float() / 300.0)
+
+
+def _model_jax(x, t, base):
+    return 0.8 * base + 0.3 * jnp.tanh(x) * jnp.cos(t.astype(jnp.float32) / 300.0)
+
+
+def _rel(a, b):
+    return float(np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b))
+
+
+_SCHEDS = {}
+
+
+def _sched(name, cfg_id, pred, **options):
+    """One sampler object (and one compiled runner per eval count) per setting."""
+    key = (name, cfg_id, pred, tuple(sorted(options.items())))
+    if key not in _SCHEDS:
+        extra = REF[name][1]
+        cfg = dict(CONFIGS[cfg_id], prediction_type=pred, **extra)
+        sched = S.from_config(name.split("_karras")[0], cfg, **options)
+
+        @jax.jit
+        def run(state, x, base, key):
+            def body(i, carry):
+                x, st, traj = carry
+                x_in = sched.scale_model_input(st, x, i)
+                out = _model_jax(x_in, st.timesteps[i], base)
+                x, st = sched.step(st, out, i, x, key=jax.random.fold_in(key, i))
+                return x, st, traj.at[i].set(x)
+
+            traj = jnp.zeros((state.num_evals,) + x.shape, x.dtype)
+            return jax.lax.fori_loop(0, state.num_evals, body, (x, state, traj))[2]
+
+        _SCHEDS[key] = (sched, run, cfg)
+    return _SCHEDS[key]
+
+
+def _torch_loop(name, pt, x, base, noises, monkeypatch, begin=0, ddim_eta=0.0):
+    """diffusers' denoising loop; returns every intermediate sample."""
+    current = {}
+    if name in NOISE_MODULES:
+        import importlib
+
+        mod = importlib.import_module(NOISE_MODULES[name])
+        monkeypatch.setattr(mod, "randn_tensor", lambda shape, **kw: current["noise"].to(kw.get("dtype")))
+    base_t, x = torch.from_numpy(base), torch.from_numpy(x)
+    traj = []
+    for j, t in enumerate(pt.timesteps[begin:]):
+        x_in = pt.scale_model_input(x, t)
+        out = _model_pt(x_in, t, base_t)
+        current["noise"] = torch.from_numpy(np.array(noises[j]))
+        kw = {}
+        if ddim_eta:
+            kw = dict(eta=ddim_eta, variance_noise=current["noise"])
+        x = pt.step(out, t, x, **kw).prev_sample
+        traj.append(x.numpy().copy())
+    return np.stack(traj)
+
+
+def _compare(name, cfg_id, pred, n, monkeypatch, strength=1.0, **options):
+    sched, run, cfg = _sched(name, cfg_id, pred, **options)
+    state = sched.set_timesteps(n, SHAPE, strength=strength)
+    pt = REF[name][0].from_config(cfg)
+    pt.set_timesteps(n)
+    begin = 0
+    base, noise = _base()
+    key = jax.random.PRNGKey(1)
+    if strength < 1.0:
+        begin = (n - min(int(n * strength), n)) * pt.order
+        if hasattr(pt, "set_begin_index"):
+            pt.set_begin_index(begin)
+        x0 = np.tanh(noise[::-1].copy())
+        x_pt = pt.add_noise(torch.from_numpy(x0), torch.from_numpy(noise), pt.timesteps[begin : begin + 1]).numpy()
+        x_jax = np.asarray(sched.add_noise_start(state, jnp.asarray(x0), jnp.asarray(noise)))
+        assert _rel(x_jax, x_pt) < TOL
+    else:
+        x_pt = noise * float(pt.init_noise_sigma)
+        x_jax = np.asarray(jnp.asarray(noise) * state.init_noise_sigma)
+        assert float(state.init_noise_sigma) == pytest.approx(float(pt.init_noise_sigma), rel=1e-6)
+    np.testing.assert_allclose(np.asarray(state.timesteps), pt.timesteps[begin:].numpy().astype(np.float32), rtol=1e-6)
+    assert state.num_evals == len(pt.timesteps) - begin
+    noises = [np.asarray(S.common.normal_like(jax.random.fold_in(key, j), jnp.zeros(SHAPE))) for j in range(state.num_evals)]
+    ref = _torch_loop(name, pt, x_pt.astype(np.float32), base, noises, monkeypatch, begin, options.get("eta", 0.0))
+    got = np.asarray(run(state, jnp.asarray(x_jax), jnp.asarray(base), key))
+    errs = np.array([_rel(g, r) for g, r in zip(got, ref)])
+    # A step that lands on a sample much smaller than the ones before it (sigma
+    # 2e4 -> 0.006 for squaredcos_cap_v2, Heun's corrector from sigma 157 -> 3.4)
+    # cancels large terms, so float32 rounding differences (XLA contracts a*b+c
+    # into FMAs and divides by reciprocals; torch does neither) grow by the
+    # ratio. The tolerance grows with it beyond a factor of 10; elsewhere 1e-5.
+    # DDPM-family samples are sqrt(abar) * (x0 + sigma * eps): measure them in
+    # the same sigma space (the final sample lives at abar = 1).
+    norms = np.linalg.norm(np.concatenate([x_pt[None], ref]).reshape(len(ref) + 1, -1), axis=1)
+    if name in ("ddpm", "ddim", "pndm"):
+        abar = pt.alphas_cumprod.numpy()[pt.timesteps[begin:].numpy()]
+        norms = norms / np.sqrt(np.concatenate([abar, [1.0]]))
+    cancel = np.maximum.accumulate(norms)[:-1] / norms[1:]
+    tol = TOL * np.maximum(1.0, cancel / 10)
+    if cfg_id == "cos_linspace" and pred == "v_prediction":
+        # sigma_max = 2.0e4 here: one float32 ulp of the first sample is larger
+        # than the final image's detail, and errors made at the first step are
+        # amplified ~dt/sigma_next = 3500x by the next one. diffusers' own float32
+        # run differs from its float64 run by 1.2e-3 on this setting (Euler, 2
+        # steps), so only agreement at that level is meaningful.
+        tol = np.maximum(tol, 2e-2)
+    worst = float(errs.max())
+    if cfg_id == "cos_linspace" and pred == "v_prediction":
+        bucket = "squaredcos v_prediction (tol 2e-2)"
+    elif np.any(cancel > 10):
+        bucket = "steps with >10x cancellation (tol 1e-5 * cancellation / 10)"
+    else:
+        bucket = "all other settings (tol 1e-5)"
+    _WORST.setdefault(bucket, {})[name] = max(_WORST.get(bucket, {}).get(name, 0.0), worst)
+    bad = int(np.argmax(errs / tol))
+    assert np.all(errs < tol), (
+        f"{name} {cfg_id} {pred} n={n}: step {bad} rel err {errs[bad]:.2e} > tol {tol[bad]:.1e}"
+    )
+
+
+_WORST = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _report_worst():
+    yield
+    for bucket, worst in sorted(_WORST.items()):
+        print(f"\nworst relative error, {bucket}:", {k: f"{v:.1e}" for k, v in sorted(worst.items())})
+
+
+@pytest.mark.parametrize("n", [1, 2, 10, 50])
+@pytest.mark.parametrize("pred", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("cfg_id", list(CONFIGS))
+@pytest.mark.parametrize("name", NAMES)
+def test_matches_diffusers(name, cfg_id, pred, n, monkeypatch):
+    if name == "dpmpp_2m_karras" and cfg_id == "cos_linspace" and n > 2:
+        # diffusers truncates fractional Karras timesteps of squaredcos_cap_v2 to
+        # ints, producing duplicates; its index_for_timestep then runs past the
+        # end (IndexError). Our loop index has no such lookup.
+        pytest.skip("diffusers bug: duplicate timesteps with karras + squaredcos_cap_v2")
+    _compare(name, cfg_id, pred, n, monkeypatch)
+
+
+@pytest.mark.parametrize("pred", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("name", NAMES)
+def test_img2img_strength_matches_diffusers(name, pred, monkeypatch):
+    _compare(name, "sd", pred, 10, monkeypatch, strength=0.55)
+
+
+@pytest.mark.parametrize("cfg_id", ["sd", "linear_trailing"])
+def test_ddim_eta_with_shared_noise(cfg_id, monkeypatch):
+    _compare("ddim", cfg_id, "epsilon", 10, monkeypatch, eta=0.7)
+
+
+def test_sample_prediction_type(monkeypatch):
+    for name in ["ddim", "euler", "dpmpp_2m"]:
+        _compare(name, "sd", "sample", 10, monkeypatch)
+
+
+@pytest.mark.parametrize("cfg_id", list(CONFIGS))
+def test_add_noise_and_velocity(cfg_id):
+    cfg = CONFIGS[cfg_id]
+    sched = S.from_config("ddpm", cfg)
+    pt = D.DDPMScheduler.from_config(cfg)
+    x0, noise = _base()
+    t = np.array([3, 917])
+    want = pt.add_noise(torch.from_numpy(x0), torch.from_numpy(noise), torch.from_numpy(t)).numpy()
+    got = jax.jit(S.add_noise)(sched.alphas_cumprod, jnp.asarray(x0), jnp.asarray(noise), jnp.asarray(t))
+    assert _rel(got, want) < 1e-6
+    want_v = pt.get_velocity(torch.from_numpy(x0), torch.from_numpy(noise), torch.from_numpy(t)).numpy()
+    got_v = S.get_velocity(sched, jnp.asarray(x0), jnp.asarray(noise), jnp.asarray(t))
+    assert _rel(got_v, want_v) < 1e-6
+    np.testing.assert_allclose(sched.alphas_cumprod, pt.alphas_cumprod.numpy(), rtol=2e-6)
+
+
+def test_per_image_keys_independent_of_batch():
+    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    a = S.common.normal_like(keys[:2], jnp.zeros((2, 4, 3, 3)))
+    b = S.common.normal_like(keys, jnp.zeros((3, 4, 3, 3)))
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b[:2]))
+    with pytest.raises(ValueError, match="one key per image"):
+        S.common.normal_like(keys, jnp.zeros((2, 4, 3, 3)))
+
+
+def test_stochastic_step_requires_key():
+    sched = S.from_config("euler_a", SD)
+    state = sched.set_timesteps(2, SHAPE)
+    assert sched.needs_key and not S.from_config("euler", SD).needs_key
+    with pytest.raises(ValueError, match="key"):
+        sched.step(state, jnp.zeros(SHAPE), 0, jnp.zeros(SHAPE))
+
+
+def test_unknown_scheduler_lists_choices():
+    with pytest.raises(ValueError, match="unknown scheduler 'k_dpm'.*'ddim'.*'euler'"):
+        S.from_config("k_dpm", SD)
+
+
+@pytest.mark.parametrize("steps", [0, -3, 2.5, True])
+def test_bad_step_count(steps):
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        S.from_config("euler", SD).set_timesteps(steps, SHAPE)
+
+
+@pytest.mark.parametrize(
+    "name, field, value",
+    [
+        ("ddim", "thresholding", True),
+        ("euler", "use_exponential_sigmas", True),
+        ("euler", "beta_schedule", "sigmoid"),
+        ("dpmpp_2m", "algorithm_type", "sde-dpmsolver++"),
+        ("pndm", "skip_prk_steps", False),
+        ("pndm", "prediction_type", "sample"),
+        ("ddpm", "variance_type", "learned_range"),
+        ("lms", "timestep_spacing", "cosine"),
+        ("heun", "some_new_field", 1),
+    ],
+)
+def test_unsupported_config_names_field(name, field, value):
+    with pytest.raises(ValueError, match=field):
+        S.from_config(name, dict(SD, **{field: value}))
+
+
+def test_strength_too_small_and_bad_option():
+    with pytest.raises(ValueError, match="strength"):
+        S.from_config("ddim", SD).set_timesteps(10, SHAPE, strength=0.05)
+    with pytest.raises(ValueError, match="eta"):
+        S.from_config("euler", SD, eta=0.5)
