@@ -1,0 +1,181 @@
+"""The sampling pipeline against diffusers' StableDiffusion(Img2Img)Pipeline
+on a tiny random model saved locally, and its sharding/batching invariance."""
+
+import diffusers
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers as T
+
+from t2i_jax import pipeline
+from t2i_jax.models import load_components
+from t2i_jax.tokenizer import Tokenizer
+
+SIZE = 32  # pixels; the tiny VAE halves each side, so latents are 16x16x4
+PROMPTS = ["a red circle on a blue background", "a small yellow triangle"]
+
+
+def build_tiny_pipeline(path):
+    """A diffusers StableDiffusionPipeline with random tiny parts, saved to `path`."""
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=2, sample_size=SIZE // 2, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32, attention_head_dim=4,
+        norm_num_groups=16)
+    vae = diffusers.AutoencoderKL(
+        block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=16,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        sample_size=SIZE)
+    text = T.CLIPTextModel(T.CLIPTextConfig(
+        vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=77))
+    sched = diffusers.PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                    skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1)
+    pipe = diffusers.StableDiffusionPipeline(
+        vae=vae, text_encoder=text, tokenizer=Tokenizer.bundled().hf, unet=unet, scheduler=sched,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(path)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-sd")
+    build_tiny_pipeline(path)
+    # Reloaded from disk as a user would: a scheduler swapped in with
+    # from_config then reads the saved config (in memory, diffusers would
+    # drop keys it had defaulted, such as timestep_spacing).
+    ref = diffusers.StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    return ref, path, load_components(str(path))
+
+
+@pytest.fixture(scope="module")
+def sampler(tiny):
+    return pipeline.Sampler(tiny[2], mesh=pipeline.make_mesh(jax.devices()[:1]))
+
+
+DIFFUSERS_SCHEDULERS = {
+    "pndm": diffusers.PNDMScheduler,
+    "dpmpp_2m": diffusers.DPMSolverMultistepScheduler,
+    "euler": diffusers.EulerDiscreteScheduler,
+}
+
+
+def _latents(seed, n=len(PROMPTS)):
+    return np.random.RandomState(seed).randn(n, SIZE // 2, SIZE // 2, 4).astype(np.float32)
+
+
+def _unsaturated(images):
+    return float(((images > 0.02) & (images < 0.98)).mean())
+
+
+@pytest.mark.parametrize("name", list(DIFFUSERS_SCHEDULERS))
+def test_txt2img_matches_diffusers(tiny, sampler, name):
+    ref, _, _ = tiny
+    ref.scheduler = DIFFUSERS_SCHEDULERS[name].from_config(ref.scheduler.config)
+    latents = _latents(1)
+    out = ref(PROMPTS, negative_prompt=["blurry", ""], num_inference_steps=10, guidance_scale=6.0,
+              latents=torch.tensor(latents.transpose(0, 3, 1, 2)), height=SIZE, width=SIZE,
+              output_type="np").images
+    ours = sampler(PROMPTS, seeds=[0, 0], negative_prompts=["blurry", ""], steps=10, guidance_scale=6.0,
+                   scheduler=name, height=SIZE, width=SIZE, latents=latents)
+    assert ours.shape == out.shape == (2, SIZE, SIZE, 3)
+    # The check must not pass on saturated pixels alone.
+    assert _unsaturated(out) > 0.5
+    assert np.abs(ours - out).max() <= 1 / 255
+
+
+def test_no_guidance_matches_diffusers(tiny, sampler):
+    ref, _, _ = tiny
+    ref.scheduler = diffusers.EulerDiscreteScheduler.from_config(ref.scheduler.config)
+    latents = _latents(2)
+    out = ref(PROMPTS, num_inference_steps=5, guidance_scale=1.0, height=SIZE, width=SIZE,
+              latents=torch.tensor(latents.transpose(0, 3, 1, 2)), output_type="np").images
+    ours = sampler(PROMPTS, seeds=[0, 1], steps=5, guidance_scale=1.0, scheduler="euler", height=SIZE,
+                   width=SIZE, latents=latents)
+    assert np.abs(ours - out).max() <= 1 / 255
+
+
+@pytest.mark.parametrize("name", ["pndm", "dpmpp_2m"])
+def test_img2img_matches_diffusers(tiny, sampler, monkeypatch, name):
+    """Same init image, strength and noise: diffusers draws its two noises
+    (posterior sample, then forward-noise) through `randn_tensor`; we hand it
+    ours in that order."""
+    import diffusers.models.autoencoders.vae as vae_mod
+    import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img as i2i_mod
+
+    ref, path, _ = tiny
+    seeds = [5, 9]
+    lat = (SIZE // 2, SIZE // 2, 4)
+    enc_noise = np.asarray(pipeline.seeded_normal(seeds, lat, pipeline.ENCODER)).transpose(0, 3, 1, 2)
+    noise = np.asarray(pipeline.seeded_normal(seeds, lat, pipeline.NOISE)).transpose(0, 3, 1, 2)
+    monkeypatch.setattr(vae_mod, "randn_tensor", lambda shape, **kw: torch.tensor(enc_noise))
+    monkeypatch.setattr(i2i_mod, "randn_tensor", lambda shape, **kw: torch.tensor(noise))
+    i2i = diffusers.StableDiffusionImg2ImgPipeline.from_pretrained(path, safety_checker=None,
+                                                                  requires_safety_checker=False)
+    i2i.set_progress_bar_config(disable=True)
+    i2i.scheduler = DIFFUSERS_SCHEDULERS[name].from_config(i2i.scheduler.config)
+    init = np.random.RandomState(3).rand(2, SIZE, SIZE, 3).astype(np.float32)
+    out = i2i(PROMPTS, image=torch.tensor(init.transpose(0, 3, 1, 2)), strength=0.6, num_inference_steps=10,
+              guidance_scale=5.0, output_type="np").images
+    ours = sampler(PROMPTS, seeds=seeds, steps=10, guidance_scale=5.0, scheduler=name, height=SIZE, width=SIZE,
+                   init_images=init, strength=0.6)
+    assert _unsaturated(out) > 0.5
+    assert np.abs(ours - out).max() <= 1 / 255
+
+
+def test_same_images_any_batch_and_device_count(tiny):
+    """Image b depends on (prompt, seed, settings) only: 1 device x batch 1,
+    1 device x batch 4 and 8 devices x batch 8 agree (euler_a: its sampler
+    noise is per image too)."""
+    pipe = tiny[2]
+    prompts = ["a red circle", "a blue square", "a green triangle", "a cat"]
+    seeds = [11, 12, 13, 14]
+    kw = dict(steps=4, guidance_scale=4.0, scheduler="euler_a", height=SIZE, width=SIZE)
+    one = pipeline.Sampler(pipe, mesh=pipeline.make_mesh(jax.devices()[:1]))
+    singles = np.concatenate([one([p], seeds=[s], **kw) for p, s in zip(prompts, seeds)])
+    batch4 = one(prompts, seeds=seeds, **kw)
+    eight = pipeline.Sampler(pipe, mesh=pipeline.make_mesh(jax.devices()[:8]))
+    assert eight.num_devices == 8
+    batch8 = eight(prompts * 2, seeds=seeds * 2, **kw)
+    np.testing.assert_allclose(batch4, singles, atol=1e-5)
+    np.testing.assert_allclose(batch8[:4], batch4, atol=1e-5)
+    np.testing.assert_allclose(batch8[4:], batch4, atol=1e-5)
+    assert np.abs(batch4[0] - batch4[1]).max() > 0.05  # different seeds and prompts differ
+
+
+def test_compiles_once_per_shape(tiny):
+    pipe = tiny[2]
+    s = pipeline.Sampler(pipe, mesh=pipeline.make_mesh(jax.devices()[:2]))
+    kw = dict(steps=3, scheduler="ddim", height=SIZE, width=SIZE)
+    s(["a", "b"], seeds=[1, 2], guidance_scale=3.0, **kw)
+    loop = s.loop("ddim", True, False, False)
+    assert loop._cache_size() == 1 and s._encode._cache_size() == 1
+    s(["other prompt", "and another"], seeds=[7, 8], negative_prompts=["x", "y"], guidance_scale=9.0, **kw)
+    assert loop._cache_size() == 1 and s._encode._cache_size() == 1
+    s(["a", "b", "c", "d"], seeds=[1, 2, 3, 4], guidance_scale=3.0, **kw)  # a new shape compiles once more
+    assert loop._cache_size() == 2
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(height=31), r"height 31 is not a multiple of 2; use 30 or 32"),
+    (dict(steps=0), r"steps 0 must be an integer >= 1"),
+    (dict(init_images=np.zeros((2, SIZE, SIZE, 3), np.float32), strength=1.5), r"strength 1.5 is outside \(0, 1\]"),
+    (dict(scheduler="nope"), r"unknown scheduler 'nope'.*euler"),
+    (dict(seeds=[1]), r"got 1 seeds for 2 prompts"),
+])
+def test_bad_settings(sampler, kw, match):
+    args = dict(seeds=[0, 1], steps=2, height=SIZE, width=SIZE)
+    args.update(kw)
+    with pytest.raises(ValueError, match=match):
+        sampler(PROMPTS, **args)
+
+
+def test_check_size_suggests_neighbours():
+    with pytest.raises(ValueError, match=r"height 500 is not a multiple of 8; use 496 or 504"):
+        pipeline.check_size("height", 500, 8)
+    with pytest.raises(ValueError, match=r"width 5 is not a multiple of 8; use 8"):
+        pipeline.check_size("width", 5, 8)
