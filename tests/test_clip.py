@@ -328,7 +328,8 @@ def test_hub_id_goes_through_huggingface_hub(monkeypatch, text_folder):
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     module, _ = cc.load_clip("some-org/some-clip")
-    assert calls == [("some-org/some-clip", ["config.json", "*.safetensors", "*.safetensors.index.json"])]
+    assert calls == [("some-org/some-clip", ["config.json", "model.safetensors", "model.safetensors.index.json",
+                                             "model-*-of-*.safetensors"])]
     assert isinstance(module, clip.CLIPTextModel)
 
 
@@ -384,3 +385,25 @@ def test_full_size_parity(tmp_path, tower):
     assert rel(o.last_hidden_state, r.last_hidden_state) <= 1e-4
     assert rel(o.hidden_states[-2], r.hidden_states[-2]) <= 1e-4
     assert rel(*embeds) <= 1e-4
+
+
+def test_hub_repo_with_only_pickles_falls_back_to_bin(monkeypatch, tmp_path):
+    import huggingface_hub
+
+    spec = CONFIGS["gelu-new-eos"]
+    ref = T.CLIPTextModel(text_config(spec))
+    ref.config.to_json_file(tmp_path / "config.json")
+    torch.save({f"text_model.{k}": v for k, v in ref.state_dict().items()}, tmp_path / "pytorch_model.bin")
+    calls = []
+
+    def fake_snapshot_download(repo_id, **kw):
+        calls.append(kw["allow_patterns"])
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    module, params = cc.load_clip("old-org/bin-only-clip")
+    assert [c[1] for c in calls] == ["model.safetensors", "pytorch_model.bin"]
+    ids = token_ids(spec)
+    with torch.no_grad():
+        r = ref(input_ids=torch.tensor(ids)).last_hidden_state
+    assert rel(module.apply({"params": params}, jnp.asarray(ids)).last_hidden_state, r) <= 1e-5

@@ -94,6 +94,12 @@ def expected_shapes(module) -> dict:
     return jax.eval_shape(module.init, jax.random.key(0), *clip.dummy_inputs(module))["params"]
 
 
+def _hub_patterns(prefix: str, stem: str, suffix: str) -> list[str]:
+    """The config and default-precision weights only (not fp16 copies or other frameworks)."""
+    return [f"{prefix}config.json", f"{prefix}{stem}{suffix}", f"{prefix}{stem}{suffix}.index.json",
+            f"{prefix}{stem}-*-of-*{suffix}"]
+
+
 def load_clip(path_or_id: str | os.PathLike, *, subfolder: str | None = None, tower: str | None = None,
               dtype=jnp.float32, param_dtype=np.float32, attention_impl: str | None = None,
               remat: bool = False, strict: bool = True):
@@ -106,12 +112,12 @@ def load_clip(path_or_id: str | os.PathLike, *, subfolder: str | None = None, to
     `strict`, any missing, unexpected or misshapen key raises
     `core.ConversionError` whose `report` names them.
     """
-    patterns = None
-    if subfolder is None:
-        patterns = ["config.json", "*.safetensors", "*.safetensors.index.json"]
-    else:
-        patterns = [f"{subfolder}/config.json", f"{subfolder}/*.safetensors", f"{subfolder}/*.index.json"]
-    folder = hub.resolve(path_or_id, allow_patterns=patterns)
+    prefix = f"{subfolder}/" if subfolder else ""
+    on_hub = not Path(os.fspath(path_or_id)).expanduser().exists()
+    folder = hub.resolve(path_or_id, allow_patterns=_hub_patterns(prefix, "model", ".safetensors"))
+    if on_hub and not any((folder / prefix).glob("model*.safetensors")):
+        # Older repos carry only pickles.
+        folder = hub.resolve(path_or_id, allow_patterns=_hub_patterns(prefix, "pytorch_model", ".bin"))
     if subfolder:
         folder = folder / subfolder
     config_path = Path(folder) / "config.json"
