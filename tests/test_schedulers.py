@@ -65,8 +65,26 @@ REF = {
         D.DPMSolverMultistepScheduler,
         dict(algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=True),
     ),
+    "unipc": (D.UniPCMultistepScheduler, {}),
+    "unipc_karras": (D.UniPCMultistepScheduler, dict(use_karras_sigmas=True)),
 }
 NAMES = list(REF)
+# Further settings of one sampler, "sampler:variant", checked on a few runs only.
+VARIANTS = {
+    "unipc:order1": (D.UniPCMultistepScheduler, dict(solver_order=1)),
+    "unipc:order3": (D.UniPCMultistepScheduler, dict(solver_order=3)),
+    "unipc:bh1": (D.UniPCMultistepScheduler, dict(solver_type="bh1", final_sigmas_type="sigma_min")),
+    "unipc:no_corrector_0_4": (D.UniPCMultistepScheduler, dict(disable_corrector=[0, 4])),
+    "unipc:karras_sigma_min_no_lof": (
+        D.UniPCMultistepScheduler,
+        dict(use_karras_sigmas=True, final_sigmas_type="sigma_min", lower_order_final=False),
+    ),
+    "unipc:order3_sigma_min_no_lof": (
+        D.UniPCMultistepScheduler,
+        dict(solver_order=3, final_sigmas_type="sigma_min", lower_order_final=False),
+    ),
+}
+REF.update(VARIANTS)
 NOISE_MODULES = {
     "ddpm": "diffusers.schedulers.scheduling_ddpm",
     "euler_a": "diffusers.schedulers.scheduling_euler_ancestral_discrete",
@@ -99,7 +117,7 @@ def _sched(name, cfg_id, pred, **options):
     if key not in _SCHEDS:
         extra = REF[name][1]
         cfg = dict(CONFIGS[cfg_id], prediction_type=pred, **extra)
-        sched = S.from_config(name.split("_karras")[0], cfg, **options)
+        sched = S.from_config(name.split("_karras")[0].split(":")[0], cfg, **options)
 
         @jax.jit
         def run(state, x, base, key):
@@ -139,12 +157,14 @@ def _torch_loop(name, pt, x, base, noises, monkeypatch, begin=0, ddim_eta=0.0):
     return np.stack(traj)
 
 
-def _compare(name, cfg_id, pred, n, monkeypatch, strength=1.0, **options):
+def _compare(name, cfg_id, pred, n, monkeypatch, strength=1.0, pin_begin=False, **options):
     sched, run, cfg = _sched(name, cfg_id, pred, **options)
     state = sched.set_timesteps(n, SHAPE, strength=strength)
     pt = REF[name][0].from_config(cfg)
     pt.set_timesteps(n)
     begin = 0
+    if pin_begin:
+        pt.set_begin_index(0)
     base, noise = _base()
     key = jax.random.PRNGKey(1)
     if strength < 1.0:
@@ -219,7 +239,11 @@ def test_matches_diffusers(name, cfg_id, pred, n, monkeypatch):
         # ints, producing duplicates; its index_for_timestep then runs past the
         # end (IndexError). Our loop index has no such lookup.
         pytest.skip("diffusers bug: duplicate timesteps with karras + squaredcos_cap_v2")
-    _compare(name, cfg_id, pred, n, monkeypatch)
+    # UniPC's Karras timesteps of squaredcos_cap_v2 start 999, 999, ...: left to
+    # find its own start, diffusers picks the second 999 (its img2img rule) and
+    # runs off the end. Pin its counter to 0, as our loop index is.
+    pin = name == "unipc_karras" and cfg_id == "cos_linspace"
+    _compare(name, cfg_id, pred, n, monkeypatch, pin_begin=pin)
 
 
 @pytest.mark.parametrize("pred", ["epsilon", "v_prediction"])
@@ -234,8 +258,43 @@ def test_ddim_eta_with_shared_noise(cfg_id, monkeypatch):
 
 
 def test_sample_prediction_type(monkeypatch):
-    for name in ["ddim", "euler", "dpmpp_2m"]:
+    for name in ["ddim", "euler", "dpmpp_2m", "unipc"]:
         _compare(name, "sd", "sample", 10, monkeypatch)
+
+
+@pytest.mark.parametrize(
+    "name, cfg_id, pred, n",
+    [
+        ("unipc:order1", "sd", "epsilon", 10),
+        ("unipc:order3", "sd", "epsilon", 10),
+        ("unipc:order3", "linear_trailing", "v_prediction", 50),
+        ("unipc:order3", "cos_linspace", "epsilon", 2),
+        ("unipc:bh1", "sd", "v_prediction", 10),
+        ("unipc:bh1", "cos_linspace", "epsilon", 50),
+        ("unipc:no_corrector_0_4", "linear_trailing", "epsilon", 10),
+        ("unipc:karras_sigma_min_no_lof", "sd", "epsilon", 10),
+        ("unipc:order3_sigma_min_no_lof", "linear_trailing", "epsilon", 10),
+    ],
+)
+def test_sampler_variants_match_diffusers(name, cfg_id, pred, n, monkeypatch):
+    _compare(name, cfg_id, pred, n, monkeypatch)
+
+
+def test_unipc_img2img_order3(monkeypatch):
+    # The warm-up restarts at the img2img start: order 1, 2, then 3.
+    _compare("unipc:order3", "sd", "epsilon", 20, monkeypatch, strength=0.6)
+
+
+def test_unipc_dpm_solver_types_run_bh2():
+    # diffusers maps DPM-Solver's solver_type names to bh2 (e.g. a DPM config
+    # loaded as UniPC); so do we.
+    want = S.from_config("unipc", SD).set_timesteps(10, SHAPE).tables
+    got = S.from_config("unipc", dict(SD, solver_type="midpoint")).set_timesteps(10, SHAPE).tables
+    other = S.from_config("unipc", dict(SD, solver_type="bh1", final_sigmas_type="sigma_min"))
+    other = other.set_timesteps(10, SHAPE).tables
+    for k in want:
+        np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]))
+    assert not np.allclose(np.asarray(other["pB"]), np.asarray(want["pB"]))
 
 
 @pytest.mark.parametrize("cfg_id", list(CONFIGS))
@@ -294,6 +353,16 @@ def test_bad_step_count(steps):
         ("ddpm", "variance_type", "learned_range"),
         ("lms", "timestep_spacing", "cosine"),
         ("heun", "some_new_field", 1),
+        ("unipc", "predict_x0", False),
+        ("unipc", "thresholding", True),
+        ("unipc", "solver_type", "bh3"),
+        ("unipc", "solver_type", "bh1"),  # with final_sigmas_type "zero": nan in diffusers
+        ("unipc", "solver_order", 4),
+        ("unipc", "disable_corrector", "all"),
+        ("unipc", "lower_order_final", False),  # with final_sigmas_type "zero": inf in diffusers
+        ("unipc", "use_flow_sigmas", True),
+        ("unipc", "prediction_type", "flow_prediction"),
+        ("unipc", "sigma_max", 10.0),
     ],
 )
 def test_unsupported_config_names_field(name, field, value):

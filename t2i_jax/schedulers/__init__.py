@@ -24,10 +24,12 @@ Usage (the same for every sampler)::
   `init_noise_sigma`, `start_coeffs`. `state.num_evals` = K is a static int,
   the number of model evaluations (Heun: 2n - 1, PNDM: n + 1, others n).
 * `step(state, model_output, i, sample, key=None) -> (next_sample, state)`
-  handles every evaluation, including Heun's corrector stage, with no Python
-  branch on `i`. Samplers with `sched.needs_key` (ddpm, euler_a, ddim with
-  eta > 0) draw `jax.random.normal(key, sample.shape)`; pass one key, or one
-  per image (shape (B, 2) or typed (B,)) for batch-size-independent noise.
+  handles every evaluation, including Heun's corrector stage and UniPC's
+  corrector (applied at evaluation i with the output at i, before its
+  predictor), with no Python branch on `i`. Samplers with `sched.needs_key`
+  (ddpm, euler_a, ddim with eta > 0) draw `jax.random.normal(key,
+  sample.shape)`; pass one key, or one per image (shape (B, 2) or typed
+  (B,)) for batch-size-independent noise.
 * Training helpers: `add_noise(sched, x0, noise, t)` and
   `get_velocity(sched, x0, noise, t)` at integer timesteps `t`.
 * Sampler knobs that diffusers takes as step() arguments are options:
@@ -51,6 +53,7 @@ from t2i_jax.schedulers.euler_ancestral import EulerAncestral
 from t2i_jax.schedulers.heun import Heun
 from t2i_jax.schedulers.lms import LMS
 from t2i_jax.schedulers.pndm import PNDM
+from t2i_jax.schedulers.unipc import UniPC
 
 SCHEDULERS = {
     "ddpm": DDPM,
@@ -61,6 +64,7 @@ SCHEDULERS = {
     "euler_a": EulerAncestral,
     "heun": Heun,
     "dpmpp_2m": DPMSolverPP,
+    "unipc": UniPC,
 }
 
 # Fields of diffusers' schedulers that no sampler here reads and that only
