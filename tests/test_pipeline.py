@@ -61,6 +61,7 @@ DIFFUSERS_SCHEDULERS = {
     "pndm": diffusers.PNDMScheduler,
     "dpmpp_2m": diffusers.DPMSolverMultistepScheduler,
     "euler": diffusers.EulerDiscreteScheduler,
+    "unipc": diffusers.UniPCMultistepScheduler,
 }
 
 
