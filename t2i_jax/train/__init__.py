@@ -1,0 +1,11 @@
+"""Training: one file per objective (`clip.py`, later `ldm.py`, `vae.py`) on shared pieces.
+
+- `state.py`: TrainState pytree, AdamW + warm-up/cosine + clipping, EMA, gradient accumulation;
+- `checkpoint.py`: the orbax CheckpointManager (state, grain iterator, config) and SIGTERM handling;
+- `metrics.py`: metrics.jsonl and TensorBoard event files (no TensorFlow needed).
+
+CLI: `python -m t2i_jax.train --config configs/X.py --workdir DIR [--config.key=value ...]`;
+the config's `objective` names the module whose `train_and_evaluate(config, workdir)` runs.
+"""
+
+OBJECTIVES = ("clip",)

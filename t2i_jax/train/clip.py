@@ -1,0 +1,518 @@
+"""CLIP contrastive training: fine-tune a pretrained HF CLIP or train one from scratch.
+
+    python -m t2i_jax.train --config configs/clip_flickr8k.py:/data/flickr8k --workdir runs/clip8k
+
+Loss: symmetric InfoNCE over the *global* batch with CLIP's learned
+temperature (`logit_scale`, clamped to [0, log 100] after every update as in
+the CLIP paper). Retrieval recall@1/5/10 both ways and the matched-pair cosine
+on a held-out split are measured before and after training
+(`workdir/eval_before.json`, `eval_after.json`); the result is exported in
+transformers format to `workdir/export/`.
+
+Global loss: the batch is one global array split over the ("data", "fsdp")
+mesh axes and the step is a `jax.jit` over global arrays, so `text @ image.T`
+is the full [B, B] logit matrix of the global batch whatever the device count;
+`contrastive_loss` pins both embedding matrices replicated, so XLA all-gathers
+them (a few KB per example) and each device computes its own rows of logits
+against every other example, as in CLIP's own multi-worker implementation.
+With gradient accumulation the negatives are those of each micro-batch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from t2i_jax import data as data_lib
+from t2i_jax import parallel
+from t2i_jax.convert import clip as clip_convert
+from t2i_jax.convert import hub
+from t2i_jax.eval import retrieval
+from t2i_jax.models import clip as clip_lib
+from t2i_jax.tokenizer import Tokenizer
+from t2i_jax.train import state as state_lib
+from t2i_jax.train.checkpoint import Checkpointer, StopSignal
+from t2i_jax.train.metrics import MetricWriter
+
+log = logging.getLogger(__name__)
+
+MAX_LOGIT_SCALE = math.log(100.0)
+# OpenAI CLIP's pixel statistics; the data pipeline gives [-1, 1].
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# FSDP for every tensor above the size threshold; the rest replicated.
+PARTITION_RULES = ((r"logit_scale", P()), (r".*", "fsdp"))
+
+
+# ===========================================================================
+# Config
+# ===========================================================================
+
+def default_config() -> ml_collections.ConfigDict:
+    """Every key this trainer reads, with defaults; a config file changes what it needs."""
+    c = ml_collections.ConfigDict()
+    c.objective = "clip"  # picks t2i_jax.train.clip
+    c.seed = 0  # parameter init (from scratch) and the state's rng
+
+    c.model = ml_collections.ConfigDict()
+    c.model.init_from = ""  # transformers CLIP folder or hub id; "" trains from scratch
+    c.model.name = "tiny"  # from scratch: a clip.named_config variant ...
+    c.model.overrides = ml_collections.ConfigDict()  # ... with these transformers CLIPConfig fields merged in
+    c.model.dtype = "float32"  # compute dtype: "bfloat16" on accelerators; params stay fp32
+    c.model.remat = False  # recompute each layer in the backward pass (less memory)
+    c.model.attention_impl = ""  # "" (XLA) or "cudnn"
+
+    c.data = ml_collections.ConfigDict()  # a t2i_jax.data config (name, resolution, path, ...)
+    c.batch_size = 64  # global, over all devices and hosts
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 0  # optimizer steps; 0: from epochs
+    c.train.epochs = 1.0  # used when steps == 0: epochs * len(train records) / batch_size
+    c.train.grad_accum = 1  # micro-batches per step (each must still split over the devices)
+    c.train.log_every = 50
+    c.train.checkpoint_every = 1000
+    c.train.max_to_keep = 3
+    c.train.async_checkpoint = True
+    c.train.preempt_at_step = 0  # tests/debugging: stop and save at this step as on SIGTERM (0: off)
+    c.train.debug_nan_step = 0  # tests: feed a NaN batch at this step to exercise the NaN guard (0: off)
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 1e-5
+    c.optim.warmup_steps = 100
+    c.optim.end_lr_factor = 0.0  # cosine decays to lr * end_lr_factor
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.98  # CLIP's value
+    c.optim.eps = 1e-6
+    c.optim.weight_decay = 0.1
+    c.optim.grad_clip = 1.0  # global norm; 0 disables
+
+    c.ema_decay = 0.0  # 0: no EMA copy of the params
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # -1: all devices not used by fsdp
+    c.mesh.fsdp = 1
+    c.mesh.num_devices = 0  # 0: all; n: the first n (tests, scaling measurements)
+    c.mesh.fsdp_min_size = 2**14  # tensors with fewer elements stay replicated
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.enabled = True  # before and after training
+    c.eval.data = ml_collections.ConfigDict()  # a separate eval source (data config), or empty ...
+    c.eval.holdout_tail = 0  # ... or: hold out the last N records of the training source
+    c.eval.num_images = 1000
+    c.eval.batch_size = 256
+    c.eval.use_ema = False  # evaluate and export the EMA params (needs ema_decay > 0)
+    c.export = True  # transformers folder in workdir/export
+    c.progress = True  # tqdm bar
+    return c
+
+
+# ===========================================================================
+# Data
+# ===========================================================================
+
+class _Slice:
+    """Records [start, stop) of a random-access source (a held-out tail), with a stable repr for grain."""
+
+    def __init__(self, source, start: int, stop: int):
+        self.source, self.start, self.stop = source, start, stop
+
+    def __len__(self):
+        return self.stop - self.start
+
+    def __getitem__(self, i):
+        return self.source[self.start + int(i)]
+
+    def __repr__(self):
+        return f"{self.source!r}[{self.start}:{self.stop}]"
+
+
+_LOADER_KEYS = ("seed", "shuffle", "num_epochs", "random_crop", "random_flip", "worker_count",
+                "worker_buffer_size", "read_threads", "read_buffer")
+
+
+def make_data(config, tokenizer):
+    """(train loader, eval source) from `config.data` and `config.eval`."""
+    # "" marks an unset string field (config_flags cannot override a None); the data config
+    # then reports a missing path by name.
+    dcfg = {k: v for k, v in config.data.to_dict().items() if v != ""}
+    dcfg["global_batch_size"] = config.batch_size
+    source = data_lib.source_from_config(dcfg)
+    eval_source = None
+    tail = int(config.eval.holdout_tail)
+    if tail:
+        if tail >= len(source):
+            raise ValueError(f"eval.holdout_tail {tail} leaves nothing of the {len(source)} records to train on")
+        source, eval_source = _Slice(source, 0, len(source) - tail), _Slice(source, len(source) - tail, len(source))
+    elif config.eval.data:
+        ecfg = {"resolution": dcfg["resolution"], **config.eval.data.to_dict()}
+        eval_source = data_lib.source_from_config(ecfg)
+    loader = data_lib.make_loader(source, global_batch_size=config.batch_size, resolution=dcfg["resolution"],
+                                  tokenizer=tokenizer, **{k: dcfg[k] for k in _LOADER_KEYS if k in dcfg})
+    return loader, eval_source
+
+
+def make_eval_set(source, num_images: int, resolution: int, tokenizer) -> dict:
+    """The first `num_images` records: center-cropped images, every caption tokenized.
+
+    Returns {"image" [N, R, R, 3] in [-1, 1], "input_ids" [M, T], "text_to_image" [M], "captions" [M]}.
+    """
+    images, captions, owner, skipped = [], [], [], 0
+    for i in range(min(num_images, len(source))):
+        rec = source[i]
+        try:
+            img = data_lib.decode_image(rec["image"], resolution)
+        except Exception as e:  # noqa: BLE001  a bad image costs that image, not the eval
+            log.warning("eval: skipping %s: %s", rec.get("key"), e)
+            skipped += 1
+            continue
+        h, w = img.shape[:2]
+        top, left = (h - resolution) // 2, (w - resolution) // 2
+        images.append(img[top:top + resolution, left:left + resolution].astype(np.float32) / 127.5 - 1.0)
+        captions += rec["captions"]
+        owner += [len(images) - 1] * len(rec["captions"])
+    if not images:
+        raise ValueError(f"the eval source {source!r} gave no images")
+    ids = tokenizer(captions)
+    return {"image": np.stack(images), "input_ids": ids, "text_to_image": np.asarray(owner), "captions": captions,
+            "skipped": skipped}
+
+
+# ===========================================================================
+# Model
+# ===========================================================================
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def make_model(config, *, load_weights: bool = True):
+    """(module, host params or None): `model.init_from` (HF folder / hub id), else the named variant
+    `model.name` with `model.overrides` (transformers CLIPConfig fields) merged in, from scratch.
+    `load_weights=False` (resuming) reads only the pretrained model's config.json."""
+    m = config.model
+    kw = dict(dtype=jnp.dtype(m.dtype), attention_impl=m.attention_impl or None, remat=m.remat)
+    if m.init_from and load_weights:
+        return clip_convert.load_clip(m.init_from, **kw)
+    if m.init_from:
+        folder = hub.resolve(m.init_from, allow_patterns=["config.json"])
+        return clip_convert.build_module(json.loads((folder / "config.json").read_text()), **kw), None
+    hf = _merge(clip_lib.named_config(m.name).to_hf(), m.overrides.to_dict())
+    return clip_lib.CLIPModel(clip_lib.CLIPConfig.from_hf(hf), **kw), None
+
+
+def make_tokenizer(config, model) -> Tokenizer:
+    """The model folder's own tokenizer if it has one, else the bundled OpenAI CLIP BPE."""
+    max_len = model.config.text.max_position_embeddings
+    folder = config.model.init_from
+    if folder and os.path.isdir(folder) and any(
+            os.path.exists(os.path.join(folder, f)) for f in ("tokenizer.json", "vocab.json")):
+        return Tokenizer.from_pretrained(folder, max_length=max_len)
+    return Tokenizer.bundled(max_length=max_len)
+
+
+def _pixels(images):
+    """[-1, 1] NHWC -> CLIP-normalised pixel values."""
+    mean, std = jnp.asarray(CLIP_MEAN), jnp.asarray(CLIP_STD)
+    return ((images.astype(jnp.float32) + 1.0) / 2.0 - mean) / std
+
+
+def embed(model, params, input_ids, images):
+    """L2-normalised fp32 (text, image) embeddings [B, P]."""
+    def f(m, ids, px):
+        return m.get_text_features(ids), m.get_image_features(px)
+    t, v = model.apply({"params": params}, input_ids, _pixels(images), method=f)
+    norm = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
+    return norm(t.astype(jnp.float32)), norm(v.astype(jnp.float32))
+
+
+def contrastive_loss(text, image, logit_scale, mesh=None):
+    """Symmetric InfoNCE over the whole batch; returns (loss, accuracy).
+
+    text, image: normalised [B, P], row i of each a matching pair. With a mesh,
+    the gathered ("all") copies are pinned replicated: the explicit all-gather.
+    """
+    all_text, all_image = text, image
+    if mesh is not None:
+        all_text = jax.lax.with_sharding_constraint(text, NamedSharding(mesh, P()))
+        all_image = jax.lax.with_sharding_constraint(image, NamedSharding(mesh, P()))
+    scale = jnp.exp(jnp.minimum(logit_scale.astype(jnp.float32), MAX_LOGIT_SCALE))
+    logits_per_text = scale * text @ all_image.T  # [B, B]
+    logits_per_image = scale * image @ all_text.T
+    labels = jnp.arange(text.shape[0])
+    loss = (optax.softmax_cross_entropy_with_integer_labels(logits_per_text, labels).mean()
+            + optax.softmax_cross_entropy_with_integer_labels(logits_per_image, labels).mean()) / 2
+    accuracy = ((jnp.argmax(logits_per_text, -1) == labels).mean() + (jnp.argmax(logits_per_image, -1) == labels)
+                .mean()) / 2
+    return loss, accuracy
+
+
+# ===========================================================================
+# Sharding
+# ===========================================================================
+
+def make_run_mesh(config):
+    devices = jax.devices()
+    if config.mesh.num_devices:
+        devices = devices[:config.mesh.num_devices]
+    return parallel.make_mesh(config.mesh.data, config.mesh.fsdp, devices)
+
+
+# ===========================================================================
+# Step
+# ===========================================================================
+
+def make_train_step(model, tx, schedule, config, mesh, state_shardings):
+    """The jitted `(state, batch) -> (state, metrics)`; the state is donated."""
+    accum = int(config.train.grad_accum)
+    micro_sharding = NamedSharding(mesh, P(None, parallel.BATCH_AXES))
+
+    def loss_fn(params, batch):
+        text, image = embed(model, params, batch["input_ids"], batch["image"])
+        loss, acc = contrastive_loss(text, image, params["logit_scale"], mesh)
+        return loss, {"accuracy": acc}
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def train_step(state, batch):
+        (loss, aux), grads = state_lib.accumulate_gradients(grad_fn, state.params, batch, accum, micro_sharding)
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        params = {**params, "logit_scale": jnp.clip(params["logit_scale"], 0.0, MAX_LOGIT_SCALE)}
+        ema = state.ema_params
+        if ema is not None:
+            ema = state_lib.ema_update(ema, params, config.ema_decay)
+        new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema,
+                            rng=jax.random.split(state.rng)[0])
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step),
+                   "temperature": 1.0 / jnp.exp(params["logit_scale"]), **aux}
+        return new, metrics
+
+    batch_sh = parallel.batch_sharding(mesh)
+    return jax.jit(train_step, in_shardings=(state_shardings, {"image": batch_sh, "input_ids": batch_sh}),
+                   out_shardings=(state_shardings, parallel.replicated(mesh)), donate_argnums=(0,))
+
+
+# ===========================================================================
+# Checkpoint (see train/checkpoint.py); export
+# ===========================================================================
+
+def _to_host(tree):
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        return multihost_utils.process_allgather(tree, tiled=True)
+    return jax.device_get(tree)
+
+
+def export(model, params, tokenizer, out_dir: Path) -> None:
+    """transformers folder: config.json + model.safetensors, tokenizer, preprocessor_config.json."""
+    clip_convert.save_clip(model, params, out_dir)
+    tokenizer.save_pretrained(out_dir)
+    r = model.config.vision.image_size
+    (out_dir / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": r},
+        "resample": 3, "do_center_crop": True, "crop_size": {"height": r, "width": r}, "do_rescale": True,
+        "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(CLIP_MEAN),
+        "image_std": list(CLIP_STD), "do_convert_rgb": True}, indent=2) + "\n")
+
+
+# ===========================================================================
+# Eval
+# ===========================================================================
+
+def make_evaluator(model, mesh, param_shardings, eval_set, batch_size: int):
+    """`params -> retrieval metrics dict` over `eval_set` (see t2i_jax.eval.retrieval)."""
+    n_dev = mesh.devices.size
+    bs = max(n_dev, -(-batch_size // n_dev) * n_dev)
+    batch_sh, rep = parallel.batch_sharding(mesh), parallel.replicated(mesh)
+
+    def texts(params, ids):
+        return model.apply({"params": params}, ids, method=clip_lib.CLIPModel.get_text_features)
+
+    def images(params, img):
+        return model.apply({"params": params}, _pixels(img), method=clip_lib.CLIPModel.get_image_features)
+
+    text_fn = jax.jit(texts, in_shardings=(param_shardings, batch_sh), out_shardings=rep)
+    image_fn = jax.jit(images, in_shardings=(param_shardings, batch_sh), out_shardings=rep)
+
+    def run(fn, params, x):
+        out = []
+        for i in range(0, len(x), bs):
+            chunk = x[i:i + bs]
+            pad = np.concatenate([chunk, np.repeat(chunk[-1:], bs - len(chunk), 0)]) if len(chunk) < bs else chunk
+            # Every host holds the whole eval set; each device takes its rows.
+            arr = jax.make_array_from_callback(pad.shape, batch_sh, lambda idx, pad=pad: pad[idx])
+            out.append(np.asarray(jax.device_get(fn(params, arr)), np.float32)[:len(chunk)])
+        return np.concatenate(out)
+
+    relevant = retrieval.relevance_from_captions(eval_set["captions"], eval_set["text_to_image"],
+                                                 len(eval_set["image"]))
+
+    def evaluate(params):
+        t = run(text_fn, params, eval_set["input_ids"])
+        v = run(image_fn, params, eval_set["image"])
+        return retrieval.retrieval_metrics(t, v, eval_set["text_to_image"], relevant=relevant)
+
+    return evaluate
+
+
+# ===========================================================================
+# Loop
+# ===========================================================================
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
+    """Trains CLIP per `config` in `workdir` (resuming from its latest checkpoint), evaluates, exports.
+
+    Returns {"step", "stopped" (None | "signal" | "preempt_at_step"), "eval_before",
+    "eval_after", "state"}. Raises FloatingPointError on a non-finite loss or grad norm.
+    """
+    workdir = Path(workdir)
+    is_main = jax.process_index() == 0
+    if is_main:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+
+    # --- model, data -------------------------------------------------------
+    ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=config.train.max_to_keep,
+                        async_save=config.train.async_checkpoint)
+    start = ckpt.latest_step()
+    model, host_params = make_model(config, load_weights=start is None)
+    tokenizer = make_tokenizer(config, model)
+    res = model.config.vision.image_size
+    if config.data.resolution != res:
+        raise ValueError(f"data.resolution {config.data.resolution} differs from the model's image_size {res}; "
+                         f"set --config.data.resolution={res}")
+    loader, eval_source = make_data(config, tokenizer)
+    total_steps = int(config.train.steps)
+    if total_steps <= 0:
+        total_steps = math.ceil(config.train.epochs * len(loader.source) / config.batch_size)
+    ocfg = ml_collections.ConfigDict({**config.optim.to_dict(), "total_steps": total_steps})
+    tx, schedule = state_lib.make_optimizer(ocfg)
+
+    # --- sharding ----------------------------------------------------------
+    mesh = make_run_mesh(config)
+    if config.batch_size % mesh.devices.size or (config.batch_size // config.train.grad_accum) % mesh.devices.size:
+        raise ValueError(f"batch_size {config.batch_size} / grad_accum {config.train.grad_accum} must be a multiple "
+                         f"of the {mesh.devices.size} devices")
+    ema = config.ema_decay > 0
+    init = lambda params: state_lib.create_state(params, tx, ema=ema, seed=config.seed)  # noqa: E731
+    abstract_params = clip_convert.expected_shapes(model)
+    abstract_state = jax.eval_shape(init, abstract_params)
+    shardings = state_lib.state_shardings(abstract_state, PARTITION_RULES, mesh, config.mesh.fsdp_min_size)
+    param_shardings = shardings.params
+
+    # --- checkpoint: resume or start -------------------------------------------
+    it = iter(loader)
+    if start is not None:
+        target = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                        abstract_state, shardings)
+        state = ckpt.restore(target, it, start)
+        log.info("resumed from step %d in %s", start, ckpt.directory)
+    else:
+        start = 0
+        if host_params is None:
+            dummy = clip_lib.dummy_inputs(model)
+            state = jax.jit(lambda k: init(model.init(k, *dummy)["params"]), out_shardings=shardings)(
+                jax.random.PRNGKey(config.seed))
+        else:
+            params = jax.device_put(host_params, param_shardings)
+            state = jax.jit(init, in_shardings=(param_shardings,), out_shardings=shardings,
+                            donate_argnums=(0,))(params)
+        del host_params
+
+    # --- eval before -------------------------------------------------------
+    evaluate, results = None, {}
+    if config.eval.enabled and eval_source is not None:
+        eval_set = make_eval_set(eval_source, config.eval.num_images, res, tokenizer)
+        evaluate = make_evaluator(model, mesh, param_shardings, eval_set, config.eval.batch_size)
+        before_path = workdir / "eval_before.json"
+        if start == 0:  # the same decision on every host: evaluate is a collective
+            results["before"] = evaluate(state.params)
+            if is_main:
+                before_path.write_text(json.dumps(results["before"], indent=2) + "\n")
+        elif before_path.exists():  # resumed: measured by the first run
+            results["before"] = json.loads(before_path.read_text())
+
+    # --- loop --------------------------------------------------------------
+    train_step = make_train_step(model, tx, schedule, config, mesh, shardings)
+    writer = MetricWriter(workdir, enabled=is_main)
+    n_dev = mesh.devices.size
+    stopped = None
+    pbar = None
+    if is_main and config.progress:
+        from tqdm import tqdm
+        pbar = tqdm(total=total_steps, initial=start, desc="clip", dynamic_ncols=True)
+    t_last, s_last = time.perf_counter(), start
+    try:
+        with StopSignal() as stop:
+            for step in range(start, total_steps):
+                batch = next(it)
+                batch = {"image": batch["image"], "input_ids": batch["input_ids"]}
+                if step + 1 == config.train.debug_nan_step:  # tests: a poisoned batch
+                    batch["image"] = np.full_like(batch["image"], np.nan)
+                state, metrics = train_step(state, parallel.host_to_global(batch, mesh))
+                done = step + 1
+                # One host sync per step: the NaN guard below must run before any save.
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                bad = [k for k in ("loss", "grad_norm") if not math.isfinite(metrics[k])]
+                if bad:
+                    ckpt.wait()
+                    last = ckpt.latest_step()
+                    writer.write(done, metrics)
+                    raise FloatingPointError(
+                        f"step {done}: {' and '.join(f'{k} is {metrics[k]}' for k in bad)}; training stopped. The "
+                        f"last good checkpoint ({'none' if last is None else f'step {last}'}) in {ckpt.directory} "
+                        "is kept; resume from it with a lower optim.lr / optim.grad_clip, or check the data of "
+                        "this step.")
+                if done % config.train.log_every == 0 or done == total_steps:
+                    now = time.perf_counter()
+                    rate = (done - s_last) / max(now - t_last, 1e-9)
+                    t_last, s_last = now, done
+                    writer.write(done, {**metrics, "steps_per_sec": rate,
+                                        "samples_per_sec_per_device": rate * config.batch_size / n_dev})
+                if pbar is not None:
+                    pbar.update(1)
+                    pbar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
+                if done % config.train.checkpoint_every == 0 or done == total_steps:
+                    ckpt.save(done, state, it, config)
+                signalled = stop.requested()
+                if signalled or done == config.train.preempt_at_step:
+                    stopped = "signal" if signalled else "preempt_at_step"
+                    ckpt.save(done, state, it, config)
+                    log.warning("stopped at step %d (%s); checkpoint saved in %s", done, stopped, ckpt.directory)
+                    break
+    finally:
+        if pbar is not None:
+            pbar.close()
+        writer.close()
+        ckpt.close()
+    final_step = int(jax.device_get(state.step))
+
+    # --- eval after, export ----------------------------------------------------
+    if stopped is None:
+        params = state.ema_params if (ema and config.eval.use_ema) else state.params
+        if evaluate is not None:
+            results["after"] = evaluate(params)
+            if is_main:
+                (workdir / "eval_after.json").write_text(json.dumps(results["after"], indent=2) + "\n")
+                print(f"CLIP retrieval on {results['after']['num_images']} held-out images "
+                      f"({results['after']['num_texts']} captions), %:\n" + retrieval.format_table(results))
+        if config.export:
+            host = _to_host(params)
+            if is_main:
+                export(model, host, tokenizer, workdir / "export")
+    return {"step": final_step, "stopped": stopped, "eval_before": results.get("before"),
+            "eval_after": results.get("after"), "state": state}
