@@ -14,12 +14,13 @@ import json
 import os
 import re
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from t2i_jax.convert.core import atomic_write
 
 STYLES = {
     # name: (prompt template, negative prompt)
@@ -147,19 +148,6 @@ def file_name(job: Job, index: int, common: dict) -> str:
     return f"{index:05d}-{_slug(job.prompt)}-s{job.seed}-{digest}.png"
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def save_png(path: Path, image: np.ndarray, text: dict) -> None:
     """Writes a uint8 HWC image as PNG with `text` in tEXt chunks, atomically."""
     from PIL import Image, PngImagePlugin
@@ -167,7 +155,7 @@ def save_png(path: Path, image: np.ndarray, text: dict) -> None:
     info = PngImagePlugin.PngInfo()
     for k, v in text.items():
         info.add_text(k, v if isinstance(v, str) else json.dumps(v))
-    _atomic_write(path, lambda f: Image.fromarray(image).save(f, format="PNG", pnginfo=info))
+    atomic_write(path, lambda f: Image.fromarray(image).save(f, format="PNG", pnginfo=info))
 
 
 def read_manifest(path: Path) -> dict[str, dict]:
@@ -344,7 +332,7 @@ def run(args: argparse.Namespace) -> dict:
         shape = thumbs[0].shape
         thumbs = [t for t in thumbs if t.shape == shape]
         grid = contact_sheet(thumbs)
-        _atomic_write(out / "grid.png", lambda f: Image.fromarray(grid).save(f, format="PNG"))
+        atomic_write(out / "grid.png", lambda f: Image.fromarray(grid).save(f, format="PNG"))
     summary = {"made": made, "skipped": skipped, "seconds": gen_time, "devices": ndev,
                "device_kind": jax.devices()[0].device_kind, "batch_size": bs, "out": str(out)}
     if made:

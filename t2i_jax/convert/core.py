@@ -106,11 +106,14 @@ def write_safetensors(state: Mapping[str, np.ndarray], path: str | os.PathLike,
     raw += b" " * (-len(raw) % 8)  # the format asks for an 8-byte aligned header
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _atomic_open(path) as f:
+
+    def write(f):
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for arr in arrays:
             f.write(arr.tobytes())
+
+    atomic_write(path, write)
 
 
 def _contiguous(x) -> np.ndarray:
@@ -118,24 +121,21 @@ def _contiguous(x) -> np.ndarray:
     return np.require(np.asarray(x), requirements="C")
 
 
-class _atomic_open:
-    """Opens a temporary file beside `path` and renames it onto `path` on success."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def __enter__(self):
-        fd, self.tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
-        self.f = os.fdopen(fd, "wb")
-        return self.f
-
-    def __exit__(self, exc_type, exc, tb):
-        self.f.close()
-        if exc_type is None:
-            os.replace(self.tmp, self.path)
-        else:
-            os.unlink(self.tmp)
-        return False
+def atomic_write(path: str | os.PathLike, write: Callable[[Any], None]) -> None:
+    """Calls `write(f)` on a temporary file beside `path`, then renames it onto
+    `path`: readers never see a half-written file, and a failure (or a kill)
+    leaves the old file, if any, untouched."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
 
 
 def read_torch_pickle(path: str | os.PathLike) -> StateDict:
