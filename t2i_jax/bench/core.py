@@ -1,0 +1,489 @@
+"""Throughput of the U-Net forward, the whole sampler and a U-Net train step.
+
+Each mode builds a named model (`tiny`, `sd15`, `sd21`) with random weights,
+shards the batch over every device on the "data" axis of
+`pipeline.make_mesh()` (params replicated), compiles once (timed), warms up,
+then times `iters` calls, each ended by `block_until_ready` (or the host copy
+of the images, for sampling). What runs is the product's code: the sampler
+mode calls `pipeline.Sampler` itself.
+
+FLOPs come from XLA's cost analysis:
+  unet, train: the compiled program (one device's share of the batch) /
+               the per-device batch.
+  sample:      assembled, because XLA counts a `fori_loop` body once:
+               text encoder x (2 with CFG) + model evaluations x U-Net at the
+               CFG batch + VAE decode, from separately lowered (global)
+               pieces, / the global batch. The loop program's own count is
+               kept as `loop_xla_flops` (one body + decode) for reference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from t2i_jax import pipeline, schedulers
+from t2i_jax.bench import devices as devices_lib
+from t2i_jax.bench import flops as flops_lib
+from t2i_jax.models import clip as clip_lib
+from t2i_jax.models import unet as unet_lib
+from t2i_jax.models import vae as vae_lib
+from t2i_jax.tokenizer import Tokenizer
+
+MODES = ("unet", "sample", "train")
+PROMPT = "a photograph of an astronaut riding a horse on the moon"
+
+# --------------------------------------------------------------------------
+# Settings
+# --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """Which named parts make up a benchmark model."""
+
+    unet: str
+    vae: str
+    text: str
+    # Replacements in the text encoder config (the tiny CLIP is narrower than
+    # the tiny U-Net's cross-attention).
+    text_overrides: tuple[tuple[str, Any], ...] = ()
+
+
+MODELS = {
+    "tiny": ModelSpec("tiny", "tiny", "tiny", (("hidden_size", 64), ("intermediate_size", 128))),
+    "sd15": ModelSpec("sd15", "sd", "vit-l-14"),
+    "sd21": ModelSpec("sd21", "sd", "sd2-text"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchSettings:
+    """One benchmark run. None means "the usual value for this model/device"."""
+
+    model: str = "tiny"  # one of MODELS
+    resolution: int | None = None  # image side in pixels (default: the model's native size)
+    steps: int = 50  # sampler steps (PNDM runs steps + 1 model evaluations)
+    batch_size: int | None = None  # global batch (default: one per device)
+    dtype: str | None = None  # compute dtype "bf16"/"fp32" (default: bf16 on GPU/TPU, fp32 on CPU)
+    modes: tuple[str, ...] = MODES
+    attention: str = "xla"  # "xla" or "cudnn" (flash attention on NVIDIA GPUs, bf16 only)
+    warmup: int = 2  # untimed calls after compilation
+    iters: int = 10  # timed calls
+    scheduler: str = "pndm"  # sampler (SD's default pipeline uses PNDM)
+    guidance_scale: float = 7.5  # > 1: classifier-free guidance, the U-Net runs on 2x the batch
+    unet_cfg: bool = False  # unet mode: run the CFG-sized batch (2x), as sampling does
+    remat: bool = False  # train mode: recompute block activations in the backward pass
+    learning_rate: float = 1e-5
+    weight_decay: float = 1e-2
+    compare: str | None = None  # "diffusers": the same work in PyTorch in the same run
+    torch_compile: bool = False
+    torch_dtype: str | None = None  # fp16/bf16/fp32 (default: ours on CUDA, fp32 on CPU)
+    peak_tflops: float | None = None  # override the datasheet peak per device
+    measure_peak: bool = True  # time a dense matmul for a measured ceiling
+    seed: int = 0
+
+
+def _is_positive_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0
+
+
+def validate(s: BenchSettings, num_devices: int) -> None:
+    """Raises ValueError naming the bad setting, its value and the fix."""
+    if s.model not in MODELS:
+        raise ValueError(f"unknown model {s.model!r}; choose one of {sorted(MODELS)}")
+    if s.resolution is not None:
+        if not _is_positive_int(s.resolution):
+            raise ValueError(f"resolution {s.resolution!r} must be a positive integer multiple of 8, e.g. 512")
+        pipeline.check_size("resolution", s.resolution, 8)
+    if s.batch_size is not None:
+        if not _is_positive_int(s.batch_size):
+            raise ValueError(f"batch size {s.batch_size!r} must be a positive integer, e.g. {num_devices}")
+        if s.batch_size % num_devices:
+            lo = s.batch_size // num_devices * num_devices
+            hint = f"{lo} or {lo + num_devices}" if lo else f"{num_devices}"
+            raise ValueError(f"batch size {s.batch_size} does not divide over {num_devices} devices; use {hint}")
+    if not s.modes:
+        raise ValueError(f"no modes given; choose from {', '.join(MODES)}")
+    for m in s.modes:
+        if m not in MODES:
+            raise ValueError(f"unknown mode {m!r}; choose from {', '.join(MODES)}")
+    if s.dtype not in (None, "bf16", "fp32"):
+        raise ValueError(f"dtype {s.dtype!r} is not bf16 or fp32")
+    if s.attention not in ("xla", "cudnn"):
+        raise ValueError(f"attention {s.attention!r} is not 'xla' or 'cudnn'")
+    if s.attention == "cudnn" and s.dtype == "fp32":
+        raise ValueError("attention 'cudnn' needs bf16 compute; use --dtype bf16 or --attention xla")
+    for name in ("steps", "iters"):
+        if not _is_positive_int(getattr(s, name)):
+            raise ValueError(f"{name} {getattr(s, name)!r} must be a positive integer")
+    if not isinstance(s.warmup, int) or s.warmup < 0:
+        raise ValueError(f"warmup {s.warmup!r} must be an integer >= 0")
+    if s.compare not in (None, "diffusers"):
+        raise ValueError(f"--compare {s.compare!r}: only 'diffusers' is supported")
+    if s.torch_dtype not in (None, "fp16", "bf16", "fp32"):
+        raise ValueError(f"torch dtype {s.torch_dtype!r} is not fp16, bf16 or fp32")
+    if s.scheduler not in schedulers.SCHEDULERS:
+        raise ValueError(f"unknown scheduler {s.scheduler!r}; choose one of {sorted(schedulers.SCHEDULERS)}")
+    pipeline.check_settings(s.steps, s.guidance_scale)
+
+
+@dataclasses.dataclass(frozen=True)
+class Resolved:
+    """The settings with every default filled in for this model and device set."""
+
+    model: str
+    resolution: int
+    latent: int  # latent side
+    batch_size: int
+    per_device_batch: int
+    num_devices: int
+    dtype: str
+    platform: str
+
+
+def resolve(s: BenchSettings, devices: Sequence[jax.Device]) -> Resolved:
+    """Fills the defaults (validating first)."""
+    n = len(devices)
+    validate(s, n)
+    spec = MODELS[s.model]
+    ucfg = unet_lib.UNetConfig.named(spec.unet)
+    factor = vae_lib.VAEConfig.named(spec.vae).downsample_factor
+    res = s.resolution or ucfg.sample_size * factor
+    bs = s.batch_size or n
+    platform = devices[0].platform
+    dtype = s.dtype or ("fp32" if platform == "cpu" else "bf16")
+    return Resolved(s.model, res, res // factor, bs, bs // n, n, dtype, platform)
+
+
+# --------------------------------------------------------------------------
+# Model with random weights
+# --------------------------------------------------------------------------
+
+
+def random_params(module, dummy: Sequence, key, sharding) -> dict:
+    """Random params of `module`'s shape, made on device (no init compile of
+    the model itself): norm scales 1, biases 0, embeddings N(0, 0.02),
+    kernels N(0, 1/fan_in), so activations stay O(1) in any dtype.
+
+    One normal draw of the total size is cut into the leaves: a draw per
+    leaf would compile hundreds of RNG kernels (slow on XLA:CPU).
+    """
+    shapes = jax.eval_shape(module.init, jax.random.key(0), *dummy)["params"]
+    flat, treedef = jax.tree_util.tree_flatten_with_path(shapes)
+    sizes = [math.prod(leaf.shape) for _, leaf in flat]
+
+    def make(key):
+        pool = jax.random.normal(key, (sum(sizes),), jnp.float32)
+        leaves, start = [], 0
+        for (path, leaf), size in zip(flat, sizes):
+            name = getattr(path[-1], "key", str(path[-1]))
+            if name == "scale":
+                leaves.append(jnp.ones(leaf.shape, leaf.dtype))
+            elif name == "bias":
+                leaves.append(jnp.zeros(leaf.shape, leaf.dtype))
+            else:
+                std = 0.02 if name == "embedding" else 1.0 / math.sqrt(max(1, math.prod(leaf.shape[:-1])))
+                leaves.append((std * pool[start:start + size]).reshape(leaf.shape).astype(leaf.dtype))
+            start += size
+        return jax.tree_util.tree_unflatten(treedef, leaves)
+
+    return jax.jit(make, out_shardings=sharding)(key)
+
+
+def build_model(s: BenchSettings, r: Resolved, mesh, *, remat: bool = False) -> pipeline.StableDiffusion:
+    """A StableDiffusion of the named configs with random replicated params."""
+    spec = MODELS[s.model]
+    dtype = devices_lib.dtype_of(r.dtype)
+    attn = None if s.attention == "xla" else s.attention
+    ucfg = unet_lib.UNetConfig.named(spec.unet)
+    vcfg = vae_lib.VAEConfig.named(spec.vae)
+    tcfg = dataclasses.replace(clip_lib.named_config(spec.text).text, **dict(spec.text_overrides))
+    unet = unet_lib.UNet2DConditionModel(ucfg, dtype=dtype, attention_impl=attn, remat=remat)
+    vae = vae_lib.AutoencoderKL(vcfg, dtype=dtype)
+    text = clip_lib.CLIPTextModel(tcfg, dtype=dtype, attention_impl=attn)
+    repl = NamedSharding(mesh, P())
+    key = jax.random.key(s.seed)
+    side = 8 * vcfg.downsample_factor
+    params = {
+        "unet": random_params(unet, unet_lib.dummy_inputs(ucfg), jax.random.fold_in(key, 0), repl),
+        "vae": random_params(vae, (jnp.zeros((1, side, side, vcfg.in_channels)),), jax.random.fold_in(key, 1), repl),
+        "text_encoder": random_params(text, clip_lib.dummy_inputs(text), jax.random.fold_in(key, 2), repl),
+    }
+    from t2i_jax.convert.single_file import SD_SCHEDULER
+
+    tok = Tokenizer.bundled(pad_token="!" if spec.text == "sd2-text" else "<|endoftext|>")
+    return pipeline.StableDiffusion(tok, text, unet, vae, params, dict(SD_SCHEDULER), source=f"random {s.model}")
+
+
+def text_width(pipe: pipeline.StableDiffusion) -> int:
+    return pipe.text_encoder.config.hidden_size
+
+
+# --------------------------------------------------------------------------
+# Timing
+# --------------------------------------------------------------------------
+
+
+def time_calls(call: Callable[[], Any], warmup: int, iters: int, sync: Callable[[Any], Any]) -> dict:
+    """Runs `call` warmup + iters times, `sync`ing each result; returns the
+    first call's seconds and the timed calls' mean/median/min ms."""
+    t0 = time.perf_counter()
+    sync(call())
+    first = time.perf_counter() - t0
+    for _ in range(max(0, warmup - 1)):
+        sync(call())
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        sync(call())
+        times.append(time.perf_counter() - t0)
+    ms = np.asarray(times) * 1e3
+    return {"first_call_s": first, "ms_per_iter": float(ms.mean()), "ms_per_iter_median": float(np.median(ms)),
+            "ms_per_iter_min": float(ms.min()), "iters": iters, "warmup": warmup}
+
+
+def _block(x):
+    return jax.block_until_ready(x)
+
+
+def figures(timing: dict, items_per_iter: int, num_devices: int, flops_per_item: float | None,
+            peak: float | None, measured_peak: float | None) -> dict:
+    """Throughput, achieved TFLOP/s and utilisation from one timing."""
+    s = timing["ms_per_iter"] / 1e3
+    out = dict(timing)
+    out["items_per_iter"] = items_per_iter
+    out["items_per_s"] = items_per_iter / s
+    out["items_per_s_per_device"] = items_per_iter / s / num_devices
+    out["flops_per_item"] = flops_per_item
+    if flops_per_item:
+        tf = flops_per_item * items_per_iter / s / 1e12
+        out["tflops"] = tf
+        out["tflops_per_device"] = tf / num_devices
+        out["utilisation"] = tf / num_devices / peak if peak else None
+        out["utilisation_of_measured_peak"] = tf / num_devices / measured_peak if measured_peak else None
+    else:
+        out.update(tflops=None, tflops_per_device=None, utilisation=None, utilisation_of_measured_peak=None)
+    return out
+
+
+def _compile(jitted, *args):
+    """(compiled, lowered, lower+compile seconds)."""
+    t0 = time.perf_counter()
+    lowered = jitted.lower(*args)
+    compiled = lowered.compile()
+    return compiled, lowered, time.perf_counter() - t0
+
+
+# --------------------------------------------------------------------------
+# Modes
+# --------------------------------------------------------------------------
+
+
+def _unet_apply(unet, params, x, t, ctx):
+    return unet.apply({"params": params}, x, t, ctx)
+
+
+def _unet_inputs(pipe, rows: int, latent: int, key, sharding):
+    c = pipe.latent_channels
+    k1, k2, k3 = jax.random.split(key, 3)
+    x = jax.device_put(jax.random.normal(k1, (rows, latent, latent, c)), sharding)
+    t = jax.device_put(jax.random.randint(k2, (rows,), 0, 1000), sharding)
+    ctx = jax.device_put(jax.random.normal(k3, (rows, pipe.tokenizer.max_length, text_width(pipe))), sharding)
+    return x, t, ctx
+
+
+def bench_unet(s: BenchSettings, r: Resolved, pipe, mesh, peaks) -> dict:
+    """U-Net forward at the (optionally CFG-doubled) batch."""
+    batch = NamedSharding(mesh, P("data"))
+    rows = r.batch_size * (2 if s.unet_cfg else 1)
+    fwd = jax.jit(functools.partial(_unet_apply, pipe.unet), out_shardings=batch)
+    args = (pipe.params["unet"], *_unet_inputs(pipe, rows, r.latent, jax.random.key(s.seed + 1), batch))
+    compiled, _, compile_s = _compile(fwd, *args)
+    per_dev = flops_lib.compiled_flops(compiled)
+    fpi = per_dev / (rows // r.num_devices) if per_dev else None
+    timing = time_calls(lambda: compiled(*args), s.warmup, s.iters, _block)
+    out = figures(timing, rows, r.num_devices, fpi, *peaks)
+    out.update(item="sample", rows=rows, compile_s=compile_s, flops_method="compiled cost analysis / per-device rows",
+               compiled_memory=devices_lib.compiled_memory(compiled), peak_bytes_in_use=devices_lib.peak_bytes_in_use())
+    return out
+
+
+def bench_sample(s: BenchSettings, r: Resolved, pipe, mesh, peaks) -> dict:
+    """The whole txt2img call of `pipeline.Sampler`: tokenize, encode the
+    prompt (and the empty prompt for CFG), the denoising loop, VAE decode,
+    images back on the host."""
+    batch = NamedSharding(mesh, P("data"))
+    dtype = devices_lib.dtype_of(r.dtype)
+    sampler = pipeline.Sampler(pipe, mesh=mesh, dtype=dtype)
+    n = r.batch_size
+    prompts = [PROMPT] * n
+    seeds = list(range(n))
+    use_cfg = s.guidance_scale > 1.0
+    sched = sampler.scheduler(s.scheduler)
+    lat_shape = (n, r.latent, r.latent, pipe.latent_channels)
+    state = sched.set_timesteps(s.steps, lat_shape)
+    evals = state.num_evals
+    rows = 2 * n if use_cfg else n
+
+    # Compile the Sampler's own jitted functions with the arguments its
+    # __call__ builds, so the timed calls below reuse these executables.
+    ids = jax.device_put(pipe.tokenizer(prompts), batch)
+    enc_c, _, enc_s = _compile(sampler._encode, sampler.params["text_encoder"], ids)
+    cond = sampler.encode(prompts)
+    loop = sampler.loop(s.scheduler, use_cfg, False, False)
+    loop_args = (sampler.params, cond, cond, jnp.float32(s.guidance_scale),
+                 jax.device_put(np.asarray(seeds, np.uint32), batch),
+                 jax.device_put(np.zeros(lat_shape, np.float32), batch), None, state)
+    loop_c, _, loop_s = _compile(loop, *loop_args)
+
+    # FLOPs from the pieces (global programs, lowered only).
+    text_f = flops_lib.compiled_flops(enc_c)
+    text_f = text_f * r.num_devices if text_f else None  # compiled = one device's share
+    unet_f = flops_lib.lowered_flops(jax.jit(functools.partial(_unet_apply, pipe.unet)).lower(
+        pipe.params["unet"], *_unet_inputs(pipe, rows, r.latent, jax.random.key(0), batch)))
+    vae_f = flops_lib.lowered_flops(jax.jit(
+        lambda p, z: pipe.vae.apply({"params": p}, z, method=pipe.vae.decode)).lower(
+        pipe.params["vae"], jax.ShapeDtypeStruct(lat_shape, jnp.float32, sharding=batch)))
+    pieces = {"text_encoder_per_call": text_f, "text_encoder_calls": 2 if use_cfg else 1,
+              "unet_per_eval": unet_f, "unet_rows": rows, "model_evals": evals, "vae_decode": vae_f}
+    fpi = None
+    if text_f and unet_f and vae_f:
+        fpi = (pieces["text_encoder_calls"] * text_f + evals * unet_f + vae_f) / n
+    loop_xla = flops_lib.compiled_flops(loop_c)
+
+    call = functools.partial(sampler, prompts, seeds=seeds, steps=s.steps, guidance_scale=s.guidance_scale,
+                             scheduler=s.scheduler, height=r.resolution, width=r.resolution)
+    timing = time_calls(call, s.warmup, s.iters, lambda x: x)  # returns host numpy: already synced
+    out = figures(timing, n, r.num_devices, fpi, *peaks)
+    out.update(item="image", model_evals=evals, ms_per_unet_step=timing["ms_per_iter"] / evals,
+               compile_s=enc_s + loop_s, compile_s_text_encoder=enc_s, compile_s_loop=loop_s,
+               flops_pieces=pieces, loop_xla_flops=loop_xla * r.num_devices if loop_xla else None,
+               flops_method=("(text encoder x calls + U-Net x model evals + VAE decode) / batch, "
+                             "from separately lowered programs (XLA counts a fori_loop body once)"),
+               compiled_memory=devices_lib.compiled_memory(loop_c),
+               peak_bytes_in_use=devices_lib.peak_bytes_in_use())
+    return out
+
+
+def _train_step(unet, tx, alphas_cumprod, state, latents, context, step):
+    """One epsilon-prediction step: x_t = add_noise(x0, eps, t), loss = |eps_hat - eps|^2."""
+    params, opt_state = state
+    key = jax.random.fold_in(jax.random.key(0), step)
+    k_noise, k_t = jax.random.split(key)
+    noise = jax.random.normal(k_noise, latents.shape, jnp.float32)
+    t = jax.random.randint(k_t, (latents.shape[0],), 0, alphas_cumprod.shape[0])
+    noisy = schedulers.add_noise(alphas_cumprod, latents, noise, t)
+
+    def loss_fn(p):
+        pred = unet.apply({"params": p}, noisy, t, context)
+        return jnp.mean(jnp.square(pred.astype(jnp.float32) - noise))
+
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return (optax.apply_updates(params, updates), opt_state), loss
+
+
+def bench_train(s: BenchSettings, r: Resolved, mesh, peaks) -> dict:
+    """One U-Net training step on cached latents and text states (VAE and
+    text encoder are frozen and outside the step), AdamW, donated state."""
+    batch = NamedSharding(mesh, P("data"))
+    repl = NamedSharding(mesh, P())
+    pipe = build_model(s, r, mesh, remat=s.remat)  # fresh params: the step donates them
+    tx = optax.adamw(s.learning_rate, weight_decay=s.weight_decay)
+    params = pipe.params["unet"]
+    state = (params, jax.jit(tx.init, out_shardings=repl)(params))
+    abar = jnp.asarray(schedulers.from_config("ddpm", pipe.scheduler_config).alphas_cumprod)
+    step_fn = jax.jit(functools.partial(_train_step, pipe.unet, tx, abar), donate_argnums=(0,),
+                      out_shardings=(repl, repl))
+    x, _, ctx = _unet_inputs(pipe, r.batch_size, r.latent, jax.random.key(s.seed + 2), batch)
+    compiled, _, compile_s = _compile(step_fn, state, x, ctx, jnp.int32(0))
+    per_dev = flops_lib.compiled_flops(compiled)
+    fpi = per_dev / r.per_device_batch if per_dev else None
+    holder = {"state": state, "i": 0}
+
+    def call():
+        holder["state"], loss = compiled(holder["state"], x, ctx, jnp.int32(holder["i"]))
+        holder["i"] += 1
+        return loss
+
+    timing = time_calls(call, s.warmup, s.iters, _block)
+    loss = float(call())
+    out = figures(timing, r.batch_size, r.num_devices, fpi, *peaks)
+    out.update(item="sample", compile_s=compile_s, remat=s.remat, final_loss=loss,
+               flops_method="compiled cost analysis (forward + backward + AdamW) / per-device batch",
+               compiled_memory=devices_lib.compiled_memory(compiled),
+               peak_bytes_in_use=devices_lib.peak_bytes_in_use())
+    return out
+
+
+# --------------------------------------------------------------------------
+# Driver
+# --------------------------------------------------------------------------
+
+
+def device_info(s: BenchSettings, r: Resolved) -> dict:
+    """Device kind/count and the peaks utilisation is measured against."""
+    dev = jax.devices()[0]
+    name, peak = devices_lib.datasheet_peak(dev.device_kind, r.dtype)
+    if s.peak_tflops:
+        name, peak = "--peak-tflops", s.peak_tflops
+    measured = devices_lib.measure_matmul_tflops(devices_lib.dtype_of(r.dtype)) if s.measure_peak else None
+    return {"platform": dev.platform, "device_kind": dev.device_kind, "device_count": jax.device_count(),
+            "local_device_count": jax.local_device_count(), "process_count": jax.process_count(),
+            "peak_source": name, "peak_tflops_per_device": peak, "measured_matmul_tflops_per_device": measured}
+
+
+def run(s: BenchSettings, log: Callable[[str], None] = lambda m: None) -> dict:
+    """Runs every requested mode (and its PyTorch counterpart with
+    `compare="diffusers"`); returns all figures as one JSON-able dict."""
+    mesh = pipeline.make_mesh()
+    r = resolve(s, list(mesh.devices.flat))
+    dev = device_info(s, r)
+    peaks = (dev["peak_tflops_per_device"], dev["measured_matmul_tflops_per_device"])
+    results: dict = {}
+    pipe = None
+    ref = None
+    t0 = time.perf_counter()
+    if s.compare == "diffusers":
+        from t2i_jax.bench import reference
+
+        ref = reference.DiffusersBench(s, r)
+    setup_s = time.perf_counter() - t0
+    for mode in s.modes:
+        log(f"{mode}: ours ...")
+        t0 = time.perf_counter()
+        if mode == "train":
+            ours = bench_train(s, r, mesh, peaks)
+        else:
+            pipe = pipe or build_model(s, r, mesh)
+            ours = (bench_unet if mode == "unet" else bench_sample)(s, r, pipe, mesh, peaks)
+        ours["wall_s"] = time.perf_counter() - t0
+        results[mode] = {"ours": ours}
+        if ref is not None:
+            log(f"{mode}: diffusers ...")
+            t0 = time.perf_counter()
+            theirs = ref.run(mode, ours.get("flops_per_item"), peaks)
+            theirs["wall_s"] = time.perf_counter() - t0
+            results[mode]["diffusers"] = theirs
+            # Per device: diffusers runs on one device with our per-device batch.
+            results[mode]["ratio_ours_over_diffusers_per_device"] = (
+                ours["items_per_s_per_device"] / theirs["items_per_s_per_device"])
+            # The same from median and from minimum times: steadier on a
+            # shared machine, where other processes' load lands in the mean.
+            for stat in ("median", "min"):
+                results[mode][f"ratio_ours_over_diffusers_per_device_{stat}"] = (
+                    theirs[f"ms_per_iter_{stat}"] / ours[f"ms_per_iter_{stat}"] * ours["items_per_iter"]
+                    / r.num_devices / theirs["items_per_iter"])
+    return {"settings": dataclasses.asdict(s) | {"modes": list(s.modes)}, "resolved": dataclasses.asdict(r),
+            "device": dev, "results": results, "reference_setup_s": setup_s, **({"torch": ref.info()} if ref is not None else {})}
