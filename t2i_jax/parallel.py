@@ -192,7 +192,8 @@ def initialize_distributed(mode: str | bool = "auto", *, coordinator_address: st
     mode "auto" (default): initialise when the environment says so
     (JAX_COORDINATOR_ADDRESS, a multi-worker TPU pod slice, `srun` with more
     than one task, Open MPI); jax then detects coordinator, process count and
-    id itself (SLURM, TPU and MPI cluster environments). True / "on": always
+    id itself (SLURM, TPU and MPI cluster environments), or reads them from
+    JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID. True / "on": always
     (explicit arguments override detection). False / "off": never.
     A single process needs nothing and returns False. Call it first thing,
     before any jax computation. Returns whether it initialised.
@@ -206,6 +207,12 @@ def initialize_distributed(mode: str | bool = "auto", *, coordinator_address: st
         return False
     if jax.distributed.is_initialized():
         return True
+    # jax reads JAX_COORDINATOR_ADDRESS itself but not the process count and id; a launcher
+    # without a cluster jax detects (launch/local_multiprocess.py, plain ssh) passes them so.
+    if num_processes is None and os.environ.get("JAX_NUM_PROCESSES"):
+        num_processes = int(os.environ["JAX_NUM_PROCESSES"])
+    if process_id is None and os.environ.get("JAX_PROCESS_ID"):
+        process_id = int(os.environ["JAX_PROCESS_ID"])
     log.info("initialising jax.distributed (%s)", reason)
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                                process_id=process_id)

@@ -1,0 +1,109 @@
+"""Export a trained Stable Diffusion as a complete diffusers pipeline folder.
+
+    export_pipeline(pipe, "runs/x/export")      # pipe: t2i_jax.pipeline.StableDiffusion
+
+writes
+
+    model_index.json                 StableDiffusionPipeline and its component classes
+    unet/        config.json + diffusion_pytorch_model.safetensors
+    vae/         config.json + diffusion_pytorch_model.safetensors
+    text_encoder/config.json + model.safetensors (transformers CLIPTextModel)
+    tokenizer/   vocab.json, merges.txt, tokenizer_config.json ... (CLIPTokenizer)
+    scheduler/   scheduler_config.json (PNDMScheduler, SD's default sampler)
+
+which `python -m t2i_jax.sample --model DIR`, `t2i_jax.models.components.load_components(DIR)`
+and `diffusers.StableDiffusionPipeline.from_pretrained(DIR)` all load. Shared by the
+ldm and vae objectives (the VAE trainer writes only `vae/`).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from t2i_jax.convert import clip as clip_convert
+from t2i_jax.convert import diffusers as diffusers_convert
+from t2i_jax.convert.core import atomic_write
+
+__all__ = ["export_pipeline", "scheduler_json", "text_encoder_for_export", "DIFFUSERS_VERSION"]
+
+DIFFUSERS_VERSION = "0.30.0"  # what model_index.json claims; any diffusers since reads these files
+# Scheduler fields a diffusers PNDMScheduler config carries beyond the noise schedule.
+_PNDM_EXTRA = {"skip_prk_steps": True}
+
+
+def scheduler_json(scheduler_config: dict) -> dict:
+    """A diffusers PNDMScheduler `scheduler_config.json` for a noise schedule (SD_SCHEDULER-like dict)."""
+    cfg = {k: v for k, v in scheduler_config.items() if not k.startswith("_")}
+    return {"_class_name": "PNDMScheduler", "_diffusers_version": DIFFUSERS_VERSION, **_PNDM_EXTRA, **cfg}
+
+
+def text_encoder_for_export(module, params):
+    """(module, params) of a plain `CLIPTextModel` (what SD pipelines hold) from a CLIP text
+    tower with or without its projection; the projection is unused by SD and dropped."""
+    from t2i_jax.models import clip as clip_lib
+
+    if isinstance(module, clip_lib.CLIPTextModel) and module.with_projection:
+        module = module.clone(with_projection=False)
+        params = {k: v for k, v in params.items() if k != "text_projection"}
+    if not isinstance(module, clip_lib.CLIPTextModel):
+        raise TypeError(f"the text encoder is a {type(module).__name__}; SD pipelines take a CLIPTextModel")
+    return module, params
+
+
+def export_pipeline(pipe, out_dir: str | os.PathLike, *, dtype=None) -> Path:
+    """Writes `pipe` (a `t2i_jax.pipeline.StableDiffusion` with host params) as a diffusers
+    StableDiffusionPipeline folder; `dtype` (e.g. np.float16) casts the saved weights.
+
+    The U-Net's `sample_size` is what the sampling CLI takes as the native size
+    (times the VAE factor); set it in the U-Net config before exporting.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    params = pipe.params
+    diffusers_convert.save_unet(_np(params["unet"]), pipe.unet.config, out / "unet", dtype=dtype)
+    diffusers_convert.save_vae(_np(params["vae"]), pipe.vae.config, out / "vae", dtype=dtype)
+    te, te_params = text_encoder_for_export(pipe.text_encoder, _np(params["text_encoder"]))
+    clip_convert.save_clip(te, te_params, out / "text_encoder", dtype=dtype)
+    # The tokenizer must pad to what the text encoder's position table holds
+    # (diffusers reads `model_max_length`), not to CLIP's usual 77.
+    hf = copy.deepcopy(pipe.tokenizer.hf)
+    hf.model_max_length = te.config.max_position_embeddings
+    hf.save_pretrained(os.fspath(out / "tokenizer"))
+    (out / "scheduler").mkdir(exist_ok=True)
+    _write_json(out / "scheduler" / "scheduler_config.json", scheduler_json(pipe.scheduler_config))
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": DIFFUSERS_VERSION,
+        "feature_extractor": [None, None],
+        "image_encoder": [None, None],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", "PNDMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    _write_json(out / "model_index.json", index)
+    return out
+
+
+def with_sample_size(unet_config, latent_side: int):
+    """The U-Net config with `sample_size` set to the latent side it was trained at."""
+    return dataclasses.replace(unet_config, sample_size=int(latent_side))
+
+
+def _write_json(path: Path, obj) -> None:
+    data = (json.dumps(obj, indent=2) + "\n").encode()
+    atomic_write(path, lambda f: f.write(data))
+
+
+def _np(tree):
+    import jax
+    return jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), tree)

@@ -1,0 +1,586 @@
+"""Latent-diffusion U-Net training with a frozen VAE and text encoder.
+
+    python -m t2i_jax.train --config configs/shapes_ldm.py --workdir runs/shapes_ldm
+    python -m t2i_jax.train --config configs/sd15_finetune.py:/data/captions.jsonl --workdir runs/ft
+
+Per step: images -> VAE posterior sample -> latents z (times the VAE's
+scaling factor); captions -> (10% replaced by "") -> text encoder states;
+t ~ U{0..T-1}, x_t = sqrt(abar_t) z + sqrt(1 - abar_t) noise; the U-Net
+predicts noise ("epsilon") or v = sqrt(abar) noise - sqrt(1 - abar) z
+("v_prediction"); loss = MSE, optionally min-SNR-gamma weighted (Hang et
+al. 2023) and with offset noise. Only the U-Net is trained: the VAE and
+text encoder params are a separate, non-donated argument of the step.
+
+With `cache.enabled` the dataset is encoded once (VAE posterior mean and
+std, text states of every caption) and training draws batches from that
+cache by (seed, step) alone, so the global batch is the same whatever the
+number of hosts; without it each host streams its own shard (grain).
+
+At `eval.every` steps and at the end, sample images from the (EMA) params
+go to `workdir/samples/step_N.png`; the result is exported as a diffusers
+StableDiffusionPipeline folder in `workdir/export`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from t2i_jax import data as data_lib
+from t2i_jax import parallel, schedulers
+from t2i_jax.convert import clip as clip_convert
+from t2i_jax.convert import diffusers as diffusers_convert
+from t2i_jax.convert.single_file import SD_SCHEDULER
+from t2i_jax.models import clip as clip_lib
+from t2i_jax.models import unet as unet_lib
+from t2i_jax.models import vae as vae_lib
+from t2i_jax.pipeline import StableDiffusion
+from t2i_jax.tokenizer import Tokenizer
+from t2i_jax.train import clip as clip_train
+from t2i_jax.train import export as export_lib
+from t2i_jax.train import state as state_lib
+from t2i_jax.train.checkpoint import Checkpointer, StopSignal
+from t2i_jax.train.metrics import MetricWriter
+
+log = logging.getLogger(__name__)
+
+PARTITION_RULES = ((r".*", "fsdp"),)
+
+
+# ===========================================================================
+# Config
+# ===========================================================================
+
+def default_config() -> ml_collections.ConfigDict:
+    """Every key this trainer reads, with defaults; a config file changes what it needs."""
+    c = clip_train.default_config()  # seed, data, batch_size, train, optim, mesh, progress, export
+    c.objective = "ldm"
+    c.model = ml_collections.ConfigDict()
+    c.model.init_from = ""  # SD pipeline folder / hub id / single file: every component from it
+    c.model.unet = "tiny"  # from scratch: a UNetConfig.named variant ...
+    c.model.overrides = ml_collections.ConfigDict()  # ... with these UNetConfig fields changed
+    c.model.dtype = "float32"  # compute dtype ("bfloat16" on accelerators); params stay fp32
+    c.model.remat = False  # recompute U-Net blocks in the backward pass (less memory)
+    c.model.attention_impl = ""
+    c.vae = ml_collections.ConfigDict()
+    c.vae.path = ""  # diffusers VAE folder, or a folder with vae/ (a VAE export); "" without init_from:
+    c.vae.name = "tiny"  # ... a random VAE of this variant, frozen at init (smoke tests only)
+    c.text_encoder = ml_collections.ConfigDict()
+    c.text_encoder.path = ""  # transformers CLIP(Text)Model folder (e.g. a clip_shapes export); "": ...
+    c.text_encoder.name = "tiny"  # ... a from-scratch CLIP text tower of this variant, frozen at init,
+    c.text_encoder.overrides = ml_collections.ConfigDict()  # with these CLIPTextConfig (HF) fields
+    c.scheduler = ml_collections.ConfigDict(dict(SD_SCHEDULER))  # noise schedule (init_from brings its own)
+    c.diffusion = ml_collections.ConfigDict()
+    c.diffusion.prediction_type = "epsilon"  # or "v_prediction"; "" keeps the scheduler config's
+    c.diffusion.snr_gamma = 0.0  # min-SNR-gamma loss weighting; 0 off (5.0 is the paper's)
+    c.diffusion.noise_offset = 0.0  # noise += offset * N(0, 1) per (example, channel); 0 off
+    c.diffusion.caption_dropout = 0.1  # share of captions replaced by "" (classifier-free guidance)
+    c.cache = ml_collections.ConfigDict()
+    c.cache.enabled = False  # encode the dataset once through the frozen VAE + text encoder
+    c.cache.size = 0  # records to cache; 0: the whole (finite) source
+    c.cache.batch_size = 64  # encoding batch
+    c.optim.lr = 1e-4
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+    c.optim.weight_decay = 1e-2
+    c.optim.warmup_steps = 100
+    c.optim.end_lr_factor = 1.0  # constant after warm-up, as SD fine-tuning recipes
+    c.ema_decay = 0.9999
+    c.eval = ml_collections.ConfigDict()
+    c.eval.every = 0  # sample images every N steps (0: only at the end)
+    c.eval.prompts = ["a photo"]
+    c.eval.steps = 25  # sampler steps
+    c.eval.scheduler = "ddim"
+    c.eval.guidance_scale = 3.0
+    c.eval.seed = 0
+    c.eval.use_ema = True  # sample and export the EMA params (when ema_decay > 0)
+    return c
+
+
+# ===========================================================================
+# Data
+# ===========================================================================
+
+def make_source(config):
+    """The training source from `config.data`."""
+    dcfg = {k: v for k, v in config.data.to_dict().items() if v != ""}
+    dcfg["global_batch_size"] = config.batch_size
+    return data_lib.source_from_config(dcfg), dcfg
+
+
+def make_stream(config, source, dcfg):
+    """The per-host grain loader (images + caption strings; tokenized in the loop)."""
+    return data_lib.make_loader(source, global_batch_size=config.batch_size, resolution=dcfg["resolution"],
+                                tokenizer=None, **{k: dcfg[k] for k in clip_train._LOADER_KEYS if k in dcfg})
+
+
+class CacheIterator:
+    """Batches from an in-memory cache, drawn by (seed, step) only: an epoch is a permutation of
+    the records from `default_rng([seed, epoch])`; each host returns its rows of the global batch.
+
+    Checkpointable like a grain iterator (`get_state` / `set_state` bytes).
+    """
+
+    def __init__(self, cache: dict, global_batch: int, seed: int):
+        self.cache, self.global_batch, self.seed, self.step = cache, global_batch, seed, 0
+        self.n = len(cache["mean"])
+        per = global_batch // jax.process_count()
+        self.rows = slice(jax.process_index() * per, (jax.process_index() + 1) * per)
+
+    def indices(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """(record indices, caption indices) of the global batch of `step`."""
+        pos = step * self.global_batch + np.arange(self.global_batch)
+        epochs = pos // self.n
+        idx = np.empty_like(pos)
+        for e in np.unique(epochs):
+            perm = np.random.default_rng([self.seed, int(e)]).permutation(self.n)
+            idx[epochs == e] = perm[pos[epochs == e] % self.n]
+        u = np.random.default_rng([self.seed, step, 1]).random(self.global_batch)
+        cap = self.cache["cap_start"][idx] + (u * self.cache["cap_count"][idx]).astype(np.int64)
+        return idx, cap
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        idx, cap = (a[self.rows] for a in self.indices(self.step))
+        self.step += 1
+        return {"mean": self.cache["mean"][idx], "std": self.cache["std"][idx],
+                "context": self.cache["context"][cap]}
+
+    def get_state(self) -> bytes:
+        return json.dumps({"step": self.step, "seed": self.seed, "records": self.n}).encode()
+
+    def set_state(self, state) -> None:
+        s = json.loads(state.decode() if isinstance(state, bytes) else state)
+        if (s["seed"], s["records"]) != (self.seed, self.n):
+            raise ValueError(f"the checkpoint's data cache had seed {s['seed']} and {s['records']} records; this run "
+                             f"has seed {self.seed} and {self.n}: resume with the config it was saved with")
+        self.step = s["step"]
+
+    def start_prefetch(self) -> None:  # grain's checkpoint handler calls it after a restore
+        pass
+
+
+def put_global(tree, shardings):
+    """Host arrays, the same on every host, -> global arrays with `shardings` (each device takes its part)."""
+    return jax.tree_util.tree_map(
+        lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda idx, x=x: np.asarray(x)[idx]),
+        tree, shardings)
+
+
+def _encode_in_chunks(fn, params, arrays: list, chunk: int, mesh) -> list:
+    """Runs jitted `fn(params, *chunk_arrays)` over the leading axis of host arrays (the same on
+    every host); each host feeds its rows, results come back whole on every host."""
+    n_dev, n_proc = mesh.devices.size, jax.process_count()
+    chunk = max(n_dev, -(-chunk // n_dev) * n_dev)
+    per = chunk // n_proc
+    out = []
+    for i in range(0, len(arrays[0]), chunk):
+        parts = []
+        for a in arrays:
+            c = a[i:i + chunk]
+            if len(c) < chunk:
+                c = np.concatenate([c, np.repeat(c[-1:], chunk - len(c), 0)])
+            parts.append(c[jax.process_index() * per:(jax.process_index() + 1) * per])
+        res = fn(params, *parallel.host_to_global(parts, mesh))
+        out.append(jax.tree_util.tree_map(lambda x, n=min(chunk, len(arrays[0]) - i): np.asarray(x)[:n], res))
+    return jax.tree_util.tree_map(lambda *xs: np.concatenate(xs), *out)
+
+
+def build_cache(config, source, res: int, parts, tokenizer, frozen, mesh) -> dict:
+    """Encodes records [0, cache.size) once: {"mean", "std" [N, h, w, c], "context" [M, L, D] for every
+    caption, "cap_start", "cap_count" [N]}, plus "empty" [L, D] (the "" caption's states)."""
+    n = int(config.cache.size) or len(source)
+    if n > 10_000_000:
+        raise ValueError(f"{source!r} is endless; set cache.size to the number of records to cache")
+    images, captions, start, count = [], [], [], []
+    for i in range(n):
+        rec = source[i]
+        img = data_lib.decode_image(rec["image"], res)
+        h, w = img.shape[:2]
+        top, left = (h - res) // 2, (w - res) // 2
+        images.append(img[top:top + res, left:left + res].astype(np.float32) / 127.5 - 1.0)
+        start.append(len(captions))
+        count.append(len(rec["captions"]))
+        captions += list(rec["captions"])
+    rep = parallel.replicated(mesh)
+    vae, te = parts["vae"], parts["text_encoder"]
+
+    def enc_img(fp, x):
+        post = vae.apply({"params": fp["vae"]}, x, method=vae.encode)
+        return post.mean, post.std
+
+    def enc_txt(fp, ids):
+        return te.apply({"params": fp["text_encoder"]}, ids).last_hidden_state.astype(jnp.float32)
+
+    bs = int(config.cache.batch_size)
+    mean, std = _encode_in_chunks(jax.jit(enc_img, out_shardings=rep), frozen, [np.stack(images)], bs, mesh)
+    ids = tokenizer(captions + [""])
+    context = _encode_in_chunks(jax.jit(enc_txt, out_shardings=rep), frozen, [ids], bs, mesh)
+    log.info("cached %d records (%d captions): latents %s, text states %s", n, len(captions), mean.shape[1:],
+             context.shape[1:])
+    return {"mean": mean, "std": std, "context": context[:-1], "empty": context[-1],
+            "cap_start": np.asarray(start), "cap_count": np.asarray(count)}
+
+
+# ===========================================================================
+# Model
+# ===========================================================================
+
+def _text_encoder(config, kw):
+    tc = config.text_encoder
+    if tc.path:
+        te, te_params = export_lib.text_encoder_for_export(*clip_convert.load_clip(tc.path, tower="text", **kw))
+        folder = Path(tc.path)
+        max_len = te.config.max_position_embeddings
+        tok = (Tokenizer.from_pretrained(folder, max_length=max_len) if (folder / "vocab.json").exists()
+               else Tokenizer.bundled(max_length=max_len))
+        return tok, te, te_params
+    hf = clip_train._merge(clip_lib.named_config(tc.name).text.to_hf(), tc.overrides.to_dict())
+    te = clip_lib.CLIPTextModel(clip_lib.CLIPTextConfig.from_hf(hf), False, **kw)
+    log.warning("no text_encoder.path: a from-scratch %s CLIP text tower, frozen at its random init", tc.name)
+    params = jax.jit(te.init)(jax.random.PRNGKey(config.seed + 1), *clip_lib.dummy_inputs(te))["params"]
+    return Tokenizer.bundled(max_length=te.config.max_position_embeddings), te, jax.device_get(params)
+
+
+def make_parts(config) -> dict:
+    """{"tokenizer", "text_encoder", "vae", "unet", "scheduler_config", "params": {text_encoder, vae, unet
+    (host params or None: from scratch)}}."""
+    from t2i_jax.models.components import load_components
+
+    m = config.model
+    dtype = jnp.dtype(m.dtype)
+    kw = dict(dtype=dtype, attention_impl=m.attention_impl or None)
+    if m.init_from:
+        pipe = load_components(m.init_from, dtype=dtype, attention_impl=m.attention_impl or None)
+        unet = pipe.unet.clone(remat=m.remat)
+        sched = dict(pipe.scheduler_config)
+        if config.diffusion.prediction_type:
+            sched["prediction_type"] = config.diffusion.prediction_type
+        return {"tokenizer": pipe.tokenizer, "text_encoder": pipe.text_encoder, "vae": pipe.vae, "unet": unet,
+                "scheduler_config": sched, "params": dict(pipe.params)}
+    tokenizer, te, te_params = _text_encoder(config, kw)
+    if config.vae.path:
+        vae, vae_params = diffusers_convert.load_vae(config.vae.path, dtype=dtype)
+    else:
+        log.warning("no vae.path: a random %s VAE, frozen at init (train one with configs/shapes_vae.py)",
+                    config.vae.name)
+        vae = vae_lib.AutoencoderKL(vae_lib.VAEConfig.named(config.vae.name), dtype=dtype)
+        side = vae.config.downsample_factor
+        vae_params = jax.device_get(jax.jit(vae.init)(jax.random.PRNGKey(config.seed + 2),
+                                                      jnp.zeros((1, side, side, 3)))["params"])
+    ucfg = unet_lib.UNetConfig.named(m.unet)
+    # The U-Net's text width and latent channels follow the frozen parts.
+    fields = {"cross_attention_dim": te.config.hidden_size, "in_channels": vae.config.latent_channels,
+              "out_channels": vae.config.latent_channels,
+              "sample_size": config.data.resolution // vae.config.downsample_factor, **m.overrides.to_dict()}
+    ucfg = dataclasses.replace(ucfg, **{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+    unet = unet_lib.UNet2DConditionModel(ucfg, remat=m.remat, **kw)
+    sched = config.scheduler.to_dict()
+    if config.diffusion.prediction_type:
+        sched["prediction_type"] = config.diffusion.prediction_type
+    return {"tokenizer": tokenizer, "text_encoder": te, "vae": vae, "unet": unet, "scheduler_config": sched,
+            "params": {"text_encoder": te_params, "vae": vae_params, "unet": None}}
+
+
+def to_latents(vae_config, z):
+    """VAE sample -> U-Net latent space: (z - shift) * scaling_factor."""
+    return (z - (vae_config.shift_factor or 0.0)) * vae_config.scaling_factor
+
+
+def diffusion_loss(model_output, x0, noise, timesteps, alphas_cumprod, *, prediction_type: str = "epsilon",
+                   snr_gamma: float = 0.0):
+    """Mean over the batch of (weighted) per-example MSE between the U-Net output and its target.
+
+    target: `noise` ("epsilon") or v = sqrt(abar) noise - sqrt(1 - abar) x0 ("v_prediction").
+    With `snr_gamma` > 0, example b is weighted by min(SNR_b, gamma) / SNR_b (epsilon) or
+    min(SNR_b, gamma) / (SNR_b + 1) (v), SNR = abar / (1 - abar) at its timestep (min-SNR-gamma).
+    """
+    if prediction_type == "epsilon":
+        target = noise
+    elif prediction_type == "v_prediction":
+        target = schedulers.get_velocity(alphas_cumprod, x0, noise, timesteps)
+    else:
+        raise ValueError(f"prediction_type {prediction_type!r}: use 'epsilon' or 'v_prediction'")
+    err = jnp.mean(jnp.square(model_output.astype(jnp.float32) - target.astype(jnp.float32)),
+                   axis=tuple(range(1, x0.ndim)))
+    if snr_gamma and snr_gamma > 0:
+        abar = jnp.asarray(alphas_cumprod, jnp.float32)[timesteps]
+        snr = abar / (1.0 - abar)
+        clipped = jnp.minimum(snr, snr_gamma)
+        err = err * (clipped / snr if prediction_type == "epsilon" else clipped / (snr + 1.0))
+    return jnp.mean(err)
+
+
+# ===========================================================================
+# Step
+# ===========================================================================
+
+def make_train_step(parts, tx, schedule, config, mesh, state_shardings, frozen_shardings, cached: bool,
+                    empty_ids: np.ndarray, empty_context):
+    """The jitted `(state, frozen, batch) -> (state, metrics)`; only the state is donated."""
+    accum = int(config.train.grad_accum)
+    dc = config.diffusion
+    unet, vae, te = parts["unet"], parts["vae"], parts["text_encoder"]
+    abar = jnp.asarray(schedulers.from_config("ddpm", parts["scheduler_config"]).alphas_cumprod)
+    num_t = abar.shape[0]
+    prediction = parts["scheduler_config"]["prediction_type"]
+    batch_sh = parallel.batch_sharding(mesh)
+    micro_sharding = NamedSharding(mesh, P(None, parallel.BATCH_AXES))
+
+    def condition(frozen, mb):
+        """(latents, text states) of a micro-batch, with its caption dropout applied."""
+        drop = mb["drop"]
+        if cached:
+            z = mb["mean"] + mb["std"] * mb["eps_z"]
+            ctx = jnp.where(drop[:, None, None], empty_context[None].astype(mb["context"].dtype), mb["context"])
+        else:
+            post = vae.apply({"params": frozen["vae"]}, mb["image"], method=vae.encode)
+            z = post.mean + post.std * mb["eps_z"]
+            ids = jnp.where(drop[:, None], jnp.asarray(empty_ids)[None], mb["input_ids"])
+            ctx = te.apply({"params": frozen["text_encoder"]}, ids).last_hidden_state
+        return jax.lax.stop_gradient(to_latents(vae.config, z)), jax.lax.stop_gradient(ctx)
+
+    def train_step(state, frozen, batch):
+        rng, key = jax.random.split(state.rng)
+        k_t, k_noise, k_off, k_drop, k_z = jax.random.split(key, 5)
+        b = jax.tree_util.tree_leaves(batch)[0].shape[0]
+        lat_shape = batch["mean"].shape if cached else (
+            b, batch["image"].shape[1] // vae.config.downsample_factor,
+            batch["image"].shape[2] // vae.config.downsample_factor, vae.config.latent_channels)
+        rnd = {"t": jax.random.randint(k_t, (b,), 0, num_t),
+               "noise": jax.random.normal(k_noise, lat_shape),
+               "eps_z": jax.random.normal(k_z, lat_shape),
+               "drop": jax.random.uniform(k_drop, (b,)) < dc.caption_dropout}
+        if dc.noise_offset:
+            rnd["noise"] = rnd["noise"] + dc.noise_offset * jax.random.normal(k_off, (b, 1, 1, lat_shape[-1]))
+        rnd = jax.lax.with_sharding_constraint(rnd, jax.tree_util.tree_map(lambda _: batch_sh, rnd))
+        full = {**batch, **rnd}
+
+        def loss_fn(params, mb):
+            x0, ctx = condition(frozen, mb)
+            xt = schedulers.add_noise(abar, x0, mb["noise"], mb["t"])
+            out = unet.apply({"params": params}, xt, mb["t"], ctx)
+            loss = diffusion_loss(out, x0, mb["noise"], mb["t"], abar, prediction_type=prediction,
+                                  snr_gamma=dc.snr_gamma)
+            return loss, {"latent_std": jnp.std(x0)}
+
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (loss, aux), grads = state_lib.accumulate_gradients(grad_fn, state.params, full, accum, micro_sharding)
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema = state.ema_params
+        if ema is not None:
+            ema = state_lib.ema_update(ema, params, config.ema_decay)
+        new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema, rng=rng)
+        return new, {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step), **aux}
+
+    keys = ("mean", "std", "context") if cached else ("image", "input_ids")
+    return jax.jit(train_step, in_shardings=(state_shardings, frozen_shardings, {k: batch_sh for k in keys}),
+                   out_shardings=(state_shardings, parallel.replicated(mesh)), donate_argnums=(0,))
+
+
+# ===========================================================================
+# Eval: sample images; export
+# ===========================================================================
+
+def build_pipeline(parts, unet_params, source: str = "") -> StableDiffusion:
+    """A `StableDiffusion` of the frozen parts and these U-Net params (host arrays)."""
+    return StableDiffusion(parts["tokenizer"], parts["text_encoder"], parts["unet"].clone(remat=False),
+                           parts["vae"], {**parts["params"], "unet": unet_params}, parts["scheduler_config"],
+                           source=source)
+
+
+def write_samples(pipe: StableDiffusion, config, path: Path) -> np.ndarray:
+    """Samples one image per `eval.prompts` on this host's first device; writes a PNG grid."""
+    from PIL import Image
+
+    from t2i_jax import pipeline
+
+    sampler = pipeline.Sampler(pipe, mesh=pipeline.make_mesh(jax.local_devices()[:1]))
+    prompts = list(config.eval.prompts)
+    side = int(config.data.resolution)
+    images = sampler(prompts, seeds=[config.eval.seed + i for i in range(len(prompts))], steps=config.eval.steps,
+                     guidance_scale=config.eval.guidance_scale, scheduler=config.eval.scheduler, height=side,
+                     width=side)
+    cols = min(len(prompts), 8)
+    rows = -(-len(prompts) // cols)
+    grid = np.ones((rows * side, cols * side, 3), np.float32)
+    for i, img in enumerate(images):
+        r, c = divmod(i, cols)
+        grid[r * side:(r + 1) * side, c * side:(c + 1) * side] = img
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    Image.fromarray(pipeline.to_uint8(grid)).save(tmp)
+    os.replace(tmp, path)
+    return images
+
+
+# ===========================================================================
+# Loop
+# ===========================================================================
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
+    """Trains the U-Net per `config` in `workdir` (resuming from its latest checkpoint), samples, exports.
+
+    Returns {"step", "stopped" (None | "signal" | "preempt_at_step"), "state", "samples" (the last
+    sample images or None)}. Raises FloatingPointError on a non-finite loss or grad norm.
+    """
+    workdir = Path(workdir)
+    is_main = jax.process_index() == 0
+    if is_main:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+
+    # --- model, data -------------------------------------------------------
+    ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=config.train.max_to_keep,
+                        async_save=config.train.async_checkpoint)
+    start = ckpt.latest_step()
+    parts = make_parts(config)
+    unet, vae, tokenizer = parts["unet"], parts["vae"], parts["tokenizer"]
+    res = int(config.data.resolution)
+    if res % (vae.config.downsample_factor * 2 ** (len(unet.config.block_out_channels) - 1)):
+        raise ValueError(f"data.resolution {res} must be a multiple of the VAE factor {vae.config.downsample_factor}"
+                         f" times the U-Net's {2 ** (len(unet.config.block_out_channels) - 1)}")
+    source, dcfg = make_source(config)
+    total_steps = int(config.train.steps)
+    if total_steps <= 0:
+        total_steps = math.ceil(config.train.epochs * len(source) / config.batch_size)
+    tx, schedule = state_lib.make_optimizer(
+        ml_collections.ConfigDict({**config.optim.to_dict(), "total_steps": total_steps}))
+
+    # --- sharding ----------------------------------------------------------
+    mesh = clip_train.make_run_mesh(config)
+    n_dev = mesh.devices.size
+    if config.batch_size % n_dev or (config.batch_size // config.train.grad_accum) % n_dev:
+        raise ValueError(f"batch_size {config.batch_size} / grad_accum {config.train.grad_accum} must be a multiple "
+                         f"of the {n_dev} devices")
+    ema = config.ema_decay > 0
+    init = lambda params: state_lib.create_state(params, tx, ema=ema, seed=config.seed)  # noqa: E731
+    abstract_params = jax.eval_shape(unet.init, jax.random.PRNGKey(0), *unet_lib.dummy_inputs(unet.config))["params"]
+    abstract_state = jax.eval_shape(init, abstract_params)
+    shardings = state_lib.state_shardings(abstract_state, PARTITION_RULES, mesh, config.mesh.fsdp_min_size)
+    frozen_host = {"vae": parts["params"]["vae"], "text_encoder": parts["params"]["text_encoder"]}
+    frozen_sh = jax.tree_util.tree_map(lambda _: parallel.replicated(mesh), frozen_host)
+    frozen = put_global(frozen_host, frozen_sh)
+
+    cached = bool(config.cache.enabled)
+    empty_ids = tokenizer([""])[0]
+    if cached:
+        cache = build_cache(config, source, res, parts, tokenizer, frozen, mesh)
+        it = CacheIterator(cache, config.batch_size, int(dcfg.get("seed", 0)))
+        empty_context = cache["empty"]
+    else:
+        it, empty_context = iter(make_stream(config, source, dcfg)), None
+
+    # --- checkpoint: resume or start -------------------------------------------
+    if start is not None:
+        target = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                        abstract_state, shardings)
+        state = ckpt.restore(target, it, start)
+        log.info("resumed from step %d in %s", start, ckpt.directory)
+    else:
+        start = 0
+        host_params = parts["params"]["unet"]
+        if host_params is None:
+            state = jax.jit(lambda k: init(unet.init(k, *unet_lib.dummy_inputs(unet.config))["params"]),
+                            out_shardings=shardings)(jax.random.PRNGKey(config.seed))
+        else:
+            state = jax.jit(init, in_shardings=(shardings.params,), out_shardings=shardings, donate_argnums=(0,))(
+                put_global(host_params, shardings.params))
+    parts["params"]["unet"] = None
+
+    # --- loop --------------------------------------------------------------
+    train_step = make_train_step(parts, tx, schedule, config, mesh, shardings, frozen_sh, cached, empty_ids,
+                                 empty_context)
+    writer = MetricWriter(workdir, enabled=is_main)
+    use_ema = ema and config.eval.use_ema
+    samples = None
+
+    def sample(step):
+        host = clip_train._to_host(state.ema_params if use_ema else state.params)  # a collective
+        if is_main:
+            return write_samples(build_pipeline(parts, host), config, workdir / "samples" / f"step_{step}.png")
+        return None
+
+    stopped, pbar = None, None
+    if is_main and config.progress:
+        from tqdm import tqdm
+        pbar = tqdm(total=total_steps, initial=start, desc="ldm", dynamic_ncols=True)
+    t_last, s_last = time.perf_counter(), start
+    try:
+        with StopSignal() as stop:
+            for step in range(start, total_steps):
+                raw = next(it)
+                if cached:
+                    batch = raw
+                else:
+                    batch = {"image": raw["image"], "input_ids": tokenizer([str(c) for c in raw["caption"]])}
+                if step + 1 == config.train.debug_nan_step:  # tests: a poisoned batch
+                    batch = {**batch, **{k: np.full_like(batch[k], np.nan) for k in ("mean", "image") if k in batch}}
+                state, metrics = train_step(state, frozen, parallel.host_to_global(batch, mesh))
+                done = step + 1
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                bad = [k for k in ("loss", "grad_norm") if not math.isfinite(metrics[k])]
+                if bad:
+                    ckpt.wait()
+                    last = ckpt.latest_step()
+                    writer.write(done, metrics)
+                    raise FloatingPointError(
+                        f"step {done}: {' and '.join(f'{k} is {metrics[k]}' for k in bad)}; training stopped. The "
+                        f"last good checkpoint ({'none' if last is None else f'step {last}'}) in {ckpt.directory} "
+                        "is kept; resume from it with a lower optim.lr / optim.grad_clip, or check the data of "
+                        "this step.")
+                if done % config.train.log_every == 0 or done == total_steps:
+                    now = time.perf_counter()
+                    rate = (done - s_last) / max(now - t_last, 1e-9)
+                    t_last, s_last = now, done
+                    writer.write(done, {**metrics, "steps_per_sec": rate,
+                                        "samples_per_sec_per_device": rate * config.batch_size / n_dev})
+                if pbar is not None:
+                    pbar.update(1)
+                    pbar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
+                if done % config.train.checkpoint_every == 0 or done == total_steps:
+                    ckpt.save(done, state, it, config)
+                if config.eval.prompts and config.eval.every and done % config.eval.every == 0 and \
+                        done != total_steps:
+                    samples = sample(done)
+                signalled = stop.requested()
+                if signalled or done == config.train.preempt_at_step:
+                    stopped = "signal" if signalled else "preempt_at_step"
+                    ckpt.save(done, state, it, config)
+                    log.warning("stopped at step %d (%s); checkpoint saved in %s", done, stopped, ckpt.directory)
+                    break
+    finally:
+        if pbar is not None:
+            pbar.close()
+        writer.close()
+        ckpt.close()
+    final_step = int(jax.device_get(state.step))
+
+    # --- eval after, export ----------------------------------------------------
+    if stopped is None and (config.eval.prompts or config.export):
+        host = clip_train._to_host(state.ema_params if use_ema else state.params)
+        if is_main:
+            pipe = build_pipeline(parts, host, source=str(workdir / "export"))
+            if config.eval.prompts:
+                samples = write_samples(pipe, config, workdir / "samples" / f"step_{final_step}.png")
+            if config.export:
+                pipe.unet = pipe.unet.clone(config=export_lib.with_sample_size(unet.config,
+                                                                               res // vae.config.downsample_factor))
+                export_lib.export_pipeline(pipe, workdir / "export")
+    return {"step": final_step, "stopped": stopped, "state": state, "samples": samples}
