@@ -126,3 +126,12 @@ def test_truncated_safetensors_names_file_and_key(tmp_path):
     path.write_bytes(raw[:20])  # cut inside the header
     with pytest.raises(core.ConversionError, match=r"model\.safetensors is not a safetensors file"):
         core.read_safetensors(path)
+
+
+def test_atomic_write_uses_the_umask_mode(tmp_path):
+    old = os.umask(0o022)
+    try:
+        core.atomic_write(tmp_path / "f.bin", lambda f: f.write(b"x"))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "f.bin").stat().st_mode & 0o777 == 0o644
