@@ -16,7 +16,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["t2i_jax", "t2i_jax.*"]),
-    package_data={"t2i_jax": ["assets/*"]},
+    package_data={"t2i_jax": ["assets/*", "assets/shapes_model/*", "assets/shapes_model/*/*"]},
     install_requires=[
         "jax",
         "flax",

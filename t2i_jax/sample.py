@@ -1,4 +1,6 @@
-"""Batch image generation: `python -m t2i_jax.sample --model M --prompt "..." --out DIR`.
+"""Batch image generation: `python -m t2i_jax.sample [--model M] --prompt "..." --out DIR`.
+
+Without --model, the bundled shapes model (t2i_jax/assets/shapes_model) is used.
 
 Writes one PNG per image (prompt and settings in PNG text chunks), a
 `manifest.jsonl` with one line per image, and `grid.png`. A rerun with the
@@ -21,6 +23,11 @@ from pathlib import Path
 import numpy as np
 
 from t2i_jax.convert.core import atomic_write
+
+# The default model: a small text-to-image model trained from scratch on synthetic shapes
+# (scripts/train_bundled_model.sh), shipped inside the package so the CLI runs offline.
+BUNDLED_MODEL_NAME = "t2i_jax/assets/shapes_model"
+BUNDLED_MODEL = Path(__file__).resolve().parent / "assets" / "shapes_model"
 
 STYLES = {
     # name: (prompt template, negative prompt)
@@ -192,9 +199,10 @@ def contact_sheet(images: Sequence[np.ndarray], columns: int | None = None) -> n
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m t2i_jax.sample", description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True,
+    p.add_argument("--model", default=None,
                    help="diffusers folder, hub id (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5) "
-                        "or single-file checkpoint (.safetensors/.ckpt)")
+                        "or single-file checkpoint (.safetensors/.ckpt); default: the bundled shapes model "
+                        "(t2i_jax/assets/shapes_model, 32 px, trained from scratch on synthetic shapes)")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts-file", help="one prompt per line, or JSONL with prompt/negative_prompt/seed/"
                                           "steps/guidance")
@@ -268,8 +276,13 @@ def run(args: argparse.Namespace) -> dict:
     platform = jax.devices()[0].platform
     dtype_name = args.dtype or ("fp32" if platform == "cpu" else "bf16")
     dtype = {"bf16": jnp.bfloat16, "fp32": jnp.float32, "fp16": jnp.float16}[dtype_name]
-    pipe = load_components(args.model)
-    print(f"model: {pipe.source}", file=sys.stderr)
+    if args.model is None:
+        pipe = load_components(BUNDLED_MODEL)
+        print(f"model: bundled shapes model ({BUNDLED_MODEL_NAME}); for Stable Diffusion pass "
+              "--model stable-diffusion-v1-5/stable-diffusion-v1-5", file=sys.stderr)
+    else:
+        pipe = load_components(args.model)
+        print(f"model: {pipe.source}", file=sys.stderr)
     native = pipe.unet.config.sample_size * pipe.vae_scale
     height, width = args.height or native, args.width or native
     pipeline.check_size("height", height, pipe.vae_scale)

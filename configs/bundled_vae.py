@@ -1,0 +1,25 @@
+"""Stage 1 of the bundled model (t2i_jax/assets/shapes_model): shapes_vae, shortened to fit a CPU budget.
+
+    python -m t2i_jax.train --config configs/bundled_vae.py --workdir runs/bundled/vae
+
+Same model, data and loss as configs/shapes_vae.py (tiny AutoencoderKL, 32 px -> 16x16x4
+latents, L1 + 1e-6 KL), 400 steps instead of 1000: flat-coloured shapes reconstruct well
+long before that. The whole recipe is scripts/train_bundled_model.sh.
+"""
+
+import importlib.util
+from pathlib import Path
+
+
+def _base():
+    spec = importlib.util.spec_from_file_location("shapes_vae", Path(__file__).with_name("shapes_vae.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def get_config(arg=None):
+    c = _base().get_config(arg)
+    c.train.steps = 400
+    c.train.checkpoint_every = 400
+    return c
