@@ -42,7 +42,7 @@ from t2i_jax.eval import retrieval
 from t2i_jax.models import clip as clip_lib
 from t2i_jax.tokenizer import Tokenizer
 from t2i_jax.train import state as state_lib
-from t2i_jax.train.checkpoint import Checkpointer, StopSignal
+from t2i_jax.train.checkpoint import Checkpointer, StopSignal, stop_if_not_finite
 from t2i_jax.train.metrics import MetricWriter
 
 log = logging.getLogger(__name__)
@@ -467,16 +467,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                 done = step + 1
                 # One host sync per step: the NaN guard below must run before any save.
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                bad = [k for k in ("loss", "grad_norm") if not math.isfinite(metrics[k])]
-                if bad:
-                    ckpt.wait()
-                    last = ckpt.latest_step()
-                    writer.write(done, metrics)
-                    raise FloatingPointError(
-                        f"step {done}: {' and '.join(f'{k} is {metrics[k]}' for k in bad)}; training stopped. The "
-                        f"last good checkpoint ({'none' if last is None else f'step {last}'}) in {ckpt.directory} "
-                        "is kept; resume from it with a lower optim.lr / optim.grad_clip, or check the data of "
-                        "this step.")
+                stop_if_not_finite(done, metrics, ckpt, writer)
                 if done % config.train.log_every == 0 or done == total_steps:
                     now = time.perf_counter()
                     rate = (done - s_last) / max(now - t_last, 1e-9)
