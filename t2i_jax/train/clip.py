@@ -24,7 +24,6 @@ import json
 import logging
 import math
 import os
-import time
 from pathlib import Path
 
 import jax
@@ -41,8 +40,9 @@ from t2i_jax.convert import hub
 from t2i_jax.eval import retrieval
 from t2i_jax.models import clip as clip_lib
 from t2i_jax.tokenizer import Tokenizer
+from t2i_jax.train import common
 from t2i_jax.train import state as state_lib
-from t2i_jax.train.checkpoint import Checkpointer, StopSignal, stop_if_not_finite
+from t2i_jax.train.checkpoint import Checkpointer
 from t2i_jax.train.metrics import MetricWriter
 
 log = logging.getLogger(__name__)
@@ -61,9 +61,8 @@ PARTITION_RULES = ((r"logit_scale", P()), (r".*", "fsdp"))
 
 def default_config() -> ml_collections.ConfigDict:
     """Every key this trainer reads, with defaults; a config file changes what it needs."""
-    c = ml_collections.ConfigDict()
+    c = common.base_config()  # seed, data, batch_size, train, optim, ema_decay, mesh, export, progress
     c.objective = "clip"  # picks t2i_jax.train.clip
-    c.seed = 0  # parameter init (from scratch) and the state's rng
 
     c.model = ml_collections.ConfigDict()
     c.model.init_from = ""  # transformers CLIP folder or hub id; "" trains from scratch
@@ -72,37 +71,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"  # compute dtype: "bfloat16" on accelerators; params stay fp32
     c.model.remat = False  # recompute each layer in the backward pass (less memory)
     c.model.attention_impl = ""  # "" (XLA) or "cudnn"
-
-    c.data = ml_collections.ConfigDict()  # a t2i_jax.data config (name, resolution, path, ...)
-    c.batch_size = 64  # global, over all devices and hosts
-
-    c.train = ml_collections.ConfigDict()
-    c.train.steps = 0  # optimizer steps; 0: from epochs
-    c.train.epochs = 1.0  # used when steps == 0: epochs * len(train records) / batch_size
-    c.train.grad_accum = 1  # micro-batches per step (each must still split over the devices)
-    c.train.log_every = 50
-    c.train.checkpoint_every = 1000
-    c.train.max_to_keep = 3
-    c.train.async_checkpoint = True
-    c.train.preempt_at_step = 0  # tests/debugging: stop and save at this step as on SIGTERM (0: off)
-    c.train.debug_nan_step = 0  # tests: feed a NaN batch at this step to exercise the NaN guard (0: off)
-
-    c.optim = ml_collections.ConfigDict()
-    c.optim.lr = 1e-5
-    c.optim.warmup_steps = 100
-    c.optim.end_lr_factor = 0.0  # cosine decays to lr * end_lr_factor
-    c.optim.b1 = 0.9
     c.optim.b2 = 0.98  # CLIP's value
-    c.optim.eps = 1e-6
-    c.optim.weight_decay = 0.1
-    c.optim.grad_clip = 1.0  # global norm; 0 disables
-
-    c.ema_decay = 0.0  # 0: no EMA copy of the params
-    c.mesh = ml_collections.ConfigDict()
-    c.mesh.data = -1  # -1: all devices not used by fsdp
-    c.mesh.fsdp = 1
-    c.mesh.num_devices = 0  # 0: all; n: the first n (tests, scaling measurements)
-    c.mesh.fsdp_min_size = 2**14  # tensors with fewer elements stay replicated
 
     c.eval = ml_collections.ConfigDict()
     c.eval.enabled = True  # before and after training
@@ -111,8 +80,6 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.num_images = 1000
     c.eval.batch_size = 256
     c.eval.use_ema = False  # evaluate and export the EMA params (needs ema_decay > 0)
-    c.export = True  # transformers folder in workdir/export
-    c.progress = True  # tqdm bar
     return c
 
 
@@ -136,10 +103,6 @@ class _Slice:
         return f"{self.source!r}[{self.start}:{self.stop}]"
 
 
-_LOADER_KEYS = ("seed", "shuffle", "num_epochs", "random_crop", "random_flip", "worker_count",
-                "worker_buffer_size", "read_threads", "read_buffer")
-
-
 def make_data(config, tokenizer):
     """(train loader, eval source) from `config.data` and `config.eval`."""
     # "" marks an unset string field (config_flags cannot override a None); the data config
@@ -157,46 +120,13 @@ def make_data(config, tokenizer):
         ecfg = {"resolution": dcfg["resolution"], **config.eval.data.to_dict()}
         eval_source = data_lib.source_from_config(ecfg)
     loader = data_lib.make_loader(source, global_batch_size=config.batch_size, resolution=dcfg["resolution"],
-                                  tokenizer=tokenizer, **{k: dcfg[k] for k in _LOADER_KEYS if k in dcfg})
+                                  tokenizer=tokenizer, **common.loader_kwargs(dcfg))
     return loader, eval_source
-
-
-def make_eval_set(source, num_images: int, resolution: int, tokenizer) -> dict:
-    """The first `num_images` records: center-cropped images, every caption tokenized.
-
-    Returns {"image" [N, R, R, 3] in [-1, 1], "input_ids" [M, T], "text_to_image" [M], "captions" [M]}.
-    """
-    images, captions, owner, skipped = [], [], [], 0
-    for i in range(min(num_images, len(source))):
-        rec = source[i]
-        try:
-            img = data_lib.decode_image(rec["image"], resolution)
-        except Exception as e:  # noqa: BLE001  a bad image costs that image, not the eval
-            log.warning("eval: skipping %s: %s", rec.get("key"), e)
-            skipped += 1
-            continue
-        h, w = img.shape[:2]
-        top, left = (h - resolution) // 2, (w - resolution) // 2
-        images.append(img[top:top + resolution, left:left + resolution].astype(np.float32) / 127.5 - 1.0)
-        captions += rec["captions"]
-        owner += [len(images) - 1] * len(rec["captions"])
-    if not images:
-        raise ValueError(f"the eval source {source!r} gave no images")
-    ids = tokenizer(captions)
-    return {"image": np.stack(images), "input_ids": ids, "text_to_image": np.asarray(owner), "captions": captions,
-            "skipped": skipped}
 
 
 # ===========================================================================
 # Model
 # ===========================================================================
-
-def _merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
 
 def make_model(config, *, load_weights: bool = True):
     """(module, host params or None): `model.init_from` (HF folder / hub id), else the named variant
@@ -209,7 +139,7 @@ def make_model(config, *, load_weights: bool = True):
     if m.init_from:
         folder = hub.resolve(m.init_from, allow_patterns=["config.json"])
         return clip_convert.build_module(json.loads((folder / "config.json").read_text()), **kw), None
-    hf = _merge(clip_lib.named_config(m.name).to_hf(), m.overrides.to_dict())
+    hf = common.merge_dicts(clip_lib.named_config(m.name).to_hf(), m.overrides.to_dict())
     return clip_lib.CLIPModel(clip_lib.CLIPConfig.from_hf(hf), **kw), None
 
 
@@ -263,13 +193,6 @@ def contrastive_loss(text, image, logit_scale, mesh=None):
 # Sharding
 # ===========================================================================
 
-def make_run_mesh(config):
-    devices = jax.devices()
-    if config.mesh.num_devices:
-        devices = devices[:config.mesh.num_devices]
-    return parallel.make_mesh(config.mesh.data, config.mesh.fsdp, devices)
-
-
 # ===========================================================================
 # Step
 # ===========================================================================
@@ -309,13 +232,6 @@ def make_train_step(model, tx, schedule, config, mesh, state_shardings):
 # ===========================================================================
 # Checkpoint (see train/checkpoint.py); export
 # ===========================================================================
-
-def _to_host(tree):
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        return multihost_utils.process_allgather(tree, tiled=True)
-    return jax.device_get(tree)
-
 
 def export(model, params, tokenizer, out_dir: Path) -> None:
     """transformers folder: config.json + model.safetensors, tokenizer, preprocessor_config.json."""
@@ -403,7 +319,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     tx, schedule = state_lib.make_optimizer(ocfg)
 
     # --- sharding ----------------------------------------------------------
-    mesh = make_run_mesh(config)
+    mesh = common.make_run_mesh(config)
     if config.batch_size % mesh.devices.size or (config.batch_size // config.train.grad_accum) % mesh.devices.size:
         raise ValueError(f"batch_size {config.batch_size} / grad_accum {config.train.grad_accum} must be a multiple "
                          f"of the {mesh.devices.size} devices")
@@ -436,7 +352,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     # --- eval before -------------------------------------------------------
     evaluate, results = None, {}
     if config.eval.enabled and eval_source is not None:
-        eval_set = make_eval_set(eval_source, config.eval.num_images, res, tokenizer)
+        eval_set = common.make_eval_set(eval_source, config.eval.num_images, res, tokenizer)
         evaluate = make_evaluator(model, mesh, param_shardings, eval_set, config.eval.batch_size)
         before_path = workdir / "eval_before.json"
         if start == 0:  # the same decision on every host: evaluate is a collective
@@ -449,45 +365,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     # --- loop --------------------------------------------------------------
     train_step = make_train_step(model, tx, schedule, config, mesh, shardings)
     writer = MetricWriter(workdir, enabled=is_main)
-    n_dev = mesh.devices.size
     stopped = None
-    pbar = None
-    if is_main and config.progress:
-        from tqdm import tqdm
-        pbar = tqdm(total=total_steps, initial=start, desc="clip", dynamic_ncols=True)
-    t_last, s_last = time.perf_counter(), start
     try:
-        with StopSignal() as stop:
+        with common.LoopControl(config, ckpt, writer, it, start=start, total_steps=total_steps,
+                                n_devices=mesh.devices.size, desc="clip", is_main=is_main) as loop:
             for step in range(start, total_steps):
                 batch = next(it)
                 batch = {"image": batch["image"], "input_ids": batch["input_ids"]}
                 if step + 1 == config.train.debug_nan_step:  # tests: a poisoned batch
                     batch["image"] = np.full_like(batch["image"], np.nan)
                 state, metrics = train_step(state, parallel.host_to_global(batch, mesh))
-                done = step + 1
-                # One host sync per step: the NaN guard below must run before any save.
+                # One host sync per step: the NaN guard in after_step must run before any save.
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                stop_if_not_finite(done, metrics, ckpt, writer)
-                if done % config.train.log_every == 0 or done == total_steps:
-                    now = time.perf_counter()
-                    rate = (done - s_last) / max(now - t_last, 1e-9)
-                    t_last, s_last = now, done
-                    writer.write(done, {**metrics, "steps_per_sec": rate,
-                                        "samples_per_sec_per_device": rate * config.batch_size / n_dev})
-                if pbar is not None:
-                    pbar.update(1)
-                    pbar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
-                if done % config.train.checkpoint_every == 0 or done == total_steps:
-                    ckpt.save(done, state, it, config)
-                signalled = stop.requested()
-                if signalled or done == config.train.preempt_at_step:
-                    stopped = "signal" if signalled else "preempt_at_step"
-                    ckpt.save(done, state, it, config)
-                    log.warning("stopped at step %d (%s); checkpoint saved in %s", done, stopped, ckpt.directory)
+                stopped = loop.after_step(step + 1, state, metrics)
+                if stopped:
                     break
     finally:
-        if pbar is not None:
-            pbar.close()
         writer.close()
         ckpt.close()
     final_step = int(jax.device_get(state.step))
@@ -502,7 +395,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                 print(f"CLIP retrieval on {results['after']['num_images']} held-out images "
                       f"({results['after']['num_texts']} captions), %:\n" + retrieval.format_table(results))
         if config.export:
-            host = _to_host(params)
+            host = common.to_host(params)
             if is_main:
                 export(model, host, tokenizer, workdir / "export")
     return {"step": final_step, "stopped": stopped, "eval_before": results.get("before"),

@@ -28,7 +28,6 @@ import json
 import logging
 import math
 import os
-import time
 from pathlib import Path
 
 import jax
@@ -48,10 +47,10 @@ from t2i_jax.models import unet as unet_lib
 from t2i_jax.models import vae as vae_lib
 from t2i_jax.pipeline import StableDiffusion
 from t2i_jax.tokenizer import Tokenizer
-from t2i_jax.train import clip as clip_train
+from t2i_jax.train import common
 from t2i_jax.train import export as export_lib
 from t2i_jax.train import state as state_lib
-from t2i_jax.train.checkpoint import Checkpointer, StopSignal, stop_if_not_finite
+from t2i_jax.train.checkpoint import Checkpointer
 from t2i_jax.train.metrics import MetricWriter
 
 log = logging.getLogger(__name__)
@@ -65,7 +64,7 @@ PARTITION_RULES = ((r".*", "fsdp"),)
 
 def default_config() -> ml_collections.ConfigDict:
     """Every key this trainer reads, with defaults; a config file changes what it needs."""
-    c = clip_train.default_config()  # seed, data, batch_size, train, optim, mesh, progress, export
+    c = common.base_config()  # seed, data, batch_size, train, optim, ema_decay, mesh, export, progress
     c.objective = "ldm"
     c.model = ml_collections.ConfigDict()
     c.model.init_from = ""  # SD pipeline folder / hub id / single file: every component from it
@@ -123,7 +122,7 @@ def make_source(config):
 def make_stream(config, source, dcfg):
     """The per-host grain loader (images + caption strings; tokenized in the loop)."""
     return data_lib.make_loader(source, global_batch_size=config.batch_size, resolution=dcfg["resolution"],
-                                tokenizer=None, **{k: dcfg[k] for k in clip_train._LOADER_KEYS if k in dcfg})
+                                tokenizer=None, **common.loader_kwargs(dcfg))
 
 
 class CacheIterator:
@@ -249,7 +248,7 @@ def _text_encoder(config, kw):
         tok = (Tokenizer.from_pretrained(folder, max_length=max_len) if (folder / "vocab.json").exists()
                else Tokenizer.bundled(max_length=max_len))
         return tok, te, te_params
-    hf = clip_train._merge(clip_lib.named_config(tc.name).text.to_hf(), tc.overrides.to_dict())
+    hf = common.merge_dicts(clip_lib.named_config(tc.name).text.to_hf(), tc.overrides.to_dict())
     te = clip_lib.CLIPTextModel(clip_lib.CLIPTextConfig.from_hf(hf), False, **kw)
     log.warning("no text_encoder.path: a from-scratch %s CLIP text tower, frozen at its random init", tc.name)
     params = jax.jit(te.init)(jax.random.PRNGKey(config.seed + 1), *clip_lib.dummy_inputs(te))["params"]
@@ -464,7 +463,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         ml_collections.ConfigDict({**config.optim.to_dict(), "total_steps": total_steps}))
 
     # --- sharding ----------------------------------------------------------
-    mesh = clip_train.make_run_mesh(config)
+    mesh = common.make_run_mesh(config)
     n_dev = mesh.devices.size
     if config.batch_size % n_dev or (config.batch_size // config.train.grad_accum) % n_dev:
         raise ValueError(f"batch_size {config.batch_size} / grad_accum {config.train.grad_accum} must be a multiple "
@@ -512,18 +511,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     samples = None
 
     def sample(step):
-        host = clip_train._to_host(state.ema_params if use_ema else state.params)  # a collective
+        host = common.to_host(state.ema_params if use_ema else state.params)  # a collective
         if is_main:
             return write_samples(build_pipeline(parts, host), config, workdir / "samples" / f"step_{step}.png")
         return None
 
-    stopped, pbar = None, None
-    if is_main and config.progress:
-        from tqdm import tqdm
-        pbar = tqdm(total=total_steps, initial=start, desc="ldm", dynamic_ncols=True)
-    t_last, s_last = time.perf_counter(), start
+    stopped = None
     try:
-        with StopSignal() as stop:
+        with common.LoopControl(config, ckpt, writer, it, start=start, total_steps=total_steps, n_devices=n_dev,
+                                desc="ldm", is_main=is_main) as loop:
             for step in range(start, total_steps):
                 raw = next(it)
                 if cached:
@@ -535,37 +531,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                 state, metrics = train_step(state, frozen, parallel.host_to_global(batch, mesh))
                 done = step + 1
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                stop_if_not_finite(done, metrics, ckpt, writer)
-                if done % config.train.log_every == 0 or done == total_steps:
-                    now = time.perf_counter()
-                    rate = (done - s_last) / max(now - t_last, 1e-9)
-                    t_last, s_last = now, done
-                    writer.write(done, {**metrics, "steps_per_sec": rate,
-                                        "samples_per_sec_per_device": rate * config.batch_size / n_dev})
-                if pbar is not None:
-                    pbar.update(1)
-                    pbar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
-                if done % config.train.checkpoint_every == 0 or done == total_steps:
-                    ckpt.save(done, state, it, config)
+                stopped = loop.after_step(done, state, metrics)
+                if stopped:
+                    break
                 if config.eval.prompts and config.eval.every and done % config.eval.every == 0 and \
                         done != total_steps:
                     samples = sample(done)
-                signalled = stop.requested()
-                if signalled or done == config.train.preempt_at_step:
-                    stopped = "signal" if signalled else "preempt_at_step"
-                    ckpt.save(done, state, it, config)
-                    log.warning("stopped at step %d (%s); checkpoint saved in %s", done, stopped, ckpt.directory)
-                    break
     finally:
-        if pbar is not None:
-            pbar.close()
         writer.close()
         ckpt.close()
     final_step = int(jax.device_get(state.step))
 
     # --- eval after, export ----------------------------------------------------
     if stopped is None and (config.eval.prompts or config.export):
-        host = clip_train._to_host(state.ema_params if use_ema else state.params)
+        host = common.to_host(state.ema_params if use_ema else state.params)
         if is_main:
             pipe = build_pipeline(parts, host, source=str(workdir / "export"))
             if config.eval.prompts:

@@ -25,7 +25,6 @@ import json
 import logging
 import math
 import os
-import time
 from pathlib import Path
 
 import flax.linen as nn
@@ -39,9 +38,9 @@ from t2i_jax import data as data_lib
 from t2i_jax import parallel
 from t2i_jax.convert import diffusers as diffusers_convert
 from t2i_jax.models import vae as vae_lib
-from t2i_jax.train import clip as clip_train
+from t2i_jax.train import common
 from t2i_jax.train import state as state_lib
-from t2i_jax.train.checkpoint import Checkpointer, StopSignal, stop_if_not_finite
+from t2i_jax.train.checkpoint import Checkpointer
 from t2i_jax.train.metrics import MetricWriter
 
 log = logging.getLogger(__name__)
@@ -55,7 +54,7 @@ PARTITION_RULES = ((r".*", "fsdp"),)
 
 def default_config() -> ml_collections.ConfigDict:
     """Every key this trainer reads, with defaults; a config file changes what it needs."""
-    c = clip_train.default_config()  # seed, data, batch_size, train, optim, mesh, progress, export
+    c = common.base_config()  # seed, data, batch_size, train, optim, ema_decay, mesh, export, progress
     c.objective = "vae"
     c.model = ml_collections.ConfigDict()
     c.model.name = "tiny"  # a VAEConfig.named variant ...
@@ -97,12 +96,11 @@ def make_data(config):
     dcfg["global_batch_size"] = config.batch_size
     source = data_lib.source_from_config(dcfg)
     loader = data_lib.make_loader(source, global_batch_size=config.batch_size, resolution=dcfg["resolution"],
-                                  **{k: dcfg[k] for k in clip_train._LOADER_KEYS if k in dcfg})
+                                  **common.loader_kwargs(dcfg))
     held_out = None
     if config.eval.enabled and config.eval.data:
         esrc = data_lib.source_from_config({"resolution": dcfg["resolution"], **config.eval.data.to_dict()})
-        held_out = clip_train.make_eval_set(esrc, config.eval.num_images, dcfg["resolution"],
-                                            lambda caps: np.zeros((len(caps), 1), np.int32))["image"]
+        held_out = common.make_eval_set(esrc, config.eval.num_images, dcfg["resolution"], None)["image"]
     return loader, held_out
 
 
@@ -279,7 +277,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         ml_collections.ConfigDict({**config.optim.to_dict(), "total_steps": total_steps}))
 
     # --- sharding ----------------------------------------------------------
-    mesh = clip_train.make_run_mesh(config)
+    mesh = common.make_run_mesh(config)
     n_dev = mesh.devices.size
     if config.batch_size % n_dev:
         raise ValueError(f"batch_size {config.batch_size} must be a multiple of the {n_dev} devices")
@@ -317,41 +315,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     writer = MetricWriter(workdir, enabled=is_main)
     if "before" in results and start == 0:
         writer.write(0, {"eval/psnr": results["before"]["psnr"]})
-    stopped, pbar = None, None
-    if is_main and config.progress:
-        from tqdm import tqdm
-        pbar = tqdm(total=total_steps, initial=start, desc="vae", dynamic_ncols=True)
-    t_last, s_last = time.perf_counter(), start
+    stopped = None
     try:
-        with StopSignal() as stop:
+        with common.LoopControl(config, ckpt, writer, it, start=start, total_steps=total_steps, n_devices=n_dev,
+                                desc="vae", is_main=is_main, postfix=("loss",)) as loop:
             for step in range(start, total_steps):
                 batch = {"image": next(it)["image"]}
                 if step + 1 == config.train.debug_nan_step:
                     batch["image"] = np.full_like(batch["image"], np.nan)
                 state, metrics = train_step(state, parallel.host_to_global(batch, mesh))
-                done = step + 1
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                stop_if_not_finite(done, metrics, ckpt, writer)
-                if done % config.train.log_every == 0 or done == total_steps:
-                    now = time.perf_counter()
-                    rate = (done - s_last) / max(now - t_last, 1e-9)
-                    t_last, s_last = now, done
-                    writer.write(done, {**metrics, "steps_per_sec": rate,
-                                        "samples_per_sec_per_device": rate * config.batch_size / n_dev})
-                if pbar is not None:
-                    pbar.update(1)
-                    pbar.set_postfix(loss=f"{metrics['loss']:.4f}")
-                if done % config.train.checkpoint_every == 0 or done == total_steps:
-                    ckpt.save(done, state, it, config)
-                signalled = stop.requested()
-                if signalled or done == config.train.preempt_at_step:
-                    stopped = "signal" if signalled else "preempt_at_step"
-                    ckpt.save(done, state, it, config)
-                    log.warning("stopped at step %d (%s); checkpoint saved in %s", done, stopped, ckpt.directory)
+                stopped = loop.after_step(step + 1, state, metrics)
+                if stopped:
                     break
     finally:
-        if pbar is not None:
-            pbar.close()
         ckpt.close()
     final_step = int(jax.device_get(state.step))
 
@@ -368,7 +345,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                           f"{results.get('before', {}).get('psnr', float('nan')):.2f} dB -> "
                           f"{results['after']['psnr']:.2f} dB")
             if config.export:
-                host = clip_train._to_host(params)
+                host = common.to_host(params)
                 if is_main:
                     std = results["after"]["latent_std"] if "after" in results else 1.0 / vae.config.scaling_factor
                     export(vae, host, std, workdir / "export")
