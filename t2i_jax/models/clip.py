@@ -18,6 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from t2i_jax.models import layers
+
 ACTIVATIONS = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
     "gelu": functools.partial(jax.nn.gelu, approximate=False),
@@ -220,7 +222,7 @@ def layer_norm(eps: float, name: str, dtype) -> nn.Module:
 
 
 class CLIPAttention(nn.Module):
-    """Multi-head self-attention through `jax.nn.dot_product_attention`."""
+    """Multi-head self-attention (`layers.dot_product_attention`, as the U-Net's and the VAE's)."""
 
     hidden_size: int
     num_heads: int
@@ -229,14 +231,11 @@ class CLIPAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x, mask=None, is_causal=False):
-        b, t, _ = x.shape
-        head_dim = self.hidden_size // self.num_heads
         dense = functools.partial(nn.Dense, self.hidden_size, dtype=self.dtype, kernel_init=_init)
-        q, k, v = (dense(name=n)(x).reshape(b, t, self.num_heads, head_dim)
-                   for n in ("q_proj", "k_proj", "v_proj"))
-        y = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal,
-                                         implementation=self.attention_impl)
-        return dense(name="out_proj")(y.reshape(b, t, self.hidden_size))
+        q, k, v = (dense(name=n)(x) for n in ("q_proj", "k_proj", "v_proj"))
+        y = layers.dot_product_attention(q, k, v, self.num_heads, impl=self.attention_impl, mask=mask,
+                                         is_causal=is_causal)
+        return dense(name="out_proj")(y)
 
 
 class CLIPEncoderLayer(nn.Module):

@@ -232,15 +232,17 @@ class Upsample2D(nn.Module):
 # --------------------------------------------------------------------------
 
 
-def dot_product_attention(q, k, v, num_heads: int, *, impl: str | None = None, upcast: bool = False):
-    """Multi-head attention on [B, L, heads * head_dim] projections.
+def dot_product_attention(q, k, v, num_heads: int, *, impl: str | None = None, upcast: bool = False,
+                          mask=None, is_causal: bool = False):
+    """Multi-head attention on [B, L, heads * head_dim] projections (the U-Net's, the VAE's and CLIP's).
 
     Runs `jax.nn.dot_product_attention`, whose XLA path computes scores and
     softmax in fp32 for bf16 inputs. `impl`: None/"xla", or "cudnn" (flash
     attention on NVIDIA GPUs; needs bf16/fp16 inputs and a supported head
     size). `upcast` (diffusers' `upcast_attention`, SD 2.1) also runs the
     q.k product of the XLA path from fp32 inputs; cuDNN accumulates in fp32
-    by itself.
+    by itself. `mask` (bool, broadcastable to [B, heads, T, S]; False: not
+    attended) and `is_causal` are `jax.nn.dot_product_attention`'s.
     """
     if impl == "xla":
         impl = None
@@ -259,7 +261,7 @@ def dot_product_attention(q, k, v, num_heads: int, *, impl: str | None = None, u
     v = v.reshape(b, s, num_heads, d // num_heads)
     if upcast and impl is None:
         q, k, v = (a.astype(jnp.float32) for a in (q, k, v))
-    out = jax.nn.dot_product_attention(q, k, v, implementation=impl)
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation=impl)
     return out.reshape(b, t, d).astype(dtype)
 
 
