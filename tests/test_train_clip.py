@@ -326,21 +326,28 @@ def test_grad_accum_and_bf16(tmp_path):
 # ---------------------------------------------------------------------------
 
 
-def test_cli_main_with_overrides(tmp_path, monkeypatch):
+def test_cli_run_with_overrides(tmp_path):
     from t2i_jax.train import __main__ as cli
 
-    # config_flags reads `--config.x=v` overrides from sys.argv, as under app.run.
-    argv = ["prog", "--config", str(REPO / "configs" / "clip_shapes.py"), "--workdir", str(tmp_path),
-              "--config.train.steps=2", "--config.batch_size=16", "--config.eval.enabled=False",
-              "--config.export=False", "--config.progress=False", "--config.train.log_every=1",
-              "--config.mesh.num_devices=1"]
-    monkeypatch.setattr(sys, "argv", argv)
-    cli.main(argv)
-    rows = metrics_lib.read_jsonl(tmp_path / "metrics.jsonl")
-    assert [r["step"] for r in rows] == [1, 2]
-    saved = json.loads((tmp_path / "config.json").read_text())
-    assert saved["train"]["steps"] == 2 and saved["batch_size"] == 16
-    assert Checkpointer(tmp_path / "checkpoints").all_steps() == [2]
+    # run() parses argv even if flags were parsed before, and applies `--config.x=v` overrides
+    # though sys.argv (pytest's) holds none of them.
+    def argv(workdir, steps, devices):
+        return ["prog", "--config", str(REPO / "configs" / "clip_shapes.py"), "--workdir", str(workdir),
+                f"--config.train.steps={steps}", "--config.batch_size=16", "--config.eval.enabled=False",
+                "--config.export=False", "--config.progress=False", "--config.train.log_every=1",
+                f"--config.mesh.num_devices={devices}"]
+
+    argv_before = list(sys.argv)
+    cli.run(argv(tmp_path / "a", 1, 2))
+    cli.run(argv(tmp_path / "b", 2, 1))  # parsed again, with other values
+    assert sys.argv == argv_before
+    for name, steps, devices in (("a", 1, 2), ("b", 2, 1)):
+        rows = metrics_lib.read_jsonl(tmp_path / name / "metrics.jsonl")
+        assert [r["step"] for r in rows] == list(range(1, steps + 1))
+        saved = json.loads((tmp_path / name / "config.json").read_text())
+        assert saved["train"]["steps"] == steps and saved["batch_size"] == 16
+        assert saved["mesh"]["num_devices"] == devices
+        assert Checkpointer(tmp_path / name / "checkpoints").all_steps() == [steps]
 
 
 def test_sigterm_saves_and_resumes(tmp_path):

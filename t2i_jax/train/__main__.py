@@ -5,6 +5,7 @@ field. The config's `objective` picks `t2i_jax.train.<objective>.train_and_evalu
 Multi-host: run the same command on every host; `--distributed=auto` calls
 `jax.distributed.initialize()` when the environment (SLURM, TPU pod, MPI,
 JAX_COORDINATOR_ADDRESS) says this is one process of several.
+From Python: `t2i_jax.train.__main__.run(argv)` (a list, as on the command line).
 """
 
 import importlib
@@ -16,34 +17,67 @@ from ml_collections import config_flags
 
 from t2i_jax.train import OBJECTIVES
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/X.py[:arg]).", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run folder: checkpoints, metrics, eval results, export.")
-_DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
-                                 "Call jax.distributed.initialize(): auto-detect, always or never.")
+def _define(fv: flags.FlagValues):
+    """Defines the CLI's flags in `fv`; returns their holders (config, workdir, distributed)."""
+    return (
+        config_flags.DEFINE_config_file("config", None, "Config file (configs/X.py[:arg]).", flag_values=fv,
+                                        lock_config=True),
+        flags.DEFINE_string("workdir", None, "Run folder: checkpoints, metrics, eval results, export.",
+                            flag_values=fv),
+        flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
+                          "Call jax.distributed.initialize(): auto-detect, always or never.", flag_values=fv),
+    )
+
+
+_FLAGS = _define(flags.FLAGS)
+
+
+def run(argv: list[str]) -> dict:
+    """The CLI from Python: `run(["prog", "--config", "configs/x.py", "--workdir", "runs/x",
+    "--config.train.steps=10"])`, as often as wanted in one process.
+
+    Each call parses `argv` into flags of its own (config_flags defines one flag per config
+    field, which a second parse of the global flags would define again). config_flags reads the
+    `--config.a.b=v` overrides from `sys.argv`; it is `argv` while the config loads.
+    """
+    fv = flags.FlagValues()
+    holders = _define(fv)
+    saved = sys.argv
+    sys.argv = list(argv)
+    try:
+        fv(sys.argv)
+        config = holders[0].value
+    finally:
+        sys.argv = saved
+    return _train(config, holders[1].value, holders[2].value)
 
 
 def main(argv):
-    """Parses flags (when called directly with an argv list) and runs the config's objective."""
-    if not flags.FLAGS.is_parsed():
-        flags.FLAGS(argv)
-    if _CONFIG.value is None or _WORKDIR.value is None:
+    """The `app.run` entry: the global flags are parsed."""
+    del argv
+    config, workdir, distributed = (h.value for h in _FLAGS)
+    _train(config, workdir, distributed)
+
+
+def _train(config, workdir, distributed) -> dict:
+    if config is None or workdir is None:
         raise app.UsageError("--config and --workdir are required")
     logging.getLogger().setLevel(logging.INFO)
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save chatter
     from t2i_jax import parallel
-    parallel.initialize_distributed(_DISTRIBUTED.value)
-    config = _CONFIG.value
+    parallel.initialize_distributed(distributed)
     objective = config.get("objective")
     if objective not in OBJECTIVES:
         raise app.UsageError(f"config objective {objective!r} is not one of {list(OBJECTIVES)}")
     module = importlib.import_module(f"t2i_jax.train.{objective}")
     try:
-        result = module.train_and_evaluate(config, _WORKDIR.value)
+        result = module.train_and_evaluate(config, workdir)
     except FloatingPointError as e:
         logging.error("%s", e)
         sys.exit(1)
     logging.info("finished at step %d%s", result["step"],
                  f" (stopped: {result['stopped']})" if result["stopped"] else "")
+    return result
 
 
 if __name__ == "__main__":
