@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Reproduces the bundled model t2i_jax/assets/shapes_model end to end, from scratch, on CPU:
 #   1. VAE         configs/bundled_vae.py   (tiny AutoencoderKL, 32 px -> 16x16x4)
-#   2. CLIP        configs/bundled_clip.py  (tiny CLIP, contrastive; its text tower is kept)
-#   3. U-Net       configs/bundled_ldm.py   (tiny conditional U-Net on the frozen 1 + 2)
+#   2. CLIP        configs/bundled_clip.py  (tiny CLIP, 4x4 patches, contrastive; its text tower is kept)
+#   3. U-Net       configs/bundled_ldm.py   (3-level conditional U-Net, 3.3M params, on the frozen 1 + 2)
 #   4. copy the diffusers export (fp16 safetensors) into t2i_jax/assets/shapes_model
-#   5. score 100 prompts (50 held-out attribute combinations + 50 eval-split ones)
+#   5. score 100 prompts (50 held-out attribute combinations + 50 eval-split ones), redraw docs/gallery.png
 #
 #   bash scripts/train_bundled_model.sh [RUNS_DIR]      # default RUNS_DIR: runs/bundled
 #
@@ -63,4 +63,8 @@ PY
   $PY -m t2i_jax.sample --prompts-file "$RUNS/prompts.jsonl" --steps "${EVAL_STEPS:-50}" --batch-size 50 \
     --out "$RUNS/eval_out"
   $PY -m t2i_jax.eval "$RUNS/eval_out"
+  echo "=== gallery: docs/gallery_prompts.txt -> docs/gallery.png"
+  rm -rf "$RUNS/gallery"
+  $PY -m t2i_jax.sample --prompts-file docs/gallery_prompts.txt --batch-size 16 --out "$RUNS/gallery"
+  $PY scripts/make_gallery.py "$RUNS/gallery" docs/gallery.png
 fi

@@ -35,7 +35,7 @@ def test_bundled_model_files_are_small_safetensors():
     assert "model_index.json" in files and "scheduler/scheduler_config.json" in files
     assert not [f for f in files if f.endswith((".bin", ".ckpt", ".pt", ".pkl"))]
     total = sum((MODEL / f).stat().st_size for f in files)
-    assert total < 16 * 2**20, f"bundled model is {total / 2**20:.1f} MiB"
+    assert total < 20 * 2**20, f"bundled model is {total / 2**20:.1f} MiB"
 
 
 @pytest.fixture(scope="module")
@@ -52,10 +52,11 @@ def test_bundled_model_follows_prompts(generated):
     assert generated.shape == (len(PROMPTS), 32, 32, 3)
     report = adherence.evaluate(list(generated), PROMPTS)
     acc = report.accuracy
-    # The bundled model follows the background colour (81% on the README's 100 prompts) but
-    # not yet the shape's colour or kind (28% / 24%): only the background is asserted, well
-    # above chance (1/8) with room for misses on 8 images.
-    assert acc["background"] >= 0.5, acc
+    # On the README's 100 prompts the bundled model scores background 100%, shape colour 99%,
+    # shape kind 94%, size 97% (50 steps). Here: 8 prompts, 20 steps, all 8 right when measured;
+    # at most one miss per attribute is allowed (chance: 1/8 colours, 1/3 kinds and sizes).
+    for attribute in ("background", "color", "shape", "size"):
+        assert acc[attribute] >= 7 / 8, (attribute, acc, [r["predicted"] for r in report.per_image])
     assert report.num_parsed == len(PROMPTS)
 
 
