@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import jax
 import ml_collections
@@ -12,7 +13,7 @@ import numpy as np
 
 from t2i_jax import data as data_lib
 from t2i_jax import parallel
-from t2i_jax.train.checkpoint import StopSignal, stop_if_not_finite
+from t2i_jax.train.checkpoint import Checkpointer, StopSignal, stop_if_not_finite
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,19 @@ def base_config() -> ml_collections.ConfigDict:
     c.export = True  # the trained model in its library's folder format, in workdir/export
     c.progress = True  # tqdm bar
     return c
+
+
+def open_run(config, workdir) -> tuple[Path, bool, Checkpointer, int | None]:
+    """Starts or resumes a run in `workdir`: writes config.json (process 0), opens the checkpoint
+    manager. Returns (workdir, is_main, checkpointer, latest saved step or None)."""
+    workdir = Path(workdir)
+    is_main = jax.process_index() == 0
+    if is_main:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+    ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=config.train.max_to_keep,
+                        async_save=config.train.async_checkpoint)
+    return workdir, is_main, ckpt, ckpt.latest_step()
 
 
 def loader_kwargs(dcfg: dict) -> dict:

@@ -50,7 +50,6 @@ from t2i_jax.tokenizer import Tokenizer
 from t2i_jax.train import common
 from t2i_jax.train import export as export_lib
 from t2i_jax.train import state as state_lib
-from t2i_jax.train.checkpoint import Checkpointer
 from t2i_jax.train.metrics import MetricWriter
 
 log = logging.getLogger(__name__)
@@ -439,16 +438,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     Returns {"step", "stopped" (None | "signal" | "preempt_at_step"), "state", "samples" (the last
     sample images or None)}. Raises FloatingPointError on a non-finite loss or grad norm.
     """
-    workdir = Path(workdir)
-    is_main = jax.process_index() == 0
-    if is_main:
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+    workdir, is_main, ckpt, start = common.open_run(config, workdir)
 
     # --- model, data -------------------------------------------------------
-    ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=config.train.max_to_keep,
-                        async_save=config.train.async_checkpoint)
-    start = ckpt.latest_step()
     parts = make_parts(config)
     unet, vae, tokenizer = parts["unet"], parts["vae"], parts["tokenizer"]
     res = int(config.data.resolution)

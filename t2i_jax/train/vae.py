@@ -40,7 +40,6 @@ from t2i_jax.convert import diffusers as diffusers_convert
 from t2i_jax.models import vae as vae_lib
 from t2i_jax.train import common
 from t2i_jax.train import state as state_lib
-from t2i_jax.train.checkpoint import Checkpointer
 from t2i_jax.train.metrics import MetricWriter
 
 log = logging.getLogger(__name__)
@@ -257,16 +256,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     Returns {"step", "stopped", "eval_before", "eval_after", "state"}. Raises FloatingPointError
     on a non-finite loss or grad norm.
     """
-    workdir = Path(workdir)
-    is_main = jax.process_index() == 0
-    if is_main:
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+    workdir, is_main, ckpt, start = common.open_run(config, workdir)
 
     # --- model, data -------------------------------------------------------
-    ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=config.train.max_to_keep,
-                        async_save=config.train.async_checkpoint)
-    start = ckpt.latest_step()
     vae = make_vae(config)
     disc = PatchDiscriminator(config.disc.channels, config.disc.layers) if config.disc.enabled else None
     loader, held_out = make_data(config)
