@@ -75,6 +75,15 @@ def open_run(config, workdir) -> tuple[Path, bool, Checkpointer, int | None]:
     return workdir, is_main, ckpt, ckpt.latest_step()
 
 
+def resume(ckpt: Checkpointer, step: int, abstract_state, shardings, data_iter):
+    """The train state saved at `step`, laid out as `shardings`; `data_iter` is restored in place."""
+    target = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                    abstract_state, shardings)
+    state = ckpt.restore(target, data_iter, step)
+    log.info("resumed from step %d in %s", step, ckpt.directory)
+    return state
+
+
 def loader_kwargs(dcfg: dict) -> dict:
     """The `data.make_loader` keyword arguments a data config sets."""
     return {k: dcfg[k] for k in LOADER_KEYS if k in dcfg}

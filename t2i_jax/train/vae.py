@@ -281,10 +281,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     # --- checkpoint: resume or start -------------------------------------------
     it = iter(loader)
     if start is not None:
-        target = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                        abstract_state, shardings)
-        state = ckpt.restore(target, it, start)
-        log.info("resumed from step %d in %s", start, ckpt.directory)
+        state = common.resume(ckpt, start, abstract_state, shardings, it)
     else:
         start = 0
         state = jax.jit(lambda k: init(init_params(vae, disc, config, k)), out_shardings=shardings)(
