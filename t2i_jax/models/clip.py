@@ -227,7 +227,7 @@ class CLIPAttention(nn.Module):
     hidden_size: int
     num_heads: int
     dtype: Any = jnp.float32
-    attention_impl: str | None = None  # None/"xla", or "cudnn" on GPU
+    attention_impl: str | None = None  # None/"xla", "cudnn", or "auto" (see layers.dot_product_attention)
 
     @nn.compact
     def __call__(self, x, mask=None, is_causal=False):

@@ -232,30 +232,79 @@ class Upsample2D(nn.Module):
 # --------------------------------------------------------------------------
 
 
+ATTENTION_IMPLS = (None, "xla", "cudnn", "auto")
+
+
+def cudnn_attention_unsupported(head_dim: int, dtype, *, platform: str, compute_capability: str | None,
+                                masked: bool = False) -> str | None:
+    """Why cuDNN flash attention cannot run this call, or None if it can.
+
+    The rules are those `jax.nn.dot_product_attention(implementation="cudnn")`
+    checks for bf16/fp16 inputs: an NVIDIA GPU, a head size that is a multiple
+    of 8 and at most 256 on Hopper or later (compute capability 9.0+), 128
+    before. An explicit mask is left to XLA (SD's models pass none: CLIP's
+    text mask is `is_causal`).
+    """
+    if platform not in ("gpu", "cuda"):
+        return f"platform {platform!r} is not an NVIDIA GPU"
+    if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+        return f"compute dtype {jnp.dtype(dtype).name} is not bf16/fp16"
+    try:
+        hopper = compute_capability is not None and float(compute_capability) >= 9.0
+    except ValueError:
+        hopper = False
+    limit = 256 if hopper else 128
+    if head_dim % 8 or head_dim > limit:
+        return f"head size {head_dim} is not a multiple of 8 up to {limit} (compute capability {compute_capability})"
+    if masked:
+        return "an explicit attention mask"
+    return None
+
+
+def resolve_attention_impl(impl: str | None, head_dim: int, dtype, masked: bool = False) -> str | None:
+    """`impl` for one attention call: None (XLA) or "cudnn".
+
+    "auto" picks cuDNN flash attention where `cudnn_attention_unsupported`
+    finds nothing against it on the default device, else XLA; so one setting
+    serves an H100 (SD1.5's head sizes 40/80/160 all go to cuDNN), an A100
+    (160 goes to XLA) and a CPU or TPU (XLA everywhere).
+    """
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention_impl {impl!r} is not one of None, 'xla', 'cudnn', 'auto'")
+    if impl in (None, "xla"):
+        return None
+    if impl == "cudnn":
+        if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+            raise ValueError(
+                f"attention_impl='cudnn' needs bf16 or fp16 compute, got {jnp.dtype(dtype).name}; "
+                "set dtype=jnp.bfloat16, or use attention_impl='auto' (cuDNN where it applies) or None"
+            )
+        return "cudnn"
+    dev = jax.devices()[0]
+    why_not = cudnn_attention_unsupported(head_dim, dtype, platform=dev.platform,
+                                          compute_capability=getattr(dev, "compute_capability", None),
+                                          masked=masked)
+    return None if why_not else "cudnn"
+
+
 def dot_product_attention(q, k, v, num_heads: int, *, impl: str | None = None, upcast: bool = False,
                           mask=None, is_causal: bool = False):
     """Multi-head attention on [B, L, heads * head_dim] projections (the U-Net's, the VAE's and CLIP's).
 
     Runs `jax.nn.dot_product_attention`, whose XLA path computes scores and
-    softmax in fp32 for bf16 inputs. `impl`: None/"xla", or "cudnn" (flash
+    softmax in fp32 for bf16 inputs. `impl`: None/"xla"; "cudnn" (flash
     attention on NVIDIA GPUs; needs bf16/fp16 inputs and a supported head
-    size). `upcast` (diffusers' `upcast_attention`, SD 2.1) also runs the
-    q.k product of the XLA path from fp32 inputs; cuDNN accumulates in fp32
-    by itself. `mask` (bool, broadcastable to [B, heads, T, S]; False: not
-    attended) and `is_causal` are `jax.nn.dot_product_attention`'s.
+    size, else jax raises); or "auto" (cuDNN where it applies, XLA elsewhere;
+    see `resolve_attention_impl`). `upcast` (diffusers' `upcast_attention`,
+    SD 2.1) also runs the q.k product of the XLA path from fp32 inputs; cuDNN
+    accumulates in fp32 by itself. `mask` (bool, broadcastable to
+    [B, heads, T, S]; False: not attended) and `is_causal` are
+    `jax.nn.dot_product_attention`'s.
     """
-    if impl == "xla":
-        impl = None
-    if impl not in (None, "cudnn"):
-        raise ValueError(f"attention_impl {impl!r} is not one of None, 'xla', 'cudnn'")
     dtype = q.dtype
-    if impl == "cudnn" and dtype not in (jnp.bfloat16, jnp.float16):
-        raise ValueError(
-            f"attention_impl='cudnn' needs bf16 or fp16 compute, got {dtype}; "
-            "set dtype=jnp.bfloat16 or use attention_impl=None"
-        )
     b, t, d = q.shape
     s = k.shape[1]
+    impl = resolve_attention_impl(impl, d // num_heads, dtype, masked=mask is not None)
     q = q.reshape(b, t, num_heads, d // num_heads)
     k = k.reshape(b, s, num_heads, d // num_heads)
     v = v.reshape(b, s, num_heads, d // num_heads)

@@ -306,8 +306,8 @@ class UNet2DConditionModel(nn.Module):
 
     `dtype` is the compute dtype (bf16 on accelerators); params stay fp32 and
     norms/softmax run in fp32. `remat` recomputes each block's activations in
-    the backward pass (training memory). `attention_impl`: None/"xla" or
-    "cudnn".
+    the backward pass (training memory). `attention_impl`: None/"xla",
+    "cudnn" or "auto" (cuDNN where it applies; `layers.dot_product_attention`).
     """
 
     config: UNetConfig

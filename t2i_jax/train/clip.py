@@ -69,7 +69,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.overrides = ml_collections.ConfigDict()  # ... with these transformers CLIPConfig fields merged in
     c.model.dtype = "float32"  # compute dtype: "bfloat16" on accelerators; params stay fp32
     c.model.remat = False  # recompute each layer in the backward pass (less memory)
-    c.model.attention_impl = ""  # "" (XLA) or "cudnn"
+    c.model.attention_impl = ""  # "" (XLA), "cudnn", or "auto" (cuDNN where it applies)
     c.optim.b2 = 0.98  # CLIP's value
 
     c.eval = ml_collections.ConfigDict()

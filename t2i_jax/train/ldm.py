@@ -71,7 +71,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.overrides = ml_collections.ConfigDict()  # ... with these UNetConfig fields changed
     c.model.dtype = "float32"  # compute dtype ("bfloat16" on accelerators); params stay fp32
     c.model.remat = False  # recompute U-Net blocks in the backward pass (less memory)
-    c.model.attention_impl = ""
+    c.model.attention_impl = ""  # "" (XLA), "cudnn", or "auto" (cuDNN where it applies)
     c.vae = ml_collections.ConfigDict()
     c.vae.path = ""  # diffusers VAE folder, or a folder with vae/ (a VAE export); "" without init_from:
     c.vae.name = "tiny"  # ... a random VAE of this variant, frozen at init (smoke tests only)
