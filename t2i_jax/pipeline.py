@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -53,6 +53,24 @@ class StableDiffusion:
     @property
     def latent_channels(self) -> int:
         return self.unet.config.in_channels
+
+    @property
+    def dtype(self):
+        """The U-Net's compute dtype."""
+        return self.unet.dtype
+
+    def with_compute(self, dtype=None, attention_impl: str | None = None) -> StableDiffusion:
+        """The same model and params with its modules' compute `dtype` and/or
+        attention implementation (None/"xla", "cudnn", "auto"; the VAE's
+        attention always runs on XLA) replaced; None keeps what they have.
+        Params are not touched: fp32 params in bf16 compute is the usual
+        setting."""
+        if dtype is None and attention_impl is None:
+            return self
+        kw = {} if dtype is None else {"dtype": dtype}
+        attn = {} if attention_impl is None else {"attention_impl": attention_impl}
+        return dataclasses.replace(self, text_encoder=self.text_encoder.clone(**kw, **attn),
+                                   unet=self.unet.clone(**kw, **attn), vae=self.vae.clone(**kw))
 
 
 # --------------------------------------------------------------------------
@@ -180,10 +198,15 @@ class Sampler:
     the program); new prompts, seeds and guidance scales reuse them.
     """
 
-    def __init__(self, pipe: StableDiffusion, *, mesh: Mesh | None = None, dtype=jnp.float32):
+    def __init__(self, pipe: StableDiffusion, *, mesh: Mesh | None = None, dtype=None,
+                 attention_impl: str | None = None):
+        """`dtype` (e.g. jnp.bfloat16) and `attention_impl` replace the
+        modules' compute dtype and attention (`StableDiffusion.with_compute`);
+        None keeps the ones `pipe` was built with."""
+        pipe = pipe.with_compute(dtype, attention_impl)
         self.pipe = pipe
         self.mesh = mesh or make_mesh()
-        self.dtype = dtype
+        self.dtype = pipe.dtype
         repl = _replicated(self.mesh)
         self.params = jax.device_put(pipe.params, repl)
         self._encode = jax.jit(functools.partial(_encode_text, pipe.text_encoder),

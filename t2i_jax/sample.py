@@ -220,7 +220,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--init-image", help="img2img: start from this image (resized to height x width)")
     p.add_argument("--strength", type=float, default=0.8, help="img2img: how much to change (0, 1]")
     p.add_argument("--dtype", choices=["bf16", "fp32", "fp16"], default=None,
-                   help="compute dtype (default: bf16 on GPU/TPU, fp32 on CPU)")
+                   help="compute dtype (default: bf16 on GPU/TPU, fp32 on CPU); params stay as loaded")
+    p.add_argument("--attention", choices=["auto", "xla", "cudnn"], default="auto",
+                   help="attention: auto (cuDNN flash attention on NVIDIA GPUs where the head size and dtype "
+                        "allow, XLA elsewhere), xla, or cudnn (needs bf16/fp16)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--no-compilation-cache", action="store_true",
                    help="do not use JAX's persistent compilation cache (~/.cache/t2i_jax/jax)")
@@ -276,6 +279,9 @@ def run(args: argparse.Namespace) -> dict:
     platform = jax.devices()[0].platform
     dtype_name = args.dtype or ("fp32" if platform == "cpu" else "bf16")
     dtype = {"bf16": jnp.bfloat16, "fp32": jnp.float32, "fp16": jnp.float16}[dtype_name]
+    if args.attention == "cudnn" and dtype == jnp.float32:
+        raise ValueError("--attention cudnn needs bf16 or fp16 compute; pass --dtype bf16, "
+                         "or --attention auto (cuDNN where it applies)")
     if args.model is None:
         pipe = load_components(BUNDLED_MODEL)
         print(f"model: bundled shapes model ({BUNDLED_MODEL_NAME}); for Stable Diffusion pass "
@@ -289,7 +295,7 @@ def run(args: argparse.Namespace) -> dict:
     pipeline.check_size("width", width, pipe.vae_scale)
     init = _load_init_image(args.init_image, height, width) if args.init_image else None
 
-    sampler = pipeline.Sampler(pipe, dtype=dtype)
+    sampler = pipeline.Sampler(pipe, dtype=dtype, attention_impl=args.attention)
     ndev = sampler.num_devices
     bs = args.batch_size or ndev
     if bs < 1:

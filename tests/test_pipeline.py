@@ -3,6 +3,7 @@ on a tiny random model saved locally, and its sharding/batching invariance."""
 
 import diffusers
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -87,6 +88,47 @@ def test_txt2img_matches_diffusers(tiny, sampler, name):
     # The check must not pass on saturated pixels alone.
     assert _unsaturated(out) > 0.5
     assert np.abs(ours - out).max() <= 1 / 255
+
+
+def _matmul_input_dtypes(fn, *args):
+    """The input dtypes of every dot_general / convolution in fn's program."""
+    found = set()
+
+    def walk(jaxpr):
+        for e in jaxpr.eqns:
+            if e.primitive.name in ("dot_general", "conv_general_dilated"):
+                found.add(str(e.invars[0].aval.dtype))
+            for v in e.params.values():
+                for j in (v if isinstance(v, (list, tuple)) else [v]):
+                    inner = getattr(j, "jaxpr", None)
+                    if inner is not None:
+                        walk(getattr(inner, "jaxpr", inner))
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return found
+
+
+def test_sampler_dtype_sets_the_modules_compute_dtype(tiny, sampler):
+    # A model loaded with fp32 modules samples in bf16 when the Sampler asks:
+    # every matmul and convolution of the denoising loop then takes bf16
+    # inputs (casting only the loop's inputs would leave fp32 modules
+    # promoting them back).
+    fp32 = tiny[2]
+    assert fp32.dtype == np.float32
+    bf16 = pipeline.Sampler(fp32, mesh=sampler.mesh, dtype=jnp.bfloat16, attention_impl="auto")
+    assert bf16.pipe.unet.dtype == bf16.pipe.vae.dtype == bf16.pipe.text_encoder.dtype == jnp.bfloat16
+    assert bf16.pipe.unet.attention_impl == "auto" and bf16.pipe.params is fp32.params
+    assert sampler.pipe.unet.dtype == np.float32  # None keeps the modules as loaded
+    lat = (1, SIZE // 2, SIZE // 2, 4)
+    state = bf16.scheduler("euler").set_timesteps(2, lat)
+    cond = jnp.zeros((1, 77, 32), jnp.float32)
+    args = (bf16.params, cond, cond, jnp.float32(6.0), jnp.zeros((1,), jnp.uint32), jnp.zeros(lat), None, state)
+    assert _matmul_input_dtypes(bf16.loop("euler", True, False, False), *args) == {"bfloat16"}
+    assert _matmul_input_dtypes(sampler.loop("euler", True, False, False), *args) == {"float32"}
+    # And the bf16 images stay close to the fp32 ones.
+    kw = dict(seeds=[0, 1], steps=5, guidance_scale=6.0, scheduler="euler", height=SIZE, width=SIZE)
+    a, b = sampler(PROMPTS, **kw), bf16(PROMPTS, **kw)
+    # (measured: mean 0.002, max 0.016, on images with std 0.17)
+    assert a.std() > 0.05 and np.abs(a - b).mean() < 0.01 and np.abs(a - b).max() < 0.1
 
 
 def test_no_guidance_matches_diffusers(tiny, sampler):

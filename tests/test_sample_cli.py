@@ -105,6 +105,7 @@ def _error(capsys, argv):
     (["--prompt", "x", "--style", "baroque"], "unknown style 'baroque'; choose one of ['anime'"),
     ([], "no prompts: pass --prompt TEXT"),
     (["--prompt", "  "], "a prompt is empty"),
+    (["--prompt", "x", "--dtype", "fp32", "--attention", "cudnn"], "--attention cudnn needs bf16 or fp16 compute"),
 ])
 def test_bad_input(model_dir, tmp_path, capsys, extra, message):
     argv = ["--model", model_dir, "--out", str(tmp_path / "o"), "--no-compilation-cache", *extra]
