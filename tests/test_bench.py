@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from t2i_jax.bench import cli, core, devices, flops
+from t2i_jax.bench import cli, core, devices, flops, profile
 from t2i_jax.models import unet as unet_lib
 
 FIGURES = ("items_per_s", "items_per_s_per_device", "ms_per_iter", "ms_per_iter_median", "ms_per_iter_min",
@@ -19,9 +19,11 @@ FIGURES = ("items_per_s", "items_per_s_per_device", "ms_per_iter", "ms_per_iter_
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
-    path = tmp_path_factory.mktemp("bench") / "out.json"
+    folder = tmp_path_factory.mktemp("bench")
+    path = folder / "out.json"
     argv = ["--model", "tiny", "--modes", "unet,sample,train", "--compare", "diffusers", "--steps", "2",
-            "--warmup", "1", "--iters", "2", "--json", str(path)]
+            "--warmup", "1", "--iters", "2", "--json", str(path), "--profile", str(folder / "prof"),
+            "--profile-iters", "2"]
     returned = cli.main(argv)
     on_disk = json.loads(path.read_text())
     assert on_disk["results"].keys() == returned["results"].keys()
@@ -72,6 +74,69 @@ def test_sample_counts_the_same_work_as_diffusers(report):
     assert ours["loop_xla_flops"] == pytest.approx(p["unet_per_eval"] + p["vae_decode"], rel=0.05)
     # The U-Net forward per sample equals the unet mode's.
     assert p["unet_per_eval"] / 16 == pytest.approx(report["results"]["unet"]["ours"]["flops_per_item"], rel=0.01)
+
+
+def test_profile_traces_each_mode(report):
+    for mode, res in report["results"].items():
+        prof = res["ours"]["profile"]
+        assert prof["log_dir"].endswith(f"prof/{mode}") and prof["iters"] == 2
+        # The XSpace (for XProf/TensorBoard) and the Chrome trace (for Perfetto) are both on disk.
+        assert any(f.endswith(".xplane.pb") for f in prof["files"]), prof["files"]
+        assert prof["trace"].endswith(".trace.json.gz")
+        # XLA:CPU has no device lanes: the summary says so instead of inventing a busy fraction.
+        assert prof["summary"]["device"] is None and "no device lanes" in prof["summary"]["note"]
+        assert "/host:CPU" in prof["summary"]["processes"]
+
+
+def test_attention_plan_on_cpu_is_xla_everywhere(report):
+    plan = report["attention"]
+    assert report["settings"]["attention"] == "auto"
+    # tiny: 32/64-channel blocks with 4 heads -> head sizes 8 and 16; CLIP 64 wide, 4 heads.
+    assert set(plan["unet"]) == {"8", "16"} and set(plan["text_encoder"]) == {"16"}
+    for part in ("unet", "text_encoder"):
+        for row in plan[part].values():
+            assert row["impl"] == "xla" and "not an NVIDIA GPU" in row["why_not_cudnn"]
+
+
+def _trace(events_by_thread, device="/device:GPU:0 (pid 3)"):
+    """A Chrome trace with one host process and one device process."""
+    ev = [{"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/host:CPU"}},
+          {"ph": "M", "pid": 7, "name": "process_name", "args": {"name": device}},
+          {"ph": "X", "pid": 1, "tid": 1, "ts": 0, "dur": 1000, "name": "PjitFunction(step)"}]
+    for tid, (thread, spans) in enumerate(events_by_thread.items(), start=10):
+        ev.append({"ph": "M", "pid": 7, "tid": tid, "name": "thread_name", "args": {"name": thread}})
+        for ts, dur, name, args in spans:
+            ev.append({"ph": "X", "pid": 7, "tid": tid, "ts": ts, "dur": dur, "name": name, "args": args})
+    return {"traceEvents": ev}
+
+
+def test_profile_summary_adds_up_one_line_of_the_device():
+    # Kernels on a stream, and the same time again on the derived "XLA Ops" line.
+    kernels = [(0, 30, "sm90_xmma_gemm", {"hlo_op": "dot.1"}), (40, 20, "flash_fprop", {"hlo_op": "custom-call.2"}),
+               (60, 10, "sm90_xmma_gemm", {"hlo_op": "dot.1"}), (90, 10, "loop_fusion", {})]
+    ops = [(0, 30, "dot.1", {}), (40, 20, "custom-call.2", {}), (60, 10, "dot.1", {}), (90, 10, "loop_fusion", {})]
+    s = profile.summarize(_trace({"Stream #13(Compute)": kernels, "XLA Ops": ops}), iters=2)
+    assert s["lines"] == "XLA Ops" and s["events"] == 4
+    assert s["span_ms_per_iter"] == pytest.approx(0.100 / 2)
+    assert s["busy_ms_per_iter"] == pytest.approx(0.070 / 2) and s["busy_fraction"] == pytest.approx(0.7)
+    top = {r["op"]: r for r in s["top"]}
+    assert top["dot.1"]["ms_per_iter"] == pytest.approx(0.040 / 2) and top["dot.1"]["calls_per_iter"] == 1
+    assert top["dot.1"]["share"] == pytest.approx(40 / 70)
+    assert [r["op"] for r in s["top"]] == ["dot.1", "custom-call.2", "loop_fusion"]
+    # Without a derived line, the streams' kernels are added up, named by their HLO op where given;
+    # overlapping kernels on two streams count once towards busy time.
+    two_streams = {"Stream #13(Compute)": kernels, "Stream #14(MemcpyD2H)": [(5, 10, "memcpy", {})]}
+    s = profile.summarize(_trace(two_streams), iters=1)
+    assert s["lines"] == "streams" and s["events"] == 5
+    assert s["busy_ms_per_iter"] == pytest.approx(0.070)
+    assert {r["op"] for r in s["top"]} == {"dot.1", "custom-call.2", "loop_fusion", "memcpy"}
+
+
+def test_profile_summary_without_device_events():
+    s = profile.summarize(_trace({}, device="/host:CPU other"))
+    assert s["device"] is None and "no device lanes" in s["note"]
+    s = profile.summarize(_trace({"Stream #1": []}))
+    assert s["device"].startswith("/device:GPU:0") and "no timed events" in s["note"]
 
 
 def test_train_step_learns_something_finite(report):
@@ -175,6 +240,8 @@ def test_datasheet_peaks(kind, dtype, name, peak):
     (dict(batch_size=12), r"batch size 12 does not divide over 8 devices; use 8 or 16"),
     (dict(modes=("unet", "infer")), r"unknown mode 'infer'; choose from unet, sample, train"),
     (dict(attention="cudnn", dtype="fp32"), r"attention 'cudnn' needs bf16"),
+    (dict(attention="flash"), r"attention 'flash' is not one of auto, xla, cudnn"),
+    (dict(profile_iters=0), r"profile_iters 0 must be a positive integer"),
     (dict(steps=0), r"steps 0 must be a positive integer"),
     (dict(scheduler="foo"), r"unknown scheduler 'foo'"),
 ])

@@ -15,6 +15,7 @@ from importlib import metadata
 from pathlib import Path
 
 from t2i_jax.bench import core
+from t2i_jax.bench import profile as profile_lib
 from t2i_jax.convert.core import atomic_write
 
 
@@ -42,8 +43,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
                    help="compute dtype (default: bf16 on GPU/TPU, fp32 on CPU); params stay fp32")
     p.add_argument("--modes", default=",".join(core.MODES), help="comma-separated: unet, sample, train")
-    p.add_argument("--attention", choices=["xla", "cudnn"], default="xla",
-                   help="attention implementation (cudnn: flash attention on NVIDIA GPUs, needs bf16)")
+    p.add_argument("--attention", choices=list(core.ATTENTION), default="auto",
+                   help="attention implementation: auto (cuDNN flash attention on NVIDIA GPUs for the head sizes "
+                        "and dtypes it supports, XLA elsewhere), xla, or cudnn (everywhere; needs bf16)")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls after compilation")
     p.add_argument("--iters", type=_positive_int("iters"), default=10, help="timed calls per mode")
     p.add_argument("--scheduler", default="pndm", help="sampler for the sample mode")
@@ -59,6 +61,10 @@ def parser() -> argparse.ArgumentParser:
                    help="peak dense TFLOP/s per device for utilisation (default: datasheet table by device kind)")
     p.add_argument("--no-measure-peak", action="store_true", help="skip the dense matmul ceiling measurement")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="after timing, trace --profile-iters more calls of each mode with jax.profiler into DIR/MODE "
+                        "and report the device's top ops and busy fraction")
+    p.add_argument("--profile-iters", type=_positive_int("profile iters"), default=3)
     p.add_argument("--json", default=None, help="write every figure to this JSON file (atomically)")
     return p
 
@@ -71,7 +77,8 @@ def settings_from_args(args: argparse.Namespace) -> core.BenchSettings:
         attention=args.attention, warmup=args.warmup, iters=args.iters, scheduler=args.scheduler,
         guidance_scale=args.guidance_scale, unet_cfg=args.unet_cfg, remat=args.remat, compare=args.compare,
         torch_compile=args.torch_compile, torch_dtype=args.torch_dtype, peak_tflops=args.peak_tflops,
-        measure_peak=not args.no_measure_peak, seed=args.seed)
+        measure_peak=not args.no_measure_peak, seed=args.seed, profile=args.profile,
+        profile_iters=args.profile_iters)
 
 
 def versions() -> dict:
@@ -127,6 +134,15 @@ def table(report: dict) -> str:
             lines.append(f"{mode:7} ours/diffusers items/s per device: {res['ratio_ours_over_diffusers_per_device']:.3f}x "
                          f"(from medians {res['ratio_ours_over_diffusers_per_device_median']:.3f}x, "
                          f"minima {res['ratio_ours_over_diffusers_per_device_min']:.3f}x)")
+    plan = report.get("attention")
+    if plan:
+        lines.append("attention: " + "; ".join(
+            f"{part} " + ", ".join(f"d={d}:{row['impl']}" for d, row in rows.items())
+            for part, rows in plan.items() if part != "vae"))
+    for mode, res in report["results"].items():
+        prof = res["ours"].get("profile")
+        if prof:
+            lines += profile_lib.format_summary(mode, "ours", prof)
     return "\n".join(lines)
 
 

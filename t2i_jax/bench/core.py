@@ -35,12 +35,15 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from t2i_jax import pipeline, schedulers
 from t2i_jax.bench import devices as devices_lib
 from t2i_jax.bench import flops as flops_lib
+from t2i_jax.bench import profile as profile_lib
 from t2i_jax.models import clip as clip_lib
+from t2i_jax.models import layers
 from t2i_jax.models import unet as unet_lib
 from t2i_jax.models import vae as vae_lib
 from t2i_jax.tokenizer import Tokenizer
 
 MODES = ("unet", "sample", "train")
+ATTENTION = ("auto", "xla", "cudnn")
 PROMPT = "a photograph of an astronaut riding a horse on the moon"
 
 # --------------------------------------------------------------------------
@@ -77,7 +80,7 @@ class BenchSettings:
     batch_size: int | None = None  # global batch (default: one per device)
     dtype: str | None = None  # compute dtype "bf16"/"fp32" (default: bf16 on GPU/TPU, fp32 on CPU)
     modes: tuple[str, ...] = MODES
-    attention: str = "xla"  # "xla" or "cudnn" (flash attention on NVIDIA GPUs, bf16 only)
+    attention: str = "auto"  # "auto" (cuDNN flash attention where it applies, else XLA), "xla" or "cudnn"
     warmup: int = 2  # untimed calls after compilation
     iters: int = 10  # timed calls
     scheduler: str = "pndm"  # sampler (SD's default pipeline uses PNDM)
@@ -92,6 +95,8 @@ class BenchSettings:
     peak_tflops: float | None = None  # override the datasheet peak per device
     measure_peak: bool = True  # time a dense matmul for a measured ceiling
     seed: int = 0
+    profile: str | None = None  # folder: a profiler trace of `profile_iters` more calls of each mode
+    profile_iters: int = 3
 
 
 def _is_positive_int(v) -> bool:
@@ -120,11 +125,12 @@ def validate(s: BenchSettings, num_devices: int) -> None:
             raise ValueError(f"unknown mode {m!r}; choose from {', '.join(MODES)}")
     if s.dtype not in (None, "bf16", "fp32"):
         raise ValueError(f"dtype {s.dtype!r} is not bf16 or fp32")
-    if s.attention not in ("xla", "cudnn"):
-        raise ValueError(f"attention {s.attention!r} is not 'xla' or 'cudnn'")
+    if s.attention not in ATTENTION:
+        raise ValueError(f"attention {s.attention!r} is not one of {', '.join(ATTENTION)}")
     if s.attention == "cudnn" and s.dtype == "fp32":
-        raise ValueError("attention 'cudnn' needs bf16 compute; use --dtype bf16 or --attention xla")
-    for name in ("steps", "iters"):
+        raise ValueError("attention 'cudnn' needs bf16 compute; use --dtype bf16, or --attention auto "
+                         "(cuDNN where it applies) or xla")
+    for name in ("steps", "iters", "profile_iters"):
         if not _is_positive_int(getattr(s, name)):
             raise ValueError(f"{name} {getattr(s, name)!r} must be a positive integer")
     if not isinstance(s.warmup, int) or s.warmup < 0:
@@ -205,7 +211,7 @@ def build_model(s: BenchSettings, r: Resolved, mesh, *, remat: bool = False) -> 
     """A StableDiffusion of the named configs with random replicated params."""
     spec = MODELS[s.model]
     dtype = devices_lib.dtype_of(r.dtype)
-    attn = None if s.attention == "xla" else s.attention
+    attn = s.attention
     ucfg = unet_lib.UNetConfig.named(spec.unet)
     vcfg = vae_lib.VAEConfig.named(spec.vae)
     tcfg = dataclasses.replace(clip_lib.named_config(spec.text).text, **dict(spec.text_overrides))
@@ -224,6 +230,31 @@ def build_model(s: BenchSettings, r: Resolved, mesh, *, remat: bool = False) -> 
 
     tok = Tokenizer.bundled(pad_token="!" if spec.text == "sd2-text" else "<|endoftext|>")
     return pipeline.StableDiffusion(tok, text, unet, vae, params, dict(SD_SCHEDULER), source=f"random {s.model}")
+
+
+def attention_plan(s: BenchSettings, r: Resolved) -> dict:
+    """Which implementation each attention head size of the model runs with
+    ("cudnn" or "xla"), as `layers.resolve_attention_impl` decides it on the
+    default device, and why not cuDNN where it is XLA under "auto"."""
+    spec = MODELS[s.model]
+    ucfg = unet_lib.UNetConfig.named(spec.unet)
+    tcfg = dataclasses.replace(clip_lib.named_config(spec.text).text, **dict(spec.text_overrides))
+    sizes = {"unet": sorted({ch // h for ch, h in zip(ucfg.block_out_channels, ucfg.per_block("attention_head_dim"))}),
+             "text_encoder": [tcfg.hidden_size // tcfg.num_attention_heads]}
+    dtype = devices_lib.dtype_of(r.dtype)
+    dev = jax.devices()[0]
+    plan = {}
+    for part, dims in sizes.items():
+        plan[part] = {}
+        for d in dims:
+            impl = layers.resolve_attention_impl(s.attention, d, dtype)
+            row = {"impl": impl or "xla"}
+            if s.attention == "auto" and impl is None:
+                row["why_not_cudnn"] = layers.cudnn_attention_unsupported(
+                    d, dtype, platform=dev.platform, compute_capability=getattr(dev, "compute_capability", None))
+            plan[part][str(d)] = row
+    plan["vae"] = {"impl": "xla", "why_not_cudnn": "the VAE's one-head 512-wide attention is past cuDNN's head sizes"}
+    return plan
 
 
 def text_width(pipe: pipeline.StableDiffusion) -> int:
@@ -277,6 +308,13 @@ def figures(timing: dict, items_per_iter: int, num_devices: int, flops_per_item:
     return out
 
 
+def _maybe_profile(s: BenchSettings, mode: str, call, sync, out: dict) -> None:
+    """With `s.profile`: traces `s.profile_iters` more calls into
+    `s.profile/mode` (after the timed ones, so they time nothing extra)."""
+    if s.profile:
+        out["profile"] = profile_lib.capture(call, sync, s.profile_iters, f"{s.profile}/{mode}")
+
+
 def _compile(jitted, *args):
     """(compiled, lowered, lower+compile seconds)."""
     t0 = time.perf_counter()
@@ -314,6 +352,7 @@ def bench_unet(s: BenchSettings, r: Resolved, pipe, mesh, peaks) -> dict:
     fpi = per_dev / (rows // r.num_devices) if per_dev else None
     timing = time_calls(lambda: compiled(*args), s.warmup, s.iters, _block)
     out = figures(timing, rows, r.num_devices, fpi, *peaks)
+    _maybe_profile(s, "unet", lambda: compiled(*args), _block, out)
     out.update(item="sample", rows=rows, compile_s=compile_s, flops_method="compiled cost analysis / per-device rows",
                compiled_memory=devices_lib.compiled_memory(compiled), peak_bytes_in_use=devices_lib.peak_bytes_in_use())
     return out
@@ -366,6 +405,7 @@ def bench_sample(s: BenchSettings, r: Resolved, pipe, mesh, peaks) -> dict:
                              scheduler=s.scheduler, height=r.resolution, width=r.resolution)
     timing = time_calls(call, s.warmup, s.iters, lambda x: x)  # returns host numpy: already synced
     out = figures(timing, n, r.num_devices, fpi, *peaks)
+    _maybe_profile(s, "sample", call, lambda x: x, out)
     out.update(item="image", model_evals=evals, ms_per_unet_step=timing["ms_per_iter"] / evals,
                compile_s=enc_s + loop_s, compile_s_text_encoder=enc_s, compile_s_loop=loop_s,
                flops_pieces=pieces, loop_xla_flops=loop_xla * r.num_devices if loop_xla else None,
@@ -420,6 +460,7 @@ def bench_train(s: BenchSettings, r: Resolved, mesh, peaks) -> dict:
     timing = time_calls(call, s.warmup, s.iters, _block)
     loss = float(call())
     out = figures(timing, r.batch_size, r.num_devices, fpi, *peaks)
+    _maybe_profile(s, "train", call, _block, out)
     out.update(item="sample", compile_s=compile_s, remat=s.remat, final_loss=loss,
                flops_method="compiled cost analysis (forward + backward + AdamW) / per-device batch",
                compiled_memory=devices_lib.compiled_memory(compiled),
@@ -486,4 +527,4 @@ def run(s: BenchSettings, log: Callable[[str], None] = lambda m: None) -> dict:
                     theirs[f"ms_per_iter_{stat}"] / ours[f"ms_per_iter_{stat}"] * ours["items_per_iter"]
                     / r.num_devices / theirs["items_per_iter"])
     return {"settings": dataclasses.asdict(s) | {"modes": list(s.modes)}, "resolved": dataclasses.asdict(r),
-            "device": dev, "results": results, "reference_setup_s": setup_s, **({"torch": ref.info()} if ref is not None else {})}
+            "device": dev, "attention": attention_plan(s, r), "results": results, "reference_setup_s": setup_s, **({"torch": ref.info()} if ref is not None else {})}
