@@ -23,6 +23,7 @@ from t2i_jax.models import unet as unet_lib
     (36, jnp.bfloat16, "gpu", "9.0", False, False),  # not a multiple of 8
     (64, jnp.float32, "gpu", "9.0", False, False),  # cuDNN flash attention is bf16/fp16 only
     (64, jnp.bfloat16, "gpu", "9.0", True, False),  # explicit masks stay on XLA
+    (64, jnp.bfloat16, "gpu", None, False, False),  # a GPU without a CUDA compute capability (ROCm)
     (64, jnp.bfloat16, "cpu", None, False, False),
     (64, jnp.bfloat16, "tpu", None, False, False),
 ])

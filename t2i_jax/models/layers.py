@@ -247,6 +247,8 @@ def cudnn_attention_unsupported(head_dim: int, dtype, *, platform: str, compute_
     """
     if platform not in ("gpu", "cuda"):
         return f"platform {platform!r} is not an NVIDIA GPU"
+    if compute_capability is None:
+        return "the GPU reports no CUDA compute capability (not an NVIDIA GPU?)"
     if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
         return f"compute dtype {jnp.dtype(dtype).name} is not bf16/fp16"
     try:
