@@ -242,7 +242,6 @@ def attention_plan(s: BenchSettings, r: Resolved) -> dict:
     sizes = {"unet": sorted({ch // h for ch, h in zip(ucfg.block_out_channels, ucfg.per_block("attention_head_dim"))}),
              "text_encoder": [tcfg.hidden_size // tcfg.num_attention_heads]}
     dtype = devices_lib.dtype_of(r.dtype)
-    dev = jax.devices()[0]
     plan = {}
     for part, dims in sizes.items():
         plan[part] = {}
@@ -250,8 +249,7 @@ def attention_plan(s: BenchSettings, r: Resolved) -> dict:
             impl = layers.resolve_attention_impl(s.attention, d, dtype)
             row = {"impl": impl or "xla"}
             if s.attention == "auto" and impl is None:
-                row["why_not_cudnn"] = layers.cudnn_attention_unsupported(
-                    d, dtype, platform=dev.platform, compute_capability=getattr(dev, "compute_capability", None))
+                row["why_not_cudnn"] = layers.why_not_cudnn_here(d, dtype)
             plan[part][str(d)] = row
     plan["vae"] = {"impl": "xla", "why_not_cudnn": "the VAE's one-head 512-wide attention is past cuDNN's head sizes"}
     return plan

@@ -282,11 +282,14 @@ def resolve_attention_impl(impl: str | None, head_dim: int, dtype, masked: bool 
                 "set dtype=jnp.bfloat16, or use attention_impl='auto' (cuDNN where it applies) or None"
             )
         return "cudnn"
+    return None if why_not_cudnn_here(head_dim, dtype, masked) else "cudnn"
+
+
+def why_not_cudnn_here(head_dim: int, dtype, masked: bool = False) -> str | None:
+    """`cudnn_attention_unsupported` for the default device."""
     dev = jax.devices()[0]
-    why_not = cudnn_attention_unsupported(head_dim, dtype, platform=dev.platform,
-                                          compute_capability=getattr(dev, "compute_capability", None),
-                                          masked=masked)
-    return None if why_not else "cudnn"
+    return cudnn_attention_unsupported(head_dim, dtype, platform=dev.platform,
+                                       compute_capability=getattr(dev, "compute_capability", None), masked=masked)
 
 
 def dot_product_attention(q, k, v, num_heads: int, *, impl: str | None = None, upcast: bool = False,
