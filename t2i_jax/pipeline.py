@@ -4,7 +4,11 @@ The text encoder runs in one jitted call; the denoising loop (a
 `lax.fori_loop` over the sampler's model evaluations, with both
 classifier-free-guidance halves in one U-Net call) and the VAE decode run in
 another. The batch is sharded over every device on a one-axis `Mesh`
-(`data`); parameters are replicated.
+(`data`); parameters, the guidance scale and the scheduler state are
+replicated. Every jitted input and output has an explicit sharding, and the
+two guidance halves of an image are interleaved (rows 2b, 2b + 1) so that
+they sit on that image's device: the loop runs without any cross-device
+exchange.
 
 Randomness is per image: image b's starting noise and any sampler noise come
 from `jax.random.key(seeds[b])` alone, so an image depends on its prompt, seed
@@ -64,7 +68,8 @@ class StableDiffusion:
         attention implementation (None/"xla", "cudnn", "auto"; the VAE's
         attention always runs on XLA) replaced; None keeps what they have.
         Params are not touched: fp32 params in bf16 compute is the usual
-        setting."""
+        setting (a `Sampler` keeps its own copy cast to the compute dtype,
+        see its `cast_params`)."""
         if dtype is None and attention_impl is None:
             return self
         kw = {} if dtype is None else {"dtype": dtype}
@@ -118,6 +123,87 @@ def _replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+def _shard_batch_axis(x: jax.Array, mesh: Mesh, batch_axis: int = 0) -> jax.Array:
+    """`x` constrained to be split over `data` along `batch_axis`."""
+    spec = P(*([None] * batch_axis), "data")
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def _shard_history(history, mesh: Mesh, sample_shape: tuple):
+    """History leaves that end in the sample's shape (previous model outputs,
+    saved samples: per image), split over `data` along their batch axis;
+    others left to the compiler.
+
+    The state comes in replicated (it is mostly small tables); pinning the
+    per-image buffers to the batch layout makes the loop carry them split
+    like the sample, so no step has to gather or exchange them.
+    """
+    k = len(sample_shape)
+
+    def one(h):
+        if h.ndim >= k and tuple(h.shape[h.ndim - k:]) == tuple(sample_shape):
+            return _shard_batch_axis(h, mesh, h.ndim - k)
+        return h
+
+    return jax.tree.map(one, history)
+
+
+# --------------------------------------------------------------------------
+# Compute-dtype params
+# --------------------------------------------------------------------------
+
+# The parts whose cast copy the Sampler keeps: what the denoising loop reads.
+# The text encoder runs once per call, outside the loop, and sums its
+# embedding tables in fp32 by design (clip.CLIPTextEmbeddings); it keeps its
+# params as loaded.
+CAST_PARTS = ("unet", "vae")
+
+
+def _cast_dtype(x, dtype):
+    """The dtype `cast_kernels` gives leaf `x`."""
+    if jnp.issubdtype(x.dtype, jnp.floating) and len(x.shape) >= 2:
+        return jnp.dtype(dtype)
+    return jnp.dtype(x.dtype)
+
+
+def cast_kernels(params, dtype):
+    """`params` with every floating leaf of 2 or more dims (conv and dense
+    kernels, embedding tables: nearly all the bytes) in `dtype`; 1-D leaves
+    (biases, norm scales) and integer leaves keep their dtype.
+
+    This is the cast flax's Dense/Conv apply to their kernels on every call
+    when the compute dtype differs from the params': done once, it leaves the
+    denoising loop reading half the bytes and converting nothing.
+    """
+    return jax.tree.map(lambda x: x.astype(_cast_dtype(x, dtype)), params)
+
+
+def _needs_cast(params, dtype) -> bool:
+    return any(_cast_dtype(x, dtype) != x.dtype for x in jax.tree.leaves(params))
+
+
+# --------------------------------------------------------------------------
+# Classifier-free guidance layout
+# --------------------------------------------------------------------------
+
+
+def cfg_interleave(uncond: jax.Array, cond: jax.Array) -> jax.Array:
+    """[n, ...] twice -> [2n, ...] with rows 2b, 2b + 1 = uncond[b], cond[b].
+
+    Concatenating the halves instead ([uncond; cond]) would put image b's two
+    rows n rows apart, i.e. on different devices once the batch axis is split
+    in contiguous blocks; interleaved, a device's block holds both halves of
+    its images and the guidance combine needs no exchange.
+    """
+    return jnp.stack([uncond, cond], axis=1).reshape((2 * cond.shape[0],) + cond.shape[1:])
+
+
+def cfg_split(out: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The inverse of `cfg_interleave`: [2n, ...] -> (uncond [n, ...], cond [n, ...])."""
+    pairs = out.reshape((out.shape[0] // 2, 2) + out.shape[1:])
+    return pairs[:, 0], pairs[:, 1]
+
+
 # --------------------------------------------------------------------------
 # The jitted pieces
 # --------------------------------------------------------------------------
@@ -154,13 +240,15 @@ def _from_latents(vae, x):
     return x / c.scaling_factor + (c.shift_factor or 0.0)
 
 
-def _denoise(unet, vae, sched, use_cfg, has_latents, img2img, dtype,
+def _denoise(unet, vae, sched, use_cfg, has_latents, img2img, dtype, mesh,
              params, cond, uncond, guidance_scale, seeds, latents, init_images, state):
     """The whole loop and the decode; the static arguments come first (partial'd).
 
     `latents`: the starting noise when `has_latents`, else a zero placeholder
     whose shape is that of the latents. `init_images`: [-1, 1] NHWC for
-    img2img, else None.
+    img2img, else None. `mesh`: the batch is split over its `data` axis; the
+    sample, the scheduler's per-image history and both guidance halves of an
+    image stay on that image's device throughout.
     """
     step_keys = stream_keys(seeds, SAMPLER)
     noise = latents.astype(jnp.float32) if has_latents else seeded_normal(seeds, latents.shape[1:])
@@ -171,20 +259,26 @@ def _denoise(unet, vae, sched, use_cfg, has_latents, img2img, dtype,
         x = sched.add_noise_start(state, _to_latents(vae, z), noise)
     else:
         x = noise * state.init_noise_sigma
-    context = (jnp.concatenate([uncond, cond]) if use_cfg else cond).astype(dtype)
+    x = _shard_batch_axis(x, mesh)
+    state = state.replace(history=_shard_history(state.history, mesh, x.shape))
+    context = (cfg_interleave(uncond, cond) if use_cfg else cond).astype(dtype)
+    context = _shard_batch_axis(context, mesh)
 
     def body(i, carry):
         x, st = carry
         xin = sched.scale_model_input(st, x, i).astype(dtype)
         if use_cfg:
-            xin = jnp.concatenate([xin, xin])
+            xin = _shard_batch_axis(cfg_interleave(xin, xin), mesh)
         t = jnp.broadcast_to(st.timesteps[i], (xin.shape[0],))
         out = unet.apply({"params": params["unet"]}, xin, t, context).astype(jnp.float32)
         if use_cfg:
-            out_u, out_c = jnp.split(out, 2)
+            out_u, out_c = cfg_split(_shard_batch_axis(out, mesh))
             out = out_u + guidance_scale * (out_c - out_u)
         keys = jax.vmap(lambda k: jax.random.fold_in(k, i))(step_keys)
-        return sched.step(st, out, i, x, key=keys)
+        x, st = sched.step(st, out, i, x, key=keys)
+        # The carry leaves the body in the layout it entered with, so the
+        # while loop never reshards it between steps.
+        return _shard_batch_axis(x, mesh), st.replace(history=_shard_history(st.history, mesh, x.shape))
 
     x, _ = jax.lax.fori_loop(0, state.num_evals, body, (x, state))
     images = vae.apply({"params": params["vae"]}, _from_latents(vae, x).astype(dtype), method=vae.decode)
@@ -195,28 +289,101 @@ class Sampler:
     """Compiled txt2img / img2img for one model on one mesh.
 
     Compiled functions are cached per (shapes, sampler, settings that change
-    the program); new prompts, seeds and guidance scales reuse them.
+    the program); new prompts, seeds, guidance scales and params
+    (`update_params`) reuse them.
+
+    `params` holds the params the compiled functions run with: replicated on
+    the mesh, with the U-Net's and the VAE's kernels in the compute dtype
+    (`cast_kernels`) unless `cast_params=False`. `pipe.params` keeps the ones
+    the Sampler was built with.
     """
 
     def __init__(self, pipe: StableDiffusion, *, mesh: Mesh | None = None, dtype=None,
-                 attention_impl: str | None = None):
+                 attention_impl: str | None = None, cast_params: bool = True):
         """`dtype` (e.g. jnp.bfloat16) and `attention_impl` replace the
         modules' compute dtype and attention (`StableDiffusion.with_compute`);
-        None keeps the ones `pipe` was built with."""
+        None keeps the ones `pipe` was built with. `cast_params` keeps a copy
+        of the U-Net and VAE params with their kernels in the compute dtype
+        when it differs from theirs (fp32 params, bf16 compute): the loop then
+        reads half the bytes per step and casts nothing; False keeps the
+        params as loaded, cast by the modules at every step."""
         pipe = pipe.with_compute(dtype, attention_impl)
         self.pipe = pipe
         self.mesh = mesh or make_mesh()
         self.dtype = pipe.dtype
-        repl = _replicated(self.mesh)
-        self.params = jax.device_put(pipe.params, repl)
+        self.cast_params = bool(cast_params)
+        repl, batch = _replicated(self.mesh), _batch_sharding(self.mesh)
+        # Params, ids, embeddings: every input and output of both jits has a
+        # sharding, so no call depends on where its arguments happen to live
+        # and no program decides a layout of its own.
         self._encode = jax.jit(functools.partial(_encode_text, pipe.text_encoder),
-                               out_shardings=_batch_sharding(self.mesh))
+                               in_shardings=(repl, batch), out_shardings=batch)
+        self._cast = jax.jit(functools.partial(cast_kernels, dtype=self.dtype), out_shardings=repl)
         self._loops: dict = {}
         self._schedulers: dict = {}
+        self.params: dict = {}
+        self._place(pipe.params)
 
     @property
     def num_devices(self) -> int:
         return self.mesh.devices.size
+
+    def _place(self, params, copy: bool = False) -> None:
+        """Puts `params` (parts of a `StableDiffusion.params` tree) on the mesh,
+        replicated, casting the `CAST_PARTS` when `cast_params`. `copy`: never
+        share a buffer with the arrays passed in."""
+        repl = _replicated(self.mesh)
+        placed = dict(self.params)
+        for part, tree in params.items():
+            # Arrays already laid out like this would otherwise be shared, not
+            # copied; a trainer that donates its params to its next step would
+            # then delete the Sampler's.
+            tree = jax.device_put(tree, repl, may_alias=False if copy else None)
+            if self.cast_params and part in CAST_PARTS and _needs_cast(tree, self.dtype):
+                # One part at a time: at most one part is held twice (as
+                # loaded and cast) while this runs.
+                tree = self._cast(tree)
+            placed[part] = tree
+        self.params = placed
+
+    def update_params(self, params: dict) -> None:
+        """Replaces the params the compiled functions run with; nothing recompiles.
+
+        `params` is a tree like `pipe.params` or a subset of its parts, e.g.
+        `{"unet": new_unet_params}` from a trainer's eval (host or device
+        arrays, on any devices). Each part must have the structure and shapes
+        of the one it replaces, and dtypes that become its dtypes once cast
+        (cast parts are cast again), so the compiled loops see the same
+        inputs; a ValueError names the first leaf that differs. The Sampler
+        keeps its own copy: the caller may donate or delete its arrays after.
+        """
+        unknown = sorted(set(params) - set(self.params))
+        if unknown:
+            raise ValueError(f"update_params got parts {unknown} this model does not have; "
+                             f"pass a subset of {sorted(self.params)}")
+        checked = {}
+        for part, tree in params.items():
+            cast = self.cast_params and part in CAST_PARTS
+            old = jax.tree_util.tree_flatten_with_path(self.params[part])
+            new = jax.tree_util.tree_flatten_with_path(tree)
+            old_paths = [jax.tree_util.keystr(p) for p, _ in old[0]]
+            new_paths = [jax.tree_util.keystr(p) for p, _ in new[0]]
+            if old_paths != new_paths:
+                missing = sorted(set(old_paths) - set(new_paths))
+                extra = sorted(set(new_paths) - set(old_paths))
+                raise ValueError(f"update_params: {part} params do not match the model's "
+                                 f"(missing {missing[:3]}, unexpected {extra[:3]}); pass the whole {part} "
+                                 f"tree of the same model, or build a new Sampler for another model")
+            for path, (_, o), (_, n) in zip(old_paths, old[0], new[0]):
+                dt = _cast_dtype(n, self.dtype) if cast else jnp.dtype(n.dtype)
+                if tuple(n.shape) != tuple(o.shape) or dt != o.dtype:
+                    raise ValueError(f"update_params: {part}{path} is {n.dtype}{list(n.shape)}, the sampler runs "
+                                     f"with {o.dtype}{list(o.shape)}; pass params of the same model in the "
+                                     f"dtype it was loaded in, or build a new Sampler")
+            # The Sampler's own container types (dict vs FrozenDict flatten to
+            # the same leaves but are different pytrees to jit's cache).
+            checked[part] = jax.tree.unflatten(old[1], [leaf for _, leaf in new[0]])
+        self._place(checked, copy=True)
 
     def scheduler(self, name: str):
         """The named sampler built from the model's scheduler config (cached)."""
@@ -225,13 +392,23 @@ class Sampler:
         return self._schedulers[name]
 
     def loop(self, name: str, use_cfg: bool, has_latents: bool, img2img: bool):
-        """The jitted denoise+decode function for these static choices (cached)."""
+        """The jitted denoise+decode function for these static choices (cached).
+
+        Its arguments: (params, cond, uncond, guidance_scale, seeds, latents,
+        init_images, state), as `prepare` builds them.
+        """
         key = (name, use_cfg, has_latents, img2img)
         if key not in self._loops:
             p = self.pipe
             fn = functools.partial(_denoise, p.unet, p.vae, self.scheduler(name), use_cfg, has_latents,
-                                   img2img, self.dtype)
-            self._loops[key] = jax.jit(fn, out_shardings=_batch_sharding(self.mesh))
+                                   img2img, self.dtype, self.mesh)
+            repl, batch = _replicated(self.mesh), _batch_sharding(self.mesh)
+            # Replicated: params, guidance scale and the scheduler state (its
+            # per-image history buffers are split inside, see _denoise). Split
+            # over the batch: embeddings, seeds, latents, init images (None
+            # for txt2img: an empty pytree, any prefix fits it).
+            in_shardings = (repl, batch, batch, repl, batch, batch, batch, repl)
+            self._loops[key] = jax.jit(fn, in_shardings=in_shardings, out_shardings=batch)
         return self._loops[key]
 
     def encode(self, prompts: Sequence[str]) -> jax.Array:
@@ -239,18 +416,15 @@ class Sampler:
         ids = self.pipe.tokenizer(list(prompts))
         return self._encode(self.params["text_encoder"], jax.device_put(ids, _batch_sharding(self.mesh)))
 
-    def __call__(self, prompts: Sequence[str], *, seeds: Sequence[int],
-                 negative_prompts: Sequence[str] | None = None, steps: int = 50,
-                 guidance_scale: float = 7.5, scheduler: str = "pndm", height: int = 512,
-                 width: int = 512, init_images: np.ndarray | None = None, strength: float = 0.8,
-                 latents: np.ndarray | None = None) -> np.ndarray:
-        """Generates one image per prompt; returns float32 [n, H, W, 3] in [0, 1].
-
-        `seeds[b]` fixes image b. `negative_prompts` replace the empty
-        unconditional prompt. `guidance_scale` 1.0 skips the unconditional
-        half. `init_images` (float [n, H, W, 3] in [0, 1]) switch to img2img
-        with `strength`. `latents` ([n, H/8, W/8, C]) replace the seeded
-        starting noise. The batch must divide by the device count (pad it).
+    def prepare(self, prompts: Sequence[str], *, seeds: Sequence[int],
+                negative_prompts: Sequence[str] | None = None, steps: int = 50,
+                guidance_scale: float = 7.5, scheduler: str = "pndm", height: int = 512,
+                width: int = 512, init_images: np.ndarray | None = None, strength: float = 0.8,
+                latents: np.ndarray | None = None) -> tuple[Any, tuple]:
+        """The jitted loop of this call and its arguments, checked and placed on
+        the mesh (the prompts already encoded): `fn(*args)` is the call's
+        images. `__call__` takes the same arguments; this is for lowering,
+        compiling or inspecting the exact program it runs.
         """
         prompts = list(prompts)
         n = len(prompts)
@@ -268,7 +442,7 @@ class Sampler:
         use_cfg = guidance_scale > 1.0
         sched = self.scheduler(scheduler)
         img2img = init_images is not None
-        batch = _batch_sharding(self.mesh)
+        batch, repl = _batch_sharding(self.mesh), _replicated(self.mesh)
         cond = self.encode(prompts)
         uncond = self.encode(negative_prompts or [""] * n) if use_cfg else cond
         lat_shape = (n, height // f, width // f, self.pipe.latent_channels)
@@ -286,10 +460,28 @@ class Sampler:
                 raise ValueError(f"init images have shape {init_images.shape}; expected {(n, height, width, 3)}")
             init = jax.device_put(init_images * 2.0 - 1.0, batch)
         fn = self.loop(scheduler, use_cfg, latents is not None, img2img)
-        out = fn(self.params, cond, uncond, jnp.float32(guidance_scale),
-                 jax.device_put(np.asarray(seeds, np.uint32), batch), jax.device_put(lat, batch), init,
-                 state)
-        return np.asarray(jax.device_get(out))
+        args = (self.params, cond, uncond, jax.device_put(np.float32(guidance_scale), repl),
+                jax.device_put(np.asarray(seeds, np.uint32), batch), jax.device_put(lat, batch), init,
+                jax.device_put(state, repl))
+        return fn, args
+
+    def __call__(self, prompts: Sequence[str], *, seeds: Sequence[int],
+                 negative_prompts: Sequence[str] | None = None, steps: int = 50,
+                 guidance_scale: float = 7.5, scheduler: str = "pndm", height: int = 512,
+                 width: int = 512, init_images: np.ndarray | None = None, strength: float = 0.8,
+                 latents: np.ndarray | None = None) -> np.ndarray:
+        """Generates one image per prompt; returns float32 [n, H, W, 3] in [0, 1].
+
+        `seeds[b]` fixes image b. `negative_prompts` replace the empty
+        unconditional prompt. `guidance_scale` 1.0 skips the unconditional
+        half. `init_images` (float [n, H, W, 3] in [0, 1]) switch to img2img
+        with `strength`. `latents` ([n, H/8, W/8, C]) replace the seeded
+        starting noise. The batch must divide by the device count (pad it).
+        """
+        fn, args = self.prepare(prompts, seeds=seeds, negative_prompts=negative_prompts, steps=steps,
+                                guidance_scale=guidance_scale, scheduler=scheduler, height=height, width=width,
+                                init_images=init_images, strength=strength, latents=latents)
+        return np.asarray(jax.device_get(fn(*args)))
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
