@@ -45,7 +45,7 @@ import jax
 from t2i_jax.data import shapes as shapes_lib
 from t2i_jax.data import sources
 from t2i_jax.data.tfds_source import TfdsSource
-from t2i_jax.data.transforms import DecodeImage, DropBad, Preprocess, SkipLog, Tokenize
+from t2i_jax.data.transforms import DecodeImage, Delay, DropBad, Preprocess, SkipLog, Tokenize
 
 __all__ = ["Loader", "make_loader", "iterator_state", "set_iterator_state", "source_from_config", "from_config",
            "SOURCE_NAMES"]
@@ -95,6 +95,7 @@ def make_loader(
     worker_buffer_size: int = 1,
     read_threads: int = 8,
     read_buffer: int = 64,
+    delay_ms: float = 0.0,
 ) -> Loader:
     """Builds the grain pipeline decode -> drop bad -> crop/flip/scale + caption -> [tokenize] -> batch.
 
@@ -113,6 +114,8 @@ def make_loader(
       worker_count: grain worker processes (0: in this process). worker_buffer_size: batches
         each worker prepares ahead.
       read_threads, read_buffer: threads and buffer for reading records from the source.
+      delay_ms: benchmarks and tests: sleep this long per batch, as a slow source or decode
+        would (to measure how well a trainer overlaps data loading with its steps).
     """
     shard_index = jax.process_index() if shard_index is None else shard_index
     shard_count = jax.process_count() if shard_count is None else shard_count
@@ -142,6 +145,8 @@ def make_loader(
     if tokenizer is not None:
         ops.append(Tokenize(tokenizer))
     ops.append(grain.transforms.Batch(batch_size=per_host, drop_remainder=True))
+    if delay_ms:
+        ops.append(Delay(float(delay_ms)))
     grain_loader = grain.DataLoader(
         data_source=source,
         sampler=sampler,
@@ -178,7 +183,7 @@ SOURCE_NAMES = ("shapes", "flickr8k", "flickr30k", "coco", "jsonl", "csv", "tfds
 _LOADER_KEYS = {
     "resolution": None, "global_batch_size": None, "seed": 0, "shuffle": True, "num_epochs": None,
     "random_crop": False, "random_flip": False, "worker_count": 0, "worker_buffer_size": 1,
-    "read_threads": 8, "read_buffer": 64,
+    "read_threads": 8, "read_buffer": 64, "delay_ms": 0.0,
 }
 # Source-specific keys, with defaults.
 _SOURCE_KEYS = {
@@ -253,7 +258,7 @@ def from_config(cfg, *, tokenizer=None, shard_index: int | None = None, shard_co
 
     Keys: `name` (one of SOURCE_NAMES), `resolution`, `global_batch_size`, and optionally
     seed, shuffle, num_epochs, random_crop, random_flip, worker_count, worker_buffer_size,
-    read_threads, read_buffer; then per source:
+    read_threads, read_buffer, delay_ms; then per source:
       shapes: split ("train" | "eval" | "holdout"), length (None: endless), holdout
         [(shape, colour), ...], source_seed;
       flickr8k, flickr30k: path (the dataset folder);
@@ -281,4 +286,5 @@ def from_config(cfg, *, tokenizer=None, shard_index: int | None = None, shard_co
         worker_buffer_size=lc["worker_buffer_size"],
         read_threads=lc["read_threads"],
         read_buffer=lc["read_buffer"],
+        delay_ms=lc["delay_ms"],
     )

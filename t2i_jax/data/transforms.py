@@ -23,13 +23,14 @@ import io
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 
 import grain
 import numpy as np
 from PIL import Image, ImageOps
 
-__all__ = ["SkipLog", "DecodeImage", "DropBad", "Preprocess", "Tokenize", "decode_image"]
+__all__ = ["SkipLog", "DecodeImage", "DropBad", "Preprocess", "Tokenize", "Delay", "decode_image"]
 
 log = logging.getLogger(__name__)
 
@@ -200,3 +201,15 @@ class Tokenize(grain.transforms.Map):
         out = dict(element)
         out["input_ids"] = np.asarray(self.tokenizer(element["caption"])[0], dtype=np.int32)
         return out
+
+
+@dataclass
+class Delay(grain.transforms.Map):
+    """Sleeps `ms` per element (a batch, placed after Batch): stands in for a slow source in
+    benchmarks of data/compute overlap."""
+
+    ms: float
+
+    def map(self, element):
+        time.sleep(self.ms / 1000.0)
+        return element

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import signal
 import threading
 from pathlib import Path
@@ -129,28 +128,16 @@ class StopSignal:
         """Requests a stop (as the signal would)."""
         self._flag.set()
 
-    def requested(self) -> bool:
-        """Whether any process received a stop signal."""
+    def requested(self, collective: bool = True) -> bool:
+        """Whether a stop was requested. With one process: this process's flag (free, every
+        step). With several: whether any process received one, combined across processes only
+        when `collective` (a blocking all-gather, so the loop asks every few steps, at the same
+        steps on every process); otherwise False, so that all processes stop together."""
         mine = self._flag.is_set()
         if jax.process_count() == 1:
             return mine
+        if not collective:
+            return False
         from jax.experimental import multihost_utils
         import numpy as np
         return bool(multihost_utils.process_allgather(np.int32(mine)).max())
-
-
-def stop_if_not_finite(step: int, metrics: dict, ckpt: Checkpointer, writer) -> None:
-    """The NaN/inf guard: if the loss or grad norm of `step` is not finite, logs
-    the metrics and raises FloatingPointError naming the step and the last good
-    checkpoint, which is kept (no save happens for this step)."""
-    bad = [k for k in ("loss", "grad_norm") if not math.isfinite(metrics[k])]
-    if not bad:
-        return
-    ckpt.wait()
-    last = ckpt.latest_step()
-    writer.write(step, metrics)
-    raise FloatingPointError(
-        f"step {step}: {' and '.join(f'{k} is {metrics[k]}' for k in bad)}; training stopped. The "
-        f"last good checkpoint ({'none' if last is None else f'step {last}'}) in {ckpt.directory} "
-        "is kept; resume from it with a lower optim.lr / optim.grad_clip, or check the data of "
-        "this step.")

@@ -41,6 +41,7 @@ from t2i_jax.eval import retrieval
 from t2i_jax.models import clip as clip_lib
 from t2i_jax.tokenizer import Tokenizer
 from t2i_jax.train import common
+from t2i_jax.train import loop as loop_lib
 from t2i_jax.train import state as state_lib
 from t2i_jax.train.metrics import MetricWriter
 
@@ -189,43 +190,22 @@ def contrastive_loss(text, image, logit_scale, mesh=None):
 
 
 # ===========================================================================
-# Sharding
+# Step (the shared tail is t2i_jax.train.loop)
 # ===========================================================================
 
-# ===========================================================================
-# Step
-# ===========================================================================
+def make_objective(model, mesh) -> loop_lib.Objective:
+    """CLIP's contrastive loss over each (micro-)batch; the temperature clamped after every update."""
 
-def make_train_step(model, tx, schedule, config, mesh, state_shardings):
-    """The jitted `(state, batch) -> (state, metrics)`; the state is donated."""
-    accum = int(config.train.grad_accum)
-    micro_sharding = NamedSharding(mesh, P(None, parallel.BATCH_AXES))
-
-    def loss_fn(params, batch):
+    def loss_fn(params, frozen, batch, step):
+        del frozen, step
         text, image = embed(model, params, batch["input_ids"], batch["image"])
         loss, acc = contrastive_loss(text, image, params["logit_scale"], mesh)
-        return loss, {"accuracy": acc}
+        return loss, {"accuracy": acc, "temperature": 1.0 / jnp.exp(params["logit_scale"].astype(jnp.float32))}
 
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    def post_update(params):
+        return {**params, "logit_scale": jnp.clip(params["logit_scale"], 0.0, MAX_LOGIT_SCALE)}
 
-    def train_step(state, batch):
-        (loss, aux), grads = state_lib.accumulate_gradients(grad_fn, state.params, batch, accum, micro_sharding)
-        grad_norm = optax.global_norm(grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        params = {**params, "logit_scale": jnp.clip(params["logit_scale"], 0.0, MAX_LOGIT_SCALE)}
-        ema = state.ema_params
-        if ema is not None:
-            ema = state_lib.ema_update(ema, params, config.ema_decay)
-        new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema,
-                            rng=jax.random.split(state.rng)[0])
-        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step),
-                   "temperature": 1.0 / jnp.exp(params["logit_scale"]), **aux}
-        return new, metrics
-
-    batch_sh = parallel.batch_sharding(mesh)
-    return jax.jit(train_step, in_shardings=(state_shardings, {"image": batch_sh, "input_ids": batch_sh}),
-                   out_shardings=(state_shardings, parallel.replicated(mesh)), donate_argnums=(0,))
+    return loop_lib.Objective("clip", loss_fn, ("image", "input_ids"), post_update=post_update)
 
 
 # ===========================================================================
@@ -250,8 +230,6 @@ def export(model, params, tokenizer, out_dir: Path) -> None:
 
 def make_evaluator(model, mesh, param_shardings, eval_set, batch_size: int):
     """`params -> retrieval metrics dict` over `eval_set` (see t2i_jax.eval.retrieval)."""
-    n_dev = mesh.devices.size
-    bs = max(n_dev, -(-batch_size // n_dev) * n_dev)
     batch_sh, rep = parallel.batch_sharding(mesh), parallel.replicated(mesh)
 
     def texts(params, ids):
@@ -264,14 +242,7 @@ def make_evaluator(model, mesh, param_shardings, eval_set, batch_size: int):
     image_fn = jax.jit(images, in_shardings=(param_shardings, batch_sh), out_shardings=rep)
 
     def run(fn, params, x):
-        out = []
-        for i in range(0, len(x), bs):
-            chunk = x[i:i + bs]
-            pad = np.concatenate([chunk, np.repeat(chunk[-1:], bs - len(chunk), 0)]) if len(chunk) < bs else chunk
-            # Every host holds the whole eval set; each device takes its rows.
-            arr = jax.make_array_from_callback(pad.shape, batch_sh, lambda idx, pad=pad: pad[idx])
-            out.append(np.asarray(jax.device_get(fn(params, arr)), np.float32)[:len(chunk)])
-        return np.concatenate(out)
+        return np.asarray(loop_lib.eval_in_batches(fn, params, [x], batch_size, mesh), np.float32)
 
     relevant = retrieval.relevance_from_captions(eval_set["captions"], eval_set["text_to_image"],
                                                  len(eval_set["image"]))
@@ -324,19 +295,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
     # --- checkpoint: resume or start -------------------------------------------
     it = iter(loader)
-    if start is not None:
-        state = common.resume(ckpt, start, abstract_state, shardings, it)
-    else:
-        start = 0
+
+    def fresh():
         if host_params is None:
             dummy = clip_lib.dummy_inputs(model)
-            state = jax.jit(lambda k: init(model.init(k, *dummy)["params"]), out_shardings=shardings)(
+            return jax.jit(lambda k: init(model.init(k, *dummy)["params"]), out_shardings=shardings)(
                 jax.random.PRNGKey(config.seed))
-        else:
-            params = jax.device_put(host_params, param_shardings)
-            state = jax.jit(init, in_shardings=(param_shardings,), out_shardings=shardings,
-                            donate_argnums=(0,))(params)
-        del host_params
+        return jax.jit(init, in_shardings=(param_shardings,), out_shardings=shardings, donate_argnums=(0,))(
+            jax.device_put(host_params, param_shardings))
+
+    state, start = loop_lib.init_or_resume(ckpt, start, fresh, abstract_state, shardings, it)
+    host_params = None  # the state owns the params now
 
     # --- eval before -------------------------------------------------------
     evaluate, results = None, {}
@@ -352,23 +321,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             results["before"] = json.loads(before_path.read_text())
 
     # --- loop --------------------------------------------------------------
-    train_step = make_train_step(model, tx, schedule, config, mesh, shardings)
     writer = MetricWriter(workdir, enabled=is_main)
-    stopped = None
     try:
-        with common.LoopControl(config, ckpt, writer, it, start=start, total_steps=total_steps,
-                                n_devices=mesh.devices.size, desc="clip", is_main=is_main) as loop:
-            for step in range(start, total_steps):
-                batch = next(it)
-                batch = {"image": batch["image"], "input_ids": batch["input_ids"]}
-                if step + 1 == config.train.debug_nan_step:  # tests: a poisoned batch
-                    batch["image"] = np.full_like(batch["image"], np.nan)
-                state, metrics = train_step(state, parallel.host_to_global(batch, mesh))
-                # One host sync per step: the NaN guard in after_step must run before any save.
-                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                stopped = loop.after_step(step + 1, state, metrics)
-                if stopped:
-                    break
+        state, stopped, _ = loop_lib.fit(
+            make_objective(model, mesh), config, tx=tx, schedule=schedule, mesh=mesh, ckpt=ckpt, writer=writer,
+            is_main=is_main, state=state, state_shardings=shardings, frozen={}, frozen_shardings={}, data_iter=it,
+            start=start, total_steps=total_steps, skipped=lambda: loader.skips.count)
     finally:
         writer.close()
         ckpt.close()

@@ -1,10 +1,9 @@
-"""What the CLIP, latent-diffusion and VAE trainers share: base config, data keys, mesh, host
-copies, the held-out image set and the per-step bookkeeping of the train loop."""
+"""What the CLIP, latent-diffusion and VAE trainers share before and after their loop (which is
+`t2i_jax.train.loop`): base config, run folder, data keys, mesh, host copies, the held-out image set."""
 
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 
 import jax
@@ -13,13 +12,13 @@ import numpy as np
 
 from t2i_jax import data as data_lib
 from t2i_jax import parallel
-from t2i_jax.train.checkpoint import Checkpointer, StopSignal, stop_if_not_finite
+from t2i_jax.train.checkpoint import Checkpointer
 
 log = logging.getLogger(__name__)
 
 # Keys of a data config that go to `data.make_loader` as they are.
 LOADER_KEYS = ("seed", "shuffle", "num_epochs", "random_crop", "random_flip", "worker_count",
-               "worker_buffer_size", "read_threads", "read_buffer")
+               "worker_buffer_size", "read_threads", "read_buffer", "delay_ms")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -40,6 +39,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.async_checkpoint = True
     c.train.preempt_at_step = 0  # tests/debugging: stop and save at this step as on SIGTERM (0: off)
     c.train.debug_nan_step = 0  # tests: feed a NaN batch at this step to exercise the NaN guard (0: off)
+    c.train.prefetch = 2  # device batches prepared ahead of the running step (a background thread)
+    c.train.stop_check_every = 10  # multi-process: combine stop signals every N steps (a collective)
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 1e-5
@@ -52,6 +53,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.grad_clip = 1.0  # global norm; 0 disables
 
     c.ema_decay = 0.0  # 0: no EMA copy of the params
+    c.ema_warmup = True  # EMA decay min(ema_decay, (1 + s) / (10 + s)) at update s + 1, as diffusers' EMAModel
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1: all devices not used by fsdp
     c.mesh.fsdp = 1
@@ -73,15 +75,6 @@ def open_run(config, workdir) -> tuple[Path, bool, Checkpointer, int | None]:
     ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=config.train.max_to_keep,
                         async_save=config.train.async_checkpoint)
     return workdir, is_main, ckpt, ckpt.latest_step()
-
-
-def resume(ckpt: Checkpointer, step: int, abstract_state, shardings, data_iter):
-    """The train state saved at `step`, laid out as `shardings`; `data_iter` is restored in place."""
-    target = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                    abstract_state, shardings)
-    state = ckpt.restore(target, data_iter, step)
-    log.info("resumed from step %d in %s", step, ckpt.directory)
-    return state
 
 
 def loader_kwargs(dcfg: dict) -> dict:
@@ -138,61 +131,3 @@ def make_eval_set(source, num_images: int, resolution: int, tokenizer) -> dict:
     ids = tokenizer(captions) if tokenizer is not None else None
     return {"image": np.stack(images), "input_ids": ids, "text_to_image": np.asarray(owner), "captions": captions,
             "skipped": skipped}
-
-
-class LoopControl:
-    """The bookkeeping after each train step, the same in every trainer.
-
-    A context manager around the step loop (it installs the SIGTERM handler and
-    the progress bar); after each step `after_step` runs, in this order, the
-    NaN/inf guard, the metrics line with throughput every `train.log_every`
-    steps, the progress bar, the periodic checkpoint, and the stop check: on
-    SIGTERM, or at `train.preempt_at_step`, it saves and returns why it stopped
-    (the caller breaks out of its loop); otherwise it returns None.
-    """
-
-    def __init__(self, config, ckpt, writer, data_iter, *, start: int, total_steps: int, n_devices: int,
-                 desc: str, is_main: bool, postfix: tuple[str, ...] = ("loss", "lr")):
-        self.config, self.ckpt, self.writer, self.data_iter = config, ckpt, writer, data_iter
-        self.total_steps, self.n_devices, self.postfix = total_steps, n_devices, postfix
-        self._show = is_main and config.progress
-        self._desc, self._start = desc, start
-        self._signal = StopSignal()
-        self.pbar = None
-        self._t_last, self._s_last = time.perf_counter(), start
-
-    def __enter__(self) -> LoopControl:
-        self._signal.__enter__()
-        if self._show:
-            from tqdm import tqdm
-            self.pbar = tqdm(total=self.total_steps, initial=self._start, desc=self._desc, dynamic_ncols=True)
-        return self
-
-    def __exit__(self, *exc):
-        if self.pbar is not None:
-            self.pbar.close()
-        return self._signal.__exit__(*exc)
-
-    def after_step(self, done: int, state, metrics: dict) -> str | None:
-        """Bookkeeping for step `done` (1-based) with its host `metrics`; the stop reason, or None."""
-        train = self.config.train
-        stop_if_not_finite(done, metrics, self.ckpt, self.writer)
-        if done % train.log_every == 0 or done == self.total_steps:
-            now = time.perf_counter()
-            rate = (done - self._s_last) / max(now - self._t_last, 1e-9)
-            self._t_last, self._s_last = now, done
-            self.writer.write(done, {**metrics, "steps_per_sec": rate,
-                                     "samples_per_sec_per_device": rate * self.config.batch_size / self.n_devices})
-        if self.pbar is not None:
-            self.pbar.update(1)
-            fmt = {"loss": "{:.4f}", "lr": "{:.2e}"}
-            self.pbar.set_postfix({k: fmt.get(k, "{:.4g}").format(metrics[k]) for k in self.postfix if k in metrics})
-        if done % train.checkpoint_every == 0 or done == self.total_steps:
-            self.ckpt.save(done, state, self.data_iter, self.config)
-        signalled = self._signal.requested()
-        if signalled or done == train.preempt_at_step:
-            reason = "signal" if signalled else "preempt_at_step"
-            self.ckpt.save(done, state, self.data_iter, self.config)
-            log.warning("stopped at step %d (%s); checkpoint saved in %s", done, reason, self.ckpt.directory)
-            return reason
-        return None

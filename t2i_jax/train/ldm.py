@@ -34,8 +34,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from t2i_jax import data as data_lib
 from t2i_jax import parallel, schedulers
@@ -48,13 +46,12 @@ from t2i_jax.models import vae as vae_lib
 from t2i_jax.pipeline import StableDiffusion
 from t2i_jax.tokenizer import Tokenizer
 from t2i_jax.train import common
+from t2i_jax.train import loop as loop_lib
 from t2i_jax.train import export as export_lib
 from t2i_jax.train import state as state_lib
 from t2i_jax.train.metrics import MetricWriter
 
 log = logging.getLogger(__name__)
-
-PARTITION_RULES = ((r".*", "fsdp"),)
 
 
 # ===========================================================================
@@ -118,10 +115,11 @@ def make_source(config):
     return data_lib.source_from_config(dcfg), dcfg
 
 
-def make_stream(config, source, dcfg):
-    """The per-host grain loader (images + caption strings; tokenized in the loop)."""
+def make_stream(config, source, dcfg, tokenizer):
+    """The per-host grain loader: images and their captions' token ids (tokenized by the loader's
+    workers, not on the train loop's thread)."""
     return data_lib.make_loader(source, global_batch_size=config.batch_size, resolution=dcfg["resolution"],
-                                tokenizer=None, **common.loader_kwargs(dcfg))
+                                tokenizer=tokenizer, **common.loader_kwargs(dcfg))
 
 
 class CacheIterator:
@@ -136,6 +134,14 @@ class CacheIterator:
         self.n = len(cache["mean"])
         per = global_batch // jax.process_count()
         self.rows = slice(jax.process_index() * per, (jax.process_index() + 1) * per)
+        self._perms: dict[int, np.ndarray] = {}  # the epochs' permutations in use (at most two)
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            if len(self._perms) >= 2:
+                self._perms.pop(min(self._perms))
+            self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        return self._perms[epoch]
 
     def indices(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         """(record indices, caption indices) of the global batch of `step`."""
@@ -143,8 +149,7 @@ class CacheIterator:
         epochs = pos // self.n
         idx = np.empty_like(pos)
         for e in np.unique(epochs):
-            perm = np.random.default_rng([self.seed, int(e)]).permutation(self.n)
-            idx[epochs == e] = perm[pos[epochs == e] % self.n]
+            idx[epochs == e] = self._perm(int(e))[pos[epochs == e] % self.n]
         u = np.random.default_rng([self.seed, step, 1]).random(self.global_batch)
         cap = self.cache["cap_start"][idx] + (u * self.cache["cap_count"][idx]).astype(np.int64)
         return idx, cap
@@ -199,21 +204,13 @@ def _encode_in_chunks(fn, params, arrays: list, chunk: int, mesh) -> list:
 
 
 def build_cache(config, source, res: int, parts, tokenizer, frozen, mesh) -> dict:
-    """Encodes records [0, cache.size) once: {"mean", "std" [N, h, w, c], "context" [M, L, D] for every
-    caption, "cap_start", "cap_count" [N]}, plus "empty" [L, D] (the "" caption's states)."""
+    """Encodes records [0, cache.size) once, `cache.batch_size` images at a time as they are read:
+    {"mean", "std" [N, h, w, c], "context" [M, L, D] for every caption, "cap_start", "cap_count" [N]},
+    "empty" [L, D] (the "" caption's states) and "skipped" [(key, reason)]: a record whose image
+    does not decode is left out and counted, as the streaming loader does."""
     n = int(config.cache.size) or len(source)
     if n > 10_000_000:
         raise ValueError(f"{source!r} is endless; set cache.size to the number of records to cache")
-    images, captions, start, count = [], [], [], []
-    for i in range(n):
-        rec = source[i]
-        img = data_lib.decode_image(rec["image"], res)
-        h, w = img.shape[:2]
-        top, left = (h - res) // 2, (w - res) // 2
-        images.append(img[top:top + res, left:left + res].astype(np.float32) / 127.5 - 1.0)
-        start.append(len(captions))
-        count.append(len(rec["captions"]))
-        captions += list(rec["captions"])
     rep = parallel.replicated(mesh)
     vae, te = parts["vae"], parts["text_encoder"]
 
@@ -224,14 +221,45 @@ def build_cache(config, source, res: int, parts, tokenizer, frozen, mesh) -> dic
     def enc_txt(fp, ids):
         return te.apply({"params": fp["text_encoder"]}, ids).last_hidden_state.astype(jnp.float32)
 
+    enc_img, enc_txt = jax.jit(enc_img, out_shardings=rep), jax.jit(enc_txt, out_shardings=rep)
     bs = int(config.cache.batch_size)
-    mean, std = _encode_in_chunks(jax.jit(enc_img, out_shardings=rep), frozen, [np.stack(images)], bs, mesh)
-    ids = tokenizer(captions + [""])
-    context = _encode_in_chunks(jax.jit(enc_txt, out_shardings=rep), frozen, [ids], bs, mesh)
-    log.info("cached %d records (%d captions): latents %s, text states %s", n, len(captions), mean.shape[1:],
-             context.shape[1:])
+    means, stds, pending, captions, start, count, skipped = [], [], [], [], [], [], []
+
+    def flush():
+        if pending:
+            m, sd = _encode_in_chunks(enc_img, frozen, [np.stack(pending)], bs, mesh)
+            means.append(m)
+            stds.append(sd)
+            pending.clear()
+
+    for i in range(n):
+        rec = source[i]
+        try:
+            img = data_lib.decode_image(rec["image"], res)
+        except Exception as e:  # noqa: BLE001  one bad image costs that image, as in the streaming loader
+            key = str(rec.get("key", i))
+            log.warning("cache: skipping image %s: %s", key, e)
+            skipped.append((key, str(e)))
+            continue
+        h, w = img.shape[:2]
+        top, left = (h - res) // 2, (w - res) // 2
+        pending.append(img[top:top + res, left:left + res].astype(np.float32) / 127.5 - 1.0)
+        start.append(len(captions))
+        count.append(len(rec["captions"]))
+        captions += list(rec["captions"])
+        if len(pending) == bs:
+            flush()
+    flush()
+    if not start:
+        names = ", ".join(k for k, _ in skipped[:5])
+        raise ValueError(f"none of the {n} records of {source!r} has an image that decodes (e.g. {names}); "
+                         "check the dataset's image paths")
+    mean, std = np.concatenate(means), np.concatenate(stds)
+    context = _encode_in_chunks(enc_txt, frozen, [tokenizer(captions + [""])], bs, mesh)
+    log.info("cached %d records (%d captions, %d images skipped): latents %s, text states %s", len(start),
+             len(captions), len(skipped), mean.shape[1:], context.shape[1:])
     return {"mean": mean, "std": std, "context": context[:-1], "empty": context[-1],
-            "cap_start": np.asarray(start), "cap_count": np.asarray(count)}
+            "cap_start": np.asarray(start), "cap_count": np.asarray(count), "skipped": skipped}
 
 
 # ===========================================================================
@@ -324,27 +352,45 @@ def diffusion_loss(model_output, x0, noise, timesteps, alphas_cumprod, *, predic
 
 
 # ===========================================================================
-# Step
+# Step (the shared tail is t2i_jax.train.loop)
 # ===========================================================================
 
-def make_train_step(parts, tx, schedule, config, mesh, state_shardings, frozen_shardings, cached: bool,
-                    empty_ids: np.ndarray, empty_context):
-    """The jitted `(state, frozen, batch) -> (state, metrics)`; only the state is donated."""
-    accum = int(config.train.grad_accum)
+def batch_keys(cached: bool) -> tuple[str, ...]:
+    """The host arrays of a train batch: cached posteriors and text states, or images and token ids."""
+    return ("mean", "std", "context") if cached else ("image", "input_ids")
+
+
+def make_objective(parts, config, cached: bool, empty_ids: np.ndarray, empty_context) -> loop_lib.Objective:
+    """The diffusion loss of the U-Net on (micro-)batches conditioned by the frozen VAE and text encoder."""
     dc = config.diffusion
     unet, vae, te = parts["unet"], parts["vae"], parts["text_encoder"]
     abar = jnp.asarray(schedulers.from_config("ddpm", parts["scheduler_config"]).alphas_cumprod)
     num_t = abar.shape[0]
     prediction = parts["scheduler_config"]["prediction_type"]
-    batch_sh = parallel.batch_sharding(mesh)
-    micro_sharding = NamedSharding(mesh, P(None, parallel.BATCH_AXES))
+
+    def augment(frozen, batch, key):
+        """The step's randomness for the whole batch: timesteps, noise, posterior noise, caption dropout."""
+        del frozen
+        k_t, k_noise, k_off, k_drop, k_z = jax.random.split(key, 5)
+        b = jax.tree_util.tree_leaves(batch)[0].shape[0]
+        if cached:
+            lat_shape = batch["mean"].shape
+        else:
+            f = vae.config.downsample_factor
+            lat_shape = (b, batch["image"].shape[1] // f, batch["image"].shape[2] // f, vae.config.latent_channels)
+        rnd = {"t": jax.random.randint(k_t, (b,), 0, num_t), "noise": jax.random.normal(k_noise, lat_shape),
+               "eps_z": jax.random.normal(k_z, lat_shape), "drop": jax.random.uniform(k_drop, (b,)) < dc.caption_dropout}
+        if dc.noise_offset:
+            rnd["noise"] = rnd["noise"] + dc.noise_offset * jax.random.normal(k_off, (b, 1, 1, lat_shape[-1]))
+        return {**batch, **rnd}
 
     def condition(frozen, mb):
         """(latents, text states) of a micro-batch, with its caption dropout applied."""
         drop = mb["drop"]
         if cached:
             z = mb["mean"] + mb["std"] * mb["eps_z"]
-            ctx = jnp.where(drop[:, None, None], empty_context[None].astype(mb["context"].dtype), mb["context"])
+            ctx = jnp.where(drop[:, None, None], jnp.asarray(empty_context)[None].astype(mb["context"].dtype),
+                            mb["context"])
         else:
             post = vae.apply({"params": frozen["vae"]}, mb["image"], method=vae.encode)
             z = post.mean + post.std * mb["eps_z"]
@@ -352,44 +398,52 @@ def make_train_step(parts, tx, schedule, config, mesh, state_shardings, frozen_s
             ctx = te.apply({"params": frozen["text_encoder"]}, ids).last_hidden_state
         return jax.lax.stop_gradient(to_latents(vae.config, z)), jax.lax.stop_gradient(ctx)
 
-    def train_step(state, frozen, batch):
-        rng, key = jax.random.split(state.rng)
-        k_t, k_noise, k_off, k_drop, k_z = jax.random.split(key, 5)
-        b = jax.tree_util.tree_leaves(batch)[0].shape[0]
-        lat_shape = batch["mean"].shape if cached else (
-            b, batch["image"].shape[1] // vae.config.downsample_factor,
-            batch["image"].shape[2] // vae.config.downsample_factor, vae.config.latent_channels)
-        rnd = {"t": jax.random.randint(k_t, (b,), 0, num_t),
-               "noise": jax.random.normal(k_noise, lat_shape),
-               "eps_z": jax.random.normal(k_z, lat_shape),
-               "drop": jax.random.uniform(k_drop, (b,)) < dc.caption_dropout}
-        if dc.noise_offset:
-            rnd["noise"] = rnd["noise"] + dc.noise_offset * jax.random.normal(k_off, (b, 1, 1, lat_shape[-1]))
-        rnd = jax.lax.with_sharding_constraint(rnd, jax.tree_util.tree_map(lambda _: batch_sh, rnd))
-        full = {**batch, **rnd}
+    def loss_fn(params, frozen, mb, step):
+        del step
+        x0, ctx = condition(frozen, mb)
+        xt = schedulers.add_noise(abar, x0, mb["noise"], mb["t"])
+        out = unet.apply({"params": params}, xt, mb["t"], ctx)
+        loss = diffusion_loss(out, x0, mb["noise"], mb["t"], abar, prediction_type=prediction, snr_gamma=dc.snr_gamma)
+        return loss, {"latent_std": jnp.std(x0)}
 
-        def loss_fn(params, mb):
-            x0, ctx = condition(frozen, mb)
-            xt = schedulers.add_noise(abar, x0, mb["noise"], mb["t"])
-            out = unet.apply({"params": params}, xt, mb["t"], ctx)
-            loss = diffusion_loss(out, x0, mb["noise"], mb["t"], abar, prediction_type=prediction,
-                                  snr_gamma=dc.snr_gamma)
-            return loss, {"latent_std": jnp.std(x0)}
+    return loop_lib.Objective("ldm", loss_fn, batch_keys(cached), augment=augment)
 
-        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (loss, aux), grads = state_lib.accumulate_gradients(grad_fn, state.params, full, accum, micro_sharding)
-        grad_norm = optax.global_norm(grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        ema = state.ema_params
-        if ema is not None:
-            ema = state_lib.ema_update(ema, params, config.ema_decay)
-        new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema, rng=rng)
-        return new, {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step), **aux}
 
-    keys = ("mean", "std", "context") if cached else ("image", "input_ids")
-    return jax.jit(train_step, in_shardings=(state_shardings, frozen_shardings, {k: batch_sh for k in keys}),
-                   out_shardings=(state_shardings, parallel.replicated(mesh)), donate_argnums=(0,))
+def make_optimizer(config, total_steps: int):
+    """(tx, schedule) from `config.optim` over `total_steps`."""
+    return state_lib.make_optimizer(ml_collections.ConfigDict({**config.optim.to_dict(), "total_steps": total_steps}))
+
+
+def setup_step(parts, config, mesh, *, cached: bool, total_steps: int, empty_context=None) -> dict:
+    """The trainer's step and the layout around it, for `train_and_evaluate` and the benchmark.
+
+    Returns {"step_fn" (jitted `(state, acc, frozen, batch) -> (state, acc)`, state and accumulator
+    donated), "objective", "tx", "schedule", "init" (params -> fresh state, traceable),
+    "abstract_state", "shardings" (of the state), "frozen_shardings", "empty_ids"}.
+    """
+    unet = parts["unet"]
+    tx, schedule = make_optimizer(config, total_steps)
+    init = lambda params: state_lib.create_state(params, tx, ema=config.ema_decay > 0, seed=config.seed)  # noqa: E731
+    abstract_params = jax.eval_shape(unet.init, jax.random.PRNGKey(0), *unet_lib.dummy_inputs(unet.config))["params"]
+    abstract_state = jax.eval_shape(init, abstract_params)
+    shardings = state_lib.state_shardings(abstract_state, parallel.DEFAULT_RULES, mesh, config.mesh.fsdp_min_size)
+    frozen_sh = {k: jax.tree_util.tree_map(lambda _: parallel.replicated(mesh), parts["params"][k])
+                 for k in ("vae", "text_encoder")}
+    empty_ids = parts["tokenizer"]([""])[0]
+    objective = make_objective(parts, config, cached, empty_ids, empty_context)
+    step_fn = loop_lib.make_train_step(objective, tx, schedule, config, mesh, shardings, frozen_sh)
+    return {"step_fn": step_fn, "objective": objective, "tx": tx, "schedule": schedule, "init": init,
+            "abstract_state": abstract_state, "shardings": shardings, "frozen_shardings": frozen_sh,
+            "empty_ids": empty_ids}
+
+
+def parts_from_pipeline(pipe: StableDiffusion, config) -> dict:
+    """`make_parts`'s dict for a loaded `StableDiffusion` (the benchmark's model)."""
+    sched = dict(pipe.scheduler_config)
+    if config.diffusion.prediction_type:
+        sched["prediction_type"] = config.diffusion.prediction_type
+    return {"tokenizer": pipe.tokenizer, "text_encoder": pipe.text_encoder, "vae": pipe.vae,
+            "unet": pipe.unet.clone(remat=config.model.remat), "scheduler_config": sched, "params": dict(pipe.params)}
 
 
 # ===========================================================================
@@ -403,29 +457,44 @@ def build_pipeline(parts, unet_params, source: str = "") -> StableDiffusion:
                            source=source)
 
 
-def write_samples(pipe: StableDiffusion, config, path: Path) -> np.ndarray:
-    """Samples one image per `eval.prompts` on this host's first device; writes a PNG grid."""
-    from PIL import Image
+class SampleWriter:
+    """Samples one image per `eval.prompts` on this host's first device and writes a PNG grid.
 
-    from t2i_jax import pipeline
+    One `pipeline.Sampler` serves every eval of a run: new U-Net params replace the old ones in
+    it, so the sampling loop compiles once, at the first eval.
+    """
 
-    sampler = pipeline.Sampler(pipe, mesh=pipeline.make_mesh(jax.local_devices()[:1]))
-    prompts = list(config.eval.prompts)
-    side = int(config.data.resolution)
-    images = sampler(prompts, seeds=[config.eval.seed + i for i in range(len(prompts))], steps=config.eval.steps,
-                     guidance_scale=config.eval.guidance_scale, scheduler=config.eval.scheduler, height=side,
-                     width=side)
-    cols = min(len(prompts), 8)
-    rows = -(-len(prompts) // cols)
-    grid = np.ones((rows * side, cols * side, 3), np.float32)
-    for i, img in enumerate(images):
-        r, c = divmod(i, cols)
-        grid[r * side:(r + 1) * side, c * side:(c + 1) * side] = img
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    Image.fromarray(pipeline.to_uint8(grid)).save(tmp)
-    os.replace(tmp, path)
-    return images
+    def __init__(self, parts, config):
+        self.parts, self.config, self.sampler = parts, config, None
+
+    def __call__(self, unet_params, path: Path) -> np.ndarray:
+        from PIL import Image
+
+        from t2i_jax import pipeline
+
+        params = {**self.parts["params"], "unet": unet_params}
+        if self.sampler is None:
+            pipe = build_pipeline(self.parts, unet_params)
+            self.sampler = pipeline.Sampler(pipe, mesh=pipeline.make_mesh(jax.local_devices()[:1]))
+        else:
+            self.sampler.update_params(params)
+        config = self.config
+        prompts = list(config.eval.prompts)
+        side = int(config.data.resolution)
+        images = self.sampler(prompts, seeds=[config.eval.seed + i for i in range(len(prompts))],
+                              steps=config.eval.steps, guidance_scale=config.eval.guidance_scale,
+                              scheduler=config.eval.scheduler, height=side, width=side)
+        cols = min(len(prompts), 8)
+        rows = -(-len(prompts) // cols)
+        grid = np.ones((rows * side, cols * side, 3), np.float32)
+        for i, img in enumerate(images):
+            r, c = divmod(i, cols)
+            grid[r * side:(r + 1) * side, c * side:(c + 1) * side] = img
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.png")
+        Image.fromarray(pipeline.to_uint8(grid)).save(tmp)
+        os.replace(tmp, path)
+        return images
 
 
 # ===========================================================================
@@ -436,7 +505,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     """Trains the U-Net per `config` in `workdir` (resuming from its latest checkpoint), samples, exports.
 
     Returns {"step", "stopped" (None | "signal" | "preempt_at_step"), "state", "samples" (the last
-    sample images or None)}. Raises FloatingPointError on a non-finite loss or grad norm.
+    sample images or None), "skipped_images", "compile_seconds"}. Raises FloatingPointError on a
+    non-finite loss, gradient norm or update.
     """
     workdir, is_main, ckpt, start = common.open_run(config, workdir)
 
@@ -451,8 +521,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     total_steps = int(config.train.steps)
     if total_steps <= 0:
         total_steps = math.ceil(config.train.epochs * len(source) / config.batch_size)
-    tx, schedule = state_lib.make_optimizer(
-        ml_collections.ConfigDict({**config.optim.to_dict(), "total_steps": total_steps}))
 
     # --- sharding ----------------------------------------------------------
     mesh = common.make_run_mesh(config)
@@ -460,72 +528,51 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     if config.batch_size % n_dev or (config.batch_size // config.train.grad_accum) % n_dev:
         raise ValueError(f"batch_size {config.batch_size} / grad_accum {config.train.grad_accum} must be a multiple "
                          f"of the {n_dev} devices")
-    ema = config.ema_decay > 0
-    init = lambda params: state_lib.create_state(params, tx, ema=ema, seed=config.seed)  # noqa: E731
-    abstract_params = jax.eval_shape(unet.init, jax.random.PRNGKey(0), *unet_lib.dummy_inputs(unet.config))["params"]
-    abstract_state = jax.eval_shape(init, abstract_params)
-    shardings = state_lib.state_shardings(abstract_state, PARTITION_RULES, mesh, config.mesh.fsdp_min_size)
     frozen_host = {"vae": parts["params"]["vae"], "text_encoder": parts["params"]["text_encoder"]}
-    frozen_sh = jax.tree_util.tree_map(lambda _: parallel.replicated(mesh), frozen_host)
-    frozen = put_global(frozen_host, frozen_sh)
+    frozen = put_global(frozen_host, jax.tree_util.tree_map(lambda _: parallel.replicated(mesh), frozen_host))
 
     cached = bool(config.cache.enabled)
-    empty_ids = tokenizer([""])[0]
     if cached:
         cache = build_cache(config, source, res, parts, tokenizer, frozen, mesh)
         it = CacheIterator(cache, config.batch_size, int(dcfg.get("seed", 0)))
-        empty_context = cache["empty"]
+        empty_context, skipped = cache["empty"], (lambda n=len(cache["skipped"]): n)
     else:
-        it, empty_context = iter(make_stream(config, source, dcfg)), None
+        loader = make_stream(config, source, dcfg, tokenizer)
+        it, empty_context, skipped = iter(loader), None, (lambda: loader.skips.count)
+    run = setup_step(parts, config, mesh, cached=cached, total_steps=total_steps, empty_context=empty_context)
+    shardings, init = run["shardings"], run["init"]
 
     # --- checkpoint: resume or start -------------------------------------------
-    if start is not None:
-        state = common.resume(ckpt, start, abstract_state, shardings, it)
-    else:
-        start = 0
+    def fresh():
         host_params = parts["params"]["unet"]
         if host_params is None:
-            state = jax.jit(lambda k: init(unet.init(k, *unet_lib.dummy_inputs(unet.config))["params"]),
-                            out_shardings=shardings)(jax.random.PRNGKey(config.seed))
-        else:
-            state = jax.jit(init, in_shardings=(shardings.params,), out_shardings=shardings, donate_argnums=(0,))(
-                put_global(host_params, shardings.params))
+            return jax.jit(lambda k: init(unet.init(k, *unet_lib.dummy_inputs(unet.config))["params"]),
+                           out_shardings=shardings)(jax.random.PRNGKey(config.seed))
+        return jax.jit(init, in_shardings=(shardings.params,), out_shardings=shardings, donate_argnums=(0,))(
+            put_global(host_params, shardings.params))
+
+    state, start = loop_lib.init_or_resume(ckpt, start, fresh, run["abstract_state"], shardings, it)
     parts["params"]["unet"] = None
 
     # --- loop --------------------------------------------------------------
-    train_step = make_train_step(parts, tx, schedule, config, mesh, shardings, frozen_sh, cached, empty_ids,
-                                 empty_context)
     writer = MetricWriter(workdir, enabled=is_main)
-    use_ema = ema and config.eval.use_ema
+    use_ema = config.ema_decay > 0 and config.eval.use_ema
+    sample_writer = SampleWriter(parts, config)
     samples = None
 
-    def sample(step):
+    def sample(step, state):
+        nonlocal samples
         host = common.to_host(state.ema_params if use_ema else state.params)  # a collective
         if is_main:
-            return write_samples(build_pipeline(parts, host), config, workdir / "samples" / f"step_{step}.png")
-        return None
+            samples = sample_writer(host, workdir / "samples" / f"step_{step}.png")
 
-    stopped = None
+    evals = [(int(config.eval.every), sample)] if config.eval.prompts else []
     try:
-        with common.LoopControl(config, ckpt, writer, it, start=start, total_steps=total_steps, n_devices=n_dev,
-                                desc="ldm", is_main=is_main) as loop:
-            for step in range(start, total_steps):
-                raw = next(it)
-                if cached:
-                    batch = raw
-                else:
-                    batch = {"image": raw["image"], "input_ids": tokenizer([str(c) for c in raw["caption"]])}
-                if step + 1 == config.train.debug_nan_step:  # tests: a poisoned batch
-                    batch = {**batch, **{k: np.full_like(batch[k], np.nan) for k in ("mean", "image") if k in batch}}
-                state, metrics = train_step(state, frozen, parallel.host_to_global(batch, mesh))
-                done = step + 1
-                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                stopped = loop.after_step(done, state, metrics)
-                if stopped:
-                    break
-                if config.eval.prompts and config.eval.every and done % config.eval.every == 0 and \
-                        done != total_steps:
-                    samples = sample(done)
+        state, stopped, loop = loop_lib.fit(
+            run["objective"], config, tx=run["tx"], schedule=run["schedule"], mesh=mesh, ckpt=ckpt, writer=writer,
+            is_main=is_main, state=state, state_shardings=shardings, frozen=frozen,
+            frozen_shardings=run["frozen_shardings"], data_iter=it, start=start, total_steps=total_steps,
+            evals=evals, skipped=skipped)
     finally:
         writer.close()
         ckpt.close()
@@ -535,11 +582,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     if stopped is None and (config.eval.prompts or config.export):
         host = common.to_host(state.ema_params if use_ema else state.params)
         if is_main:
-            pipe = build_pipeline(parts, host, source=str(workdir / "export"))
             if config.eval.prompts:
-                samples = write_samples(pipe, config, workdir / "samples" / f"step_{final_step}.png")
+                samples = sample_writer(host, workdir / "samples" / f"step_{final_step}.png")
             if config.export:
+                pipe = build_pipeline(parts, host, source=str(workdir / "export"))
                 pipe.unet = pipe.unet.clone(config=export_lib.with_sample_size(unet.config,
                                                                                res // vae.config.downsample_factor))
                 export_lib.export_pipeline(pipe, workdir / "export")
-    return {"step": final_step, "stopped": stopped, "state": state, "samples": samples}
+    return {"step": final_step, "stopped": stopped, "state": state, "samples": samples,
+            "skipped_images": skipped(), "compile_seconds": loop.compile_seconds}

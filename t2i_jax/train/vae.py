@@ -9,7 +9,8 @@ elements, mean over the batch), plus, from step `disc.start` on,
 discriminator, which is trained with the hinge loss
 mean relu(1 - D(real)) + mean relu(1 + D(fake)). Both param sets sit in one
 TrainState (`params = {"vae", ["disc"]}`), each updated from its own loss
-by one AdamW.
+by its own AdamW (`disc.lr`, `disc.grad_clip`), and `train.grad_accum`
+micro-batches add up to exactly one batch.
 
 Eval (before and after): reconstruction PSNR of the posterior mean on a
 held-out split (`eval_before.json`, `eval_after.json`, and in metrics.jsonl
@@ -39,6 +40,7 @@ from t2i_jax import parallel
 from t2i_jax.convert import diffusers as diffusers_convert
 from t2i_jax.models import vae as vae_lib
 from t2i_jax.train import common
+from t2i_jax.train import loop as loop_lib
 from t2i_jax.train import state as state_lib
 from t2i_jax.train.metrics import MetricWriter
 
@@ -68,6 +70,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.disc.weight = 0.1  # generator's GAN-loss weight
     c.disc.channels = 32  # first conv width (doubles per layer)
     c.disc.layers = 2  # stride-2 convs
+    c.disc.lr = 0.0  # the discriminator's own AdamW (optim's betas, schedule shape); 0: optim.lr
+    c.disc.grad_clip = 1.0  # global norm of the discriminator's gradients alone; 0 disables
     c.optim.lr = 1e-3
     c.optim.b1 = 0.5
     c.optim.b2 = 0.9
@@ -152,57 +156,62 @@ def psnr(recon, images):
 
 
 # ===========================================================================
-# Step
+# Step (the shared tail is t2i_jax.train.loop)
 # ===========================================================================
 
-def make_train_step(vae, disc, tx, schedule, config, mesh, state_shardings):
-    """The jitted `(state, batch) -> (state, metrics)`; the state is donated."""
+def make_optimizer(config, total_steps: int):
+    """(tx, schedule): AdamW for the VAE (`optim`), and with the discriminator on, a second AdamW of
+    its own (`disc.lr`, `disc.grad_clip`) over its params, via `optax.multi_transform`."""
+    ocfg = {**config.optim.to_dict(), "total_steps": total_steps}
+    tx, schedule = state_lib.make_optimizer(ml_collections.ConfigDict(ocfg))
+    if not config.disc.enabled:
+        return tx, schedule
+    dcfg = {**ocfg, "lr": config.disc.lr or config.optim.lr, "grad_clip": config.disc.grad_clip}
+    tx_disc, _ = state_lib.make_optimizer(ml_collections.ConfigDict(dcfg))
+    labels = lambda p: {k: jax.tree_util.tree_map(lambda _: k, v) for k, v in p.items()}  # noqa: E731
+    return optax.multi_transform({"vae": tx, "disc": tx_disc}, labels), schedule
+
+
+def make_objective(vae, disc, config) -> loop_lib.Objective:
+    """Reconstruction + KL (+ the generator's GAN loss) for the VAE and, with `disc`, the hinge
+    loss of the discriminator, in one scalar: each part's gradient reaches only its own params
+    (the discriminator's params are constant in the generator loss, the reconstructions constant
+    in the discriminator's), so one gradient serves both optimizers."""
     l1 = config.loss.reconstruction == "l1"
     if config.loss.reconstruction not in ("l1", "l2"):
         raise ValueError(f"loss.reconstruction {config.loss.reconstruction!r}: use 'l1' or 'l2'")
+    f = vae.config.downsample_factor
 
-    def train_step(state, batch):
-        rng, k_z = jax.random.split(state.rng)
+    def augment(frozen, batch, key):
+        del frozen
         x = batch["image"]
-        gan_on = (state.step >= config.disc.start).astype(jnp.float32) if disc is not None else 0.0
+        shape = (x.shape[0], x.shape[1] // f, x.shape[2] // f, vae.config.latent_channels)
+        # The posterior's noise for the whole batch, so micro-batches draw what one batch would.
+        return {**batch, "eps_z": jax.random.normal(key, shape)}
 
-        def gen_loss(vae_params):
-            post = vae.apply({"params": vae_params}, x, method=vae.encode)
-            recon = vae.apply({"params": vae_params}, post.sample(k_z), method=vae.decode)
-            err = jnp.abs(recon - x) if l1 else jnp.square(recon - x)
-            rec, kl = jnp.mean(err), jnp.mean(post.kl())
-            loss = rec + config.loss.kl_weight * kl
-            aux = {"rec_loss": rec, "kl": kl}
-            if disc is not None:
-                g = -jnp.mean(disc.apply({"params": state.params["disc"]}, recon))
-                loss = loss + gan_on * config.disc.weight * g
-                aux["g_loss"] = g
-            return loss, (aux, recon)
+    def loss_fn(params, frozen, batch, step):
+        del frozen
+        x = batch["image"]
+        post = vae.apply({"params": params["vae"]}, x, method=vae.encode)
+        z = post.mean + post.std * batch["eps_z"].astype(post.mean.dtype)
+        recon = vae.apply({"params": params["vae"]}, z, method=vae.decode)
+        err = jnp.abs(recon - x) if l1 else jnp.square(recon - x)
+        rec, kl = jnp.mean(err), jnp.mean(post.kl())
+        gen = rec + config.loss.kl_weight * kl
+        aux = {"rec_loss": rec, "kl": kl}
+        if disc is None:
+            return gen, aux
+        gan_on = (step >= config.disc.start).astype(jnp.float32)
+        frozen_disc = jax.lax.stop_gradient(params["disc"])
+        g = -jnp.mean(disc.apply({"params": frozen_disc}, recon))
+        gen = gen + gan_on * config.disc.weight * g
+        fake = jax.lax.stop_gradient(recon)
+        real_logits = disc.apply({"params": params["disc"]}, x)
+        fake_logits = disc.apply({"params": params["disc"]}, fake)
+        d = gan_on * (jnp.mean(nn.relu(1.0 - real_logits)) + jnp.mean(nn.relu(1.0 + fake_logits)))
+        return gen + d, {**aux, "g_loss": g, "d_loss": d, "loss": gen}
 
-        (loss, (aux, recon)), g_vae = jax.value_and_grad(gen_loss, has_aux=True)(state.params["vae"])
-        grads = {"vae": g_vae}
-        if disc is not None:
-            fake = jax.lax.stop_gradient(recon)
-
-            def disc_loss(dp):
-                real_logits = disc.apply({"params": dp}, x)
-                fake_logits = disc.apply({"params": dp}, fake)
-                return gan_on * (jnp.mean(nn.relu(1.0 - real_logits)) + jnp.mean(nn.relu(1.0 + fake_logits)))
-
-            d_loss, grads["disc"] = jax.value_and_grad(disc_loss)(state.params["disc"])
-            aux["d_loss"] = d_loss
-        grad_norm = optax.global_norm(grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        ema = state.ema_params
-        if ema is not None:
-            ema = state_lib.ema_update(ema, params, config.ema_decay)
-        new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema, rng=rng)
-        return new, {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step), **aux}
-
-    batch_sh = parallel.batch_sharding(mesh)
-    return jax.jit(train_step, in_shardings=(state_shardings, {"image": batch_sh}),
-                   out_shardings=(state_shardings, parallel.replicated(mesh)), donate_argnums=(0,))
+    return loop_lib.Objective("vae", loss_fn, ("image",), augment=augment, postfix=("loss",))
 
 
 # ===========================================================================
@@ -221,8 +230,6 @@ def export(vae, params, latent_std: float, out_dir: Path) -> Path:
 
 def make_evaluator(vae, mesh, vae_shardings, images: np.ndarray, batch_size: int):
     """`vae params -> {"psnr", "latent_std", "num_images"}` on the held-out images (posterior mean)."""
-    n_dev = mesh.devices.size
-    bs = max(n_dev, -(-batch_size // n_dev) * n_dev)
     batch_sh, rep = parallel.batch_sharding(mesh), parallel.replicated(mesh)
 
     def f(params, x):
@@ -232,16 +239,8 @@ def make_evaluator(vae, mesh, vae_shardings, images: np.ndarray, batch_size: int
     fn = jax.jit(f, in_shardings=(vae_shardings, batch_sh), out_shardings=(rep, rep))
 
     def evaluate(params):
-        scores, latents = [], []
-        for i in range(0, len(images), bs):
-            chunk = images[i:i + bs]
-            pad = np.concatenate([chunk, np.repeat(chunk[-1:], bs - len(chunk), 0)]) if len(chunk) < bs else chunk
-            arr = jax.make_array_from_callback(pad.shape, batch_sh, lambda idx, pad=pad: pad[idx])
-            s, z = jax.device_get(fn(params, arr))
-            scores.append(s[:len(chunk)])
-            latents.append(z[:len(chunk)])
-        return {"psnr": float(np.mean(np.concatenate(scores))),
-                "latent_std": float(np.std(np.concatenate(latents))), "num_images": int(len(images))}
+        scores, latents = loop_lib.eval_in_batches(fn, params, [images], batch_size, mesh)
+        return {"psnr": float(np.mean(scores)), "latent_std": float(np.std(latents)), "num_images": int(len(images))}
 
     return evaluate
 
@@ -265,14 +264,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     total_steps = int(config.train.steps)
     if total_steps <= 0:
         total_steps = math.ceil(config.train.epochs * len(loader.source) / config.batch_size)
-    tx, schedule = state_lib.make_optimizer(
-        ml_collections.ConfigDict({**config.optim.to_dict(), "total_steps": total_steps}))
+    tx, schedule = make_optimizer(config, total_steps)
 
     # --- sharding ----------------------------------------------------------
     mesh = common.make_run_mesh(config)
     n_dev = mesh.devices.size
-    if config.batch_size % n_dev:
-        raise ValueError(f"batch_size {config.batch_size} must be a multiple of the {n_dev} devices")
+    if config.batch_size % n_dev or (config.batch_size // config.train.grad_accum) % n_dev:
+        raise ValueError(f"batch_size {config.batch_size} / grad_accum {config.train.grad_accum} must be a multiple "
+                         f"of the {n_dev} devices")
     ema = config.ema_decay > 0
     init = lambda params: state_lib.create_state(params, tx, ema=ema, seed=config.seed)  # noqa: E731
     abstract_state = jax.eval_shape(lambda k: init(init_params(vae, disc, config, k)), jax.random.PRNGKey(0))
@@ -280,12 +279,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
     # --- checkpoint: resume or start -------------------------------------------
     it = iter(loader)
-    if start is not None:
-        state = common.resume(ckpt, start, abstract_state, shardings, it)
-    else:
-        start = 0
-        state = jax.jit(lambda k: init(init_params(vae, disc, config, k)), out_shardings=shardings)(
-            jax.random.PRNGKey(config.seed))
+    fresh = lambda: jax.jit(lambda k: init(init_params(vae, disc, config, k)), out_shardings=shardings)(  # noqa: E731
+        jax.random.PRNGKey(config.seed))
+    state, start = loop_lib.init_or_resume(ckpt, start, fresh, abstract_state, shardings, it)
 
     # --- eval before -------------------------------------------------------
     evaluate, results = None, {}
@@ -300,23 +296,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             results["before"] = json.loads(before_path.read_text())
 
     # --- loop --------------------------------------------------------------
-    train_step = make_train_step(vae, disc, tx, schedule, config, mesh, shardings)
     writer = MetricWriter(workdir, enabled=is_main)
     if "before" in results and start == 0:
         writer.write(0, {"eval/psnr": results["before"]["psnr"]})
-    stopped = None
     try:
-        with common.LoopControl(config, ckpt, writer, it, start=start, total_steps=total_steps, n_devices=n_dev,
-                                desc="vae", is_main=is_main, postfix=("loss",)) as loop:
-            for step in range(start, total_steps):
-                batch = {"image": next(it)["image"]}
-                if step + 1 == config.train.debug_nan_step:
-                    batch["image"] = np.full_like(batch["image"], np.nan)
-                state, metrics = train_step(state, parallel.host_to_global(batch, mesh))
-                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                stopped = loop.after_step(step + 1, state, metrics)
-                if stopped:
-                    break
+        state, stopped, _ = loop_lib.fit(
+            make_objective(vae, disc, config), config, tx=tx, schedule=schedule, mesh=mesh, ckpt=ckpt,
+            writer=writer, is_main=is_main, state=state, state_shardings=shardings, frozen={}, frozen_shardings={},
+            data_iter=it, start=start, total_steps=total_steps, skipped=lambda: loader.skips.count)
     finally:
         ckpt.close()
     final_step = int(jax.device_get(state.step))
