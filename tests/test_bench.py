@@ -21,7 +21,7 @@ FIGURES = ("items_per_s", "items_per_s_per_device", "ms_per_iter", "ms_per_iter_
 def report(tmp_path_factory):
     folder = tmp_path_factory.mktemp("bench")
     path = folder / "out.json"
-    argv = ["--model", "tiny", "--modes", "unet,sample,train", "--compare", "diffusers", "--steps", "2",
+    argv = ["--model", "tiny", "--modes", "unet,sample,train,train_stream", "--compare", "diffusers", "--steps", "2",
             "--warmup", "1", "--iters", "2", "--json", str(path), "--profile", str(folder / "prof"),
             "--profile-iters", "2"]
     returned = cli.main(argv)
@@ -41,13 +41,17 @@ def test_report_holds_every_figure(report):
     assert dev["peak_tflops_per_device"] is None and dev["measured_matmul_tflops_per_device"] > 0
     r = report["resolved"]
     assert (r["resolution"], r["latent"], r["batch_size"], r["per_device_batch"], r["dtype"]) == (32, 16, 8, 1, "fp32")
-    assert list(report["results"]) == ["unet", "sample", "train"]
+    assert list(report["results"]) == ["unet", "sample", "train", "train_stream"]
     for mode, res in report["results"].items():
-        ours, theirs = res["ours"], res["diffusers"]
+        ours, theirs = res["ours"], res.get("diffusers")
         for key in FIGURES:
             assert ours[key] > 0, (mode, key)
-            assert theirs[key] > 0, (mode, key)
         assert ours["compile_s"] > 0
+        assert ours["items_per_s_per_device"] == pytest.approx(ours["items_per_s"] / 8)
+        if mode == "train_stream":
+            continue
+        for key in FIGURES:
+            assert theirs[key] > 0, (mode, key)
         assert ours["utilisation"] is None
         assert "peak_bytes_in_use" in ours and "peak_bytes_in_use" in theirs
         assert ours["compiled_memory"]["argument_bytes"] > 0
@@ -145,6 +149,16 @@ def test_train_step_learns_something_finite(report):
     # Forward + backward is about 3x the forward.
     ratio = ours["flops_per_item"] / report["results"]["unet"]["ours"]["flops_per_item"]
     assert 2.5 < ratio < 3.6
+    assert ours["cached"] and ours["step"].startswith("t2i_jax.train.ldm.setup_step")
+
+
+def test_train_stream_times_the_step_with_the_frozen_encoders(report):
+    stream = report["results"]["train_stream"]
+    assert "diffusers" not in stream  # no counterpart in the reference
+    ours, cached = stream["ours"], report["results"]["train"]["ours"]
+    assert not ours["cached"] and math.isfinite(ours["final_loss"])
+    # The VAE encoder and text encoder forward add work on top of the cached step.
+    assert ours["flops_per_item"] > 1.05 * cached["flops_per_item"]
 
 
 # --------------------------------------------------------------------------

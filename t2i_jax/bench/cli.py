@@ -42,7 +42,7 @@ def parser() -> argparse.ArgumentParser:
                    help="global batch, split over all devices (default: one per device)")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
                    help="compute dtype (default: bf16 on GPU/TPU, fp32 on CPU); params stay fp32")
-    p.add_argument("--modes", default=",".join(core.MODES), help="comma-separated: unet, sample, train")
+    p.add_argument("--modes", default=",".join(core.MODES), help="comma-separated: unet, sample, train (the LDM trainer's step on cached latents), train_stream (the same on images and token ids)")
     p.add_argument("--attention", choices=list(core.ATTENTION), default="auto",
                    help="attention implementation: auto (cuDNN flash attention on NVIDIA GPUs for the head sizes "
                         "and dtypes it supports, XLA elsewhere), xla, or cudnn (everywhere; needs bf16)")
@@ -116,7 +116,7 @@ def table(report: dict) -> str:
         f"peak/device: datasheet {_fmt(d['peak_tflops_per_device'], '.1f')} TFLOP/s ({d['peak_source'] or 'unknown'}), "
         f"measured matmul {_fmt(d['measured_matmul_tflops_per_device'], '.2f')} TFLOP/s",
         "",
-        f"{'mode':7} {'impl':10} {'items/s':>9} {'/device':>9} {'ms/iter':>9} {'ms/step':>8} {'GFLOP/item':>11} "
+        f"{'mode':12} {'impl':10} {'items/s':>9} {'/device':>9} {'ms/iter':>9} {'ms/step':>8} {'GFLOP/item':>11} "
         f"{'TFLOP/s/dev':>11} {'util':>6} {'util(mm)':>8} {'compile s':>9} {'peak GiB':>8}",
     ]
     for mode, res in report["results"].items():
@@ -125,13 +125,13 @@ def table(report: dict) -> str:
             if f is None:
                 continue
             lines.append(
-                f"{mode:7} {impl:10} {_fmt(f['items_per_s'], '9.3f')} {_fmt(f['items_per_s_per_device'], '9.3f')} "
+                f"{mode:12} {impl:10} {_fmt(f['items_per_s'], '9.3f')} {_fmt(f['items_per_s_per_device'], '9.3f')} "
                 f"{_fmt(f['ms_per_iter'], '9.2f')} {_fmt(f.get('ms_per_unet_step'), '8.2f')} "
                 f"{_fmt(f['flops_per_item'], '11.3f', 1e-9)} {_fmt(f['tflops_per_device'], '11.4f')} "
                 f"{_fmt(f['utilisation'], '6.1%')} {_fmt(f['utilisation_of_measured_peak'], '8.1%')} "
                 f"{_fmt(f.get('compile_s'), '9.2f')} {_fmt(f.get('peak_bytes_in_use'), '8.2f', 2.0 ** -30)}")
         if "ratio_ours_over_diffusers_per_device" in res:
-            lines.append(f"{mode:7} ours/diffusers items/s per device: {res['ratio_ours_over_diffusers_per_device']:.3f}x "
+            lines.append(f"{mode:12} ours/diffusers items/s per device: {res['ratio_ours_over_diffusers_per_device']:.3f}x "
                          f"(from medians {res['ratio_ours_over_diffusers_per_device_median']:.3f}x, "
                          f"minima {res['ratio_ours_over_diffusers_per_device_min']:.3f}x)")
     plan = report.get("attention")

@@ -1,4 +1,4 @@
-"""Throughput of the U-Net forward, the whole sampler and a U-Net train step.
+"""Throughput of the U-Net forward, the whole sampler and the latent-diffusion trainer's step.
 
 Each mode builds a named model (`tiny`, `sd15`, `sd21`) with random weights,
 shards the batch over every device on the "data" axis of
@@ -8,8 +8,10 @@ of the images, for sampling). What runs is the product's code: the sampler
 mode calls `pipeline.Sampler` itself.
 
 FLOPs come from XLA's cost analysis:
-  unet, train: the compiled program (one device's share of the batch) /
-               the per-device batch.
+  unet, train, train_stream: the compiled program (one device's share of
+               the batch) / the per-device batch. train and train_stream time
+               `t2i_jax.train.ldm`'s own jitted step, on cached latents and on
+               images + token ids (frozen VAE encoder and text encoder inside).
   sample:      assembled, because XLA counts a `fori_loop` body once:
                text encoder x (2 with CFG) + model evaluations x U-Net at the
                CFG batch + VAE decode, from separately lowered (global)
@@ -29,7 +31,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from t2i_jax import pipeline, schedulers
@@ -42,7 +43,9 @@ from t2i_jax.models import unet as unet_lib
 from t2i_jax.models import vae as vae_lib
 from t2i_jax.tokenizer import Tokenizer
 
-MODES = ("unet", "sample", "train")
+MODES = ("unet", "sample", "train", "train_stream")
+# Modes the diffusers reference also runs (train_stream has no counterpart there).
+REFERENCE_MODES = ("unet", "sample", "train")
 ATTENTION = ("auto", "xla", "cudnn")
 PROMPT = "a photograph of an astronaut riding a horse on the moon"
 
@@ -414,53 +417,64 @@ def bench_sample(s: BenchSettings, r: Resolved, pipe, mesh, peaks) -> dict:
     return out
 
 
-def _train_step(unet, tx, alphas_cumprod, state, latents, context, step):
-    """One epsilon-prediction step: x_t = add_noise(x0, eps, t), loss = |eps_hat - eps|^2."""
-    params, opt_state = state
-    key = jax.random.fold_in(jax.random.key(0), step)
-    k_noise, k_t = jax.random.split(key)
-    noise = jax.random.normal(k_noise, latents.shape, jnp.float32)
-    t = jax.random.randint(k_t, (latents.shape[0],), 0, alphas_cumprod.shape[0])
-    noisy = schedulers.add_noise(alphas_cumprod, latents, noise, t)
+def bench_train(s: BenchSettings, r: Resolved, mesh, peaks, *, cached: bool = True) -> dict:
+    """The latent-diffusion trainer's own step (`t2i_jax.train.ldm.setup_step`: the function the
+    trainer jits, with its donation, shardings, guard, EMA and metrics accumulator) at the trainer's
+    default optimizer settings. `cached`: on cached VAE posteriors and text states (the
+    trainer's `cache.enabled`); otherwise on images and token ids, with the frozen VAE encoder
+    and text encoder inside the step."""
+    from t2i_jax import parallel
+    from t2i_jax.train import ldm
+    from t2i_jax.train import loop as loop_lib
 
-    def loss_fn(p):
-        pred = unet.apply({"params": p}, noisy, t, context)
-        return jnp.mean(jnp.square(pred.astype(jnp.float32) - noise))
-
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return (optax.apply_updates(params, updates), opt_state), loss
-
-
-def bench_train(s: BenchSettings, r: Resolved, mesh, peaks) -> dict:
-    """One U-Net training step on cached latents and text states (VAE and
-    text encoder are frozen and outside the step), AdamW, donated state."""
-    batch = NamedSharding(mesh, P("data"))
-    repl = NamedSharding(mesh, P())
     pipe = build_model(s, r, mesh, remat=s.remat)  # fresh params: the step donates them
-    tx = optax.adamw(s.learning_rate, weight_decay=s.weight_decay)
-    params = pipe.params["unet"]
-    state = (params, jax.jit(tx.init, out_shardings=repl)(params))
-    abar = jnp.asarray(schedulers.from_config("ddpm", pipe.scheduler_config).alphas_cumprod)
-    step_fn = jax.jit(functools.partial(_train_step, pipe.unet, tx, abar), donate_argnums=(0,),
-                      out_shardings=(repl, repl))
-    x, _, ctx = _unet_inputs(pipe, r.batch_size, r.latent, jax.random.key(s.seed + 2), batch)
-    compiled, _, compile_s = _compile(step_fn, state, x, ctx, jnp.int32(0))
+    config = ldm.default_config()
+    config.batch_size = r.batch_size
+    config.seed = s.seed
+    config.model.remat = s.remat
+    config.optim.lr = s.learning_rate
+    config.optim.weight_decay = s.weight_decay
+    config.diffusion.prediction_type = ""
+    tmesh = parallel.make_mesh(devices=list(mesh.devices.flat))
+    parts = ldm.parts_from_pipeline(pipe, config)
+    te, tok = parts["text_encoder"], parts["tokenizer"]
+    empty = te.apply({"params": pipe.params["text_encoder"]}, tok([""])).last_hidden_state[0] if cached else None
+    run = ldm.setup_step(parts, config, tmesh, cached=cached, total_steps=10**6, empty_context=empty)
+    sh = run["shardings"]
+    state = jax.jit(run["init"], in_shardings=(sh.params,), out_shardings=sh, donate_argnums=(0,))(
+        jax.device_put(pipe.params["unet"], sh.params))
+    frozen = jax.device_put({k: pipe.params[k] for k in ("vae", "text_encoder")}, run["frozen_shardings"])
+    rng = np.random.default_rng(s.seed + 2)
+    b, lat = r.batch_size, r.latent
+    if cached:
+        ctx_shape = (b, tok.max_length, te.config.hidden_size)
+        host = {"mean": rng.standard_normal((b, lat, lat, pipe.latent_channels), np.float32),
+                "std": np.full((b, lat, lat, pipe.latent_channels), 0.1, np.float32),
+                "context": rng.standard_normal(ctx_shape, np.float32)}
+    else:
+        side = r.resolution
+        host = {"image": rng.uniform(-1, 1, (b, side, side, 3)).astype(np.float32),
+                "input_ids": tok([PROMPT] * b)}
+    batch = parallel.host_to_global(host, tmesh)
+    acc = loop_lib.new_train_accumulator(run["step_fn"], state, frozen, batch, tmesh)
+    compiled, _, compile_s = _compile(run["step_fn"], state, acc, frozen, batch)
     per_dev = flops_lib.compiled_flops(compiled)
     fpi = per_dev / r.per_device_batch if per_dev else None
-    holder = {"state": state, "i": 0}
+    holder = {"state": state, "acc": acc}
 
     def call():
-        holder["state"], loss = compiled(holder["state"], x, ctx, jnp.int32(holder["i"]))
-        holder["i"] += 1
-        return loss
+        holder["state"], holder["acc"] = compiled(holder["state"], holder["acc"], frozen, batch)
+        return holder["acc"]["last"]["loss"]
 
     timing = time_calls(call, s.warmup, s.iters, _block)
     loss = float(call())
     out = figures(timing, r.batch_size, r.num_devices, fpi, *peaks)
-    _maybe_profile(s, "train", call, _block, out)
-    out.update(item="sample", compile_s=compile_s, remat=s.remat, final_loss=loss,
-               flops_method="compiled cost analysis (forward + backward + AdamW) / per-device batch",
+    _maybe_profile(s, "train" if cached else "train_stream", call, _block, out)
+    out.update(item="sample", compile_s=compile_s, remat=s.remat, final_loss=loss, cached=cached,
+               ema_decay=config.ema_decay, grad_clip=config.optim.grad_clip,
+               step="t2i_jax.train.ldm.setup_step (the trainer's jitted step)",
+               flops_method=("compiled cost analysis (forward + backward + AdamW + EMA"
+                             + ("" if cached else " + frozen VAE encoder and text encoder") + ") / per-device batch"),
                compiled_memory=devices_lib.compiled_memory(compiled),
                peak_bytes_in_use=devices_lib.peak_bytes_in_use())
     return out
@@ -502,14 +516,14 @@ def run(s: BenchSettings, log: Callable[[str], None] = lambda m: None) -> dict:
     for mode in s.modes:
         log(f"{mode}: ours ...")
         t0 = time.perf_counter()
-        if mode == "train":
-            ours = bench_train(s, r, mesh, peaks)
+        if mode in ("train", "train_stream"):
+            ours = bench_train(s, r, mesh, peaks, cached=mode == "train")
         else:
             pipe = pipe or build_model(s, r, mesh)
             ours = (bench_unet if mode == "unet" else bench_sample)(s, r, pipe, mesh, peaks)
         ours["wall_s"] = time.perf_counter() - t0
         results[mode] = {"ours": ours}
-        if ref is not None:
+        if ref is not None and mode in REFERENCE_MODES:
             log(f"{mode}: diffusers ...")
             t0 = time.perf_counter()
             theirs = ref.run(mode, ours.get("flops_per_item"), peaks)
