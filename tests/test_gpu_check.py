@@ -132,11 +132,6 @@ def _smoke_markdown_is_ready_for_benchmarks(smoke):
     assert "python -m t2i_jax.bench.gpu_check --smoke" in md
 
 
-def _smoke_stays_quick(smoke):
-    # The test suite's budget for it; a GPU has its own (--budget-s).
-    assert smoke["wall"] < 150
-
-
 def test_smoke_run(tmp_path):
     # One test for the whole run: under pytest-xdist a module fixture would
     # run the smoke again in every worker that takes one of its tests.
@@ -147,7 +142,6 @@ def test_smoke_run(tmp_path):
     _smoke_speed_and_train_rows_carry_numbers(smoke)
     _smoke_targets_give_the_gap(smoke)
     _smoke_markdown_is_ready_for_benchmarks(smoke)
-    _smoke_stays_quick(smoke)
 
 
 def test_help_exits_0_and_shows_defaults():
