@@ -135,20 +135,14 @@ def make_train_step(objective: Objective, tx: optax.GradientTransformation, sche
     ema_decay = float(config.ema_decay)
     ema_warmup = bool(config.get("ema_warmup", True))
     micro_sharding = NamedSharding(mesh, P(None, parallel.BATCH_AXES))
-    batch_sh = parallel.batch_sharding(mesh)
-    rep = parallel.replicated(mesh)
-    keys = tuple(objective.batch_keys)
+    batch_sh, acc_sh = parallel.batch_sharding(mesh), parallel.replicated(mesh)
 
     def train_step(state, acc, frozen, batch):
         rng, key = jax.random.split(state.rng)
         if objective.augment is not None:
             batch = objective.augment(frozen, batch, key)
 
-        def loss_fn(params, mb):
-            loss, aux = objective.loss_fn(params, frozen, mb, state.step)
-            return loss, aux
-
-        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        grad_fn = jax.value_and_grad(lambda p, mb: objective.loss_fn(p, frozen, mb, state.step), has_aux=True)
         (loss, aux), grads = state_lib.accumulate_gradients(grad_fn, state.params, batch, accum, micro_sharding)
         grad_norm = optax.global_norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -156,7 +150,8 @@ def make_train_step(objective: Objective, tx: optax.GradientTransformation, sche
         if objective.post_update is not None:
             params = objective.post_update(params)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.global_norm(updates))
-        ok = finite & (acc["first_bad"] == NO_BAD_STEP)
+        clean = acc["first_bad"] == NO_BAD_STEP  # no earlier step of this accumulator was bad
+        ok = finite & clean
         keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
         step = state.step + ok.astype(state.step.dtype)
         ema = state.ema_params
@@ -170,7 +165,7 @@ def make_train_step(objective: Objective, tx: optax.GradientTransformation, sche
         metrics = {"loss": reported, "grad_norm": grad_norm, "lr": schedule(state.step), **aux}
         metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
         this_step = state.step.astype(jnp.int32) + 1  # 1-based number of this step
-        newly_bad = ~finite & (acc["first_bad"] == NO_BAD_STEP)
+        newly_bad = ~finite & clean
         # .get: an empty probe accumulator (`metric_names`) traces too.
         acc = {"sum": {k: acc["sum"].get(k, 0.0) + v for k, v in metrics.items()}, "last": metrics,
                "bad": {k: jnp.where(newly_bad, v, acc["bad"].get(k, 0.0)) for k, v in metrics.items()},
@@ -178,8 +173,8 @@ def make_train_step(objective: Objective, tx: optax.GradientTransformation, sche
                "first_bad": jnp.where(newly_bad, this_step, acc["first_bad"])}
         return new, acc
 
-    acc_sh = rep
-    return jax.jit(train_step, in_shardings=(state_shardings, acc_sh, frozen_shardings, {k: batch_sh for k in keys}),
+    return jax.jit(train_step, in_shardings=(state_shardings, acc_sh, frozen_shardings,
+                                             {k: batch_sh for k in objective.batch_keys}),
                    out_shardings=(state_shardings, acc_sh), donate_argnums=(0, 1))
 
 
@@ -382,7 +377,7 @@ class Loop:
             pbar = tqdm(total=total, initial=start, desc=self.objective.name, dynamic_ncols=True)
         signal = StopSignal()
         stopped = None
-        t_last, s_last = time.perf_counter(), start
+        s_last = start
         try:
             with signal:
                 first = next(batches)
@@ -392,12 +387,9 @@ class Loop:
                 self.compile_seconds = time.perf_counter() - t0
                 log.info("%s train step compiled in %.1f s", self.objective.name, self.compile_seconds)
                 t_last = time.perf_counter()
-                batch = first
                 for step in range(start, total):
-                    if batch is None:
-                        batch = next(batches)
+                    batch = first if step == start else next(batches)
                     state, acc = compiled(state, acc, frozen, batch)
-                    batch = None
                     done = step + 1
                     if pbar is not None:
                         pbar.update(1)
