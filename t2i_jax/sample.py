@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from t2i_jax.convert.core import atomic_write
+from t2i_jax.files import atomic_write
 
 # The default model: a small text-to-image model trained from scratch on synthetic shapes
 # (scripts/train_bundled_model.sh), shipped inside the package so the CLI runs offline.

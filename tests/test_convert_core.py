@@ -9,6 +9,7 @@ import safetensors.numpy
 import safetensors.torch
 import torch
 
+from t2i_jax import files
 from t2i_jax.convert import core
 
 
@@ -40,16 +41,31 @@ def test_failed_write_leaves_old_file_intact(tmp_path, monkeypatch):
     core.write_safetensors({"old": np.zeros(2, np.float32)}, target)
     before = target.read_bytes()
 
-    class DiskFull(np.ndarray):
-        def tobytes(self, *a, **k):
-            raise OSError("disk full")
+    def half_then_disk_full(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")  # the header went out, the data did not
+        raise OSError("disk full")
 
-    # Fail after the header is written, in the middle of the tensor data.
-    monkeypatch.setattr(core, "_contiguous", lambda x: np.asarray(x).view(DiskFull))
+    monkeypatch.setattr(safetensors.numpy, "save_file", half_then_disk_full)
     with pytest.raises(OSError, match="disk full"):
         core.write_safetensors({"new": np.ones(3, np.float32)}, target)
     assert os.listdir(tmp_path) == ["z.safetensors"]  # no temporary file left
     assert target.read_bytes() == before
+
+
+def test_unwritable_dtype_names_the_tensor(tmp_path):
+    with pytest.raises(ValueError, match=r"tensor 'c' of dtype complex128"):
+        core.write_safetensors({"ok": np.zeros(2, np.float32), "c": np.zeros(2, np.complex128)},
+                               tmp_path / "c.safetensors")
+    assert os.listdir(tmp_path) == []
+
+
+def test_bf16_file_written_by_torch_reads_as_ml_dtypes_bfloat16(tmp_path):
+    t = torch.tensor([[1.5, -2.25], [3.0, 1e-3]]).bfloat16()
+    safetensors.torch.save_file({"w": t}, tmp_path / "bf16.safetensors", metadata={"format": "pt"})
+    ours = core.read_safetensors(tmp_path / "bf16.safetensors")["w"]
+    assert ours.dtype == np.dtype(ml_dtypes.bfloat16) and ours.shape == (2, 2)
+    np.testing.assert_array_equal(ours.view(np.uint16), t.view(torch.int16).numpy().view(np.uint16))
 
 
 def test_pickle_reader_unwraps_state_dict_and_bf16(tmp_path):
@@ -131,7 +147,7 @@ def test_truncated_safetensors_names_file_and_key(tmp_path):
 def test_atomic_write_uses_the_umask_mode(tmp_path):
     old = os.umask(0o022)
     try:
-        core.atomic_write(tmp_path / "f.bin", lambda f: f.write(b"x"))
+        files.atomic_write(tmp_path / "f.bin", lambda f: f.write(b"x"))
     finally:
         os.umask(old)
     assert (tmp_path / "f.bin").stat().st_mode & 0o777 == 0o644

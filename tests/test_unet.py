@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import traverse_util
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -161,7 +162,7 @@ def test_remat_same_values_and_grads(cases):
     assert jaxprs[0].count("remat") == 0 and jaxprs[1].count("remat") == 5  # 2 down, mid, 2 up
     (l0, g0), (l1, g1) = (jax.jit(jax.value_and_grad(loss(m)))(case.params) for m in (plain, remat))
     assert abs(float(l0) - float(l1)) <= 1e-6 * abs(float(l0))
-    flat0, flat1 = core.flatten(g0), core.flatten(g1)
+    flat0, flat1 = traverse_util.flatten_dict(g0), traverse_util.flatten_dict(g1)
     assert flat0.keys() == flat1.keys()
     num = sum(float(jnp.sum(jnp.square(flat0[k] - flat1[k]))) for k in flat0)
     den = sum(float(jnp.sum(jnp.square(flat0[k]))) for k in flat0)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from t2i_jax.bench import core
 from t2i_jax.bench import profile as profile_lib
-from t2i_jax.convert.core import atomic_write
+from t2i_jax.files import atomic_write
 
 
 def _positive_int(name: str):

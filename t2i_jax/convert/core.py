@@ -2,9 +2,9 @@
 
 A checkpoint becomes Flax params in three steps:
 
-1. *Read* the tensors to numpy: safetensors with a small reader of our own
-   (memory-mapped, bf16 through ml_dtypes, no torch), pickles (`.bin`,
-   `.ckpt`, `.pt`) with `torch.load(weights_only=True)` only.
+1. *Read* the tensors to numpy: safetensors with the `safetensors` package
+   (bf16 through ml_dtypes, no torch), pickles (`.bin`, `.ckpt`, `.pt`) with
+   `torch.load(weights_only=True)` only.
 2. *Rename* source keys to the canonical diffusers/transformers names with the
    source format's table of `Rule`s (regex -> replacement, optional transform).
 3. *Place* each Flax leaf from its canonical key. Flax modules carry the same
@@ -23,13 +23,17 @@ import json
 import os
 import re
 import struct
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import ml_dtypes
 import numpy as np
+import safetensors
+import safetensors.numpy
+from flax import traverse_util
+
+from t2i_jax.files import atomic_path
 
 StateDict = dict[str, np.ndarray]
 
@@ -37,109 +41,63 @@ StateDict = dict[str, np.ndarray]
 # Reading
 # --------------------------------------------------------------------------
 
-_ST_DTYPES = {
-    "F64": np.float64,
-    "F32": np.float32,
-    "F16": np.float16,
-    "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64,
-    "I32": np.int32,
-    "I16": np.int16,
-    "I8": np.int8,
-    "U8": np.uint8,
-    "BOOL": np.bool_,
-}
-_ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
-
 
 def read_safetensors(path: str | os.PathLike) -> StateDict:
-    """Reads a `.safetensors` file into numpy arrays (memory-mapped, no torch)."""
+    """Reads a `.safetensors` file into numpy arrays with the `safetensors` package (no torch;
+    bf16 tensors come back as `ml_dtypes.bfloat16` arrays)."""
     path = Path(path)
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) != 8:
-            raise ConversionError(f"{path} is not a safetensors file: it is shorter than 8 bytes")
-        (n,) = struct.unpack("<Q", head)
-        if n > path.stat().st_size:
-            raise ConversionError(f"{path} is not a safetensors file: bad header length {n}")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ConversionError(f"{path} is not a safetensors file or is truncated: bad header ({e})") from e
-    header.pop("__metadata__", None)
-    if not header:
-        return {}
-    size = path.stat().st_size - 8 - n
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n) if size > 0 else np.zeros(0, np.uint8)
-    out = {}
-    for key, info in header.items():
-        if info["dtype"] not in _ST_DTYPES:
-            raise ConversionError(f"{path}: tensor {key!r} has dtype {info['dtype']}, which is not supported")
-        start, end = info["data_offsets"]
-        if end > size:
-            raise ConversionError(
-                f"{path} is truncated: tensor {key!r} needs bytes {start}..{end} of the data section, "
-                f"which holds {size}. Download or copy the file again."
-            )
-        arr = data[start:end].view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
-        out[key] = arr
-    return out
+    try:
+        with safetensors.safe_open(path, framework="np") as f:
+            return {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118  a safe_open is not a dict
+    except safetensors.SafetensorError as e:
+        raise ConversionError(_unreadable(path, e)) from e
+
+
+def _unreadable(path: Path, err: Exception) -> str:
+    """What is wrong with a file safetensors refused, for the user: its own
+    messages ("incomplete metadata, file not fully covered") name neither the
+    file nor the tensor, so the header is read here only to say which tensor
+    a truncated download cut."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n)) if 8 + n <= size else None
+    except (struct.error, ValueError):  # too short for a length, or a header that is not JSON
+        header = None
+    if not isinstance(header, dict):
+        return (f"{path} is not a safetensors file, or is cut inside its header ({err}). "
+                "Download or copy the file again.")
+    data = size - 8 - n
+    tensors = sorted((v["data_offsets"], k) for k, v in header.items() if k != "__metadata__")
+    for (start, end), key in tensors:
+        if end > data:
+            return (f"{path} is truncated: tensor {key!r} needs bytes {start}..{end} of the data section, "
+                    f"which holds {data}. Download or copy the file again.")
+    return f"{path}: safetensors cannot read it ({err})"
 
 
 def write_safetensors(state: Mapping[str, np.ndarray], path: str | os.PathLike,
                       metadata: Mapping[str, str] | None = None) -> None:
-    """Writes numpy arrays as a `.safetensors` file, atomically (tmp + rename)."""
-    header: dict[str, Any] = {}
-    if metadata:
-        header["__metadata__"] = dict(metadata)
-    offset = 0
-    arrays = []
-    for key in sorted(state):
-        arr = _contiguous(state[key])
-        if arr.dtype not in _ST_NAMES:
-            raise ValueError(f"cannot write tensor {key!r} of dtype {arr.dtype} to safetensors")
-        header[key] = {"dtype": _ST_NAMES[arr.dtype], "shape": list(arr.shape),
-                       "data_offsets": [offset, offset + arr.nbytes]}
-        offset += arr.nbytes
-        arrays.append(arr)
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # the format asks for an 8-byte aligned header
+    """Writes numpy arrays (bf16 as `ml_dtypes.bfloat16`) as a `.safetensors` file with the
+    `safetensors` package, atomically (tmp + rename); `metadata` goes to the header's
+    `__metadata__` (e.g. {"format": "pt"}, which transformers and diffusers expect)."""
+    arrays = {key: _contiguous(value) for key, value in state.items()}
+    for key, arr in arrays.items():
+        try:
+            safetensors.TensorSpec(dtype=arr.dtype.name, shape=arr.shape, data_ptr=arr.ctypes.data,
+                                   data_len=arr.nbytes)
+        except Exception as e:  # the library's message lists the dtypes it takes
+            raise ValueError(f"cannot write tensor {key!r} of dtype {arr.dtype} to safetensors: {e}") from e
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-
-    def write(f):
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for arr in arrays:
-            f.write(arr.tobytes())
-
-    atomic_write(path, write)
+    with atomic_path(path) as tmp:
+        safetensors.numpy.save_file(arrays, tmp, metadata=dict(metadata) if metadata else None)
 
 
 def _contiguous(x) -> np.ndarray:
     # Not np.ascontiguousarray: it turns 0-d arrays (CLIP's logit_scale) into 1-d.
     return np.require(np.asarray(x), requirements="C")
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[Any], None]) -> None:
-    """Calls `write(f)` on a temporary file beside `path`, then renames it onto
-    `path`: readers never see a half-written file, and a failure (or a kill)
-    leaves the old file, if any, untouched."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        # mkstemp creates 0600 files; give the result the usual umask-based mode.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def read_torch_pickle(path: str | os.PathLike) -> StateDict:
@@ -336,28 +294,6 @@ def flax_to_torch(kind: str, x: np.ndarray) -> np.ndarray:
     return x
 
 
-def flatten(tree: Mapping, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
-    """Flattens a nested dict to {path tuple: leaf}."""
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            out.update(flatten(v, prefix + (k,)))
-        else:
-            out[prefix + (k,)] = v
-    return out
-
-
-def unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict:
-    """Inverse of `flatten`."""
-    out: dict = {}
-    for path, v in flat.items():
-        node = out
-        for p in path[:-1]:
-            node = node.setdefault(p, {})
-        node[path[-1]] = v
-    return out
-
-
 # --------------------------------------------------------------------------
 # Loading with a report
 # --------------------------------------------------------------------------
@@ -426,7 +362,7 @@ def load_params(
     report = Report(source=source)
     used = set()
     flat = {}
-    for path, leaf in flatten(expected).items():
+    for path, leaf in traverse_util.flatten_dict(expected).items():
         shape = tuple(leaf.shape)
         key, kind = flax_path_to_torch_key(path, len(shape))
         if key not in state:
@@ -444,13 +380,13 @@ def load_params(
     report.loaded = len(flat)
     if strict and not report.ok:
         raise ConversionError(f"checkpoint does not fit the model.\n{report}", report)
-    return unflatten(flat), report
+    return traverse_util.unflatten_dict(flat), report
 
 
 def export_state_dict(params: Mapping, dtype: Any = None) -> StateDict:
     """Flax params -> canonical PyTorch-layout state dict (numpy)."""
     out = {}
-    for path, leaf in flatten(params).items():
+    for path, leaf in traverse_util.flatten_dict(params).items():
         arr = np.asarray(leaf)
         key, kind = flax_path_to_torch_key(path, arr.ndim)
         arr = _contiguous(flax_to_torch(kind, arr))

@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from t2i_jax.convert.core import atomic_write
 from t2i_jax.eval import adherence
+from t2i_jax.files import atomic_write
 
 MANIFEST = "manifest.jsonl"
 

@@ -28,7 +28,7 @@ import numpy as np
 
 from t2i_jax.convert import clip as clip_convert
 from t2i_jax.convert import diffusers as diffusers_convert
-from t2i_jax.convert.core import atomic_write
+from t2i_jax.files import atomic_write
 
 __all__ = ["export_pipeline", "scheduler_json", "text_encoder_for_export", "DIFFUSERS_VERSION"]
 
