@@ -37,7 +37,7 @@ import sys
 
 import numpy as np
 
-from t2i_jax.models import load_components
+from t2i_jax.convert.load import load_components
 from t2i_jax.train.export import export_pipeline
 
 export_pipeline(load_components(sys.argv[1]), sys.argv[2], dtype=np.float16)

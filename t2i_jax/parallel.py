@@ -1,7 +1,7 @@
 """Mesh, partition rules and multi-host set-up: one code path from 1 CPU to a pod.
 
-Everything is `jax.jit` with `NamedSharding` over a 2-D mesh with axes
-`("data", "fsdp")`:
+Everything, sampling and training alike, is `jax.jit` with `NamedSharding`
+over one 2-D mesh with axes `("data", "fsdp")` (`make_mesh`):
 
 - the batch is split over both axes (`batch_sharding`): every device holds
   a different slice of it;
@@ -37,7 +37,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 __all__ = ["AXES", "BATCH_AXES", "make_mesh", "fsdp_spec", "partition_specs", "tree_shardings", "batch_sharding",
-           "replicated", "host_to_global", "initialize_distributed", "path_str", "DEFAULT_RULES"]
+           "replicated", "host_to_global", "to_host", "initialize_distributed", "path_str", "DEFAULT_RULES"]
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +47,29 @@ BATCH_AXES = ("data", "fsdp")  # the batch dimension is split over every device
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = ((r".*", "fsdp"),)
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A ("data", "fsdp") mesh over `devices` (default: all of them).
+def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | None = None, *,
+              num_devices: int = 0) -> Mesh:
+    """The package's one mesh: axes ("data", "fsdp") over `devices` (default: all of them).
 
-    One of `data`, `fsdp` may be -1: it takes whatever the other leaves.
-    Devices are laid out with `mesh_utils.create_device_mesh` so that on
-    TPU/GPU the fsdp axis (the chattier one) is the most local.
+    Sampling (`pipeline.Sampler`, default `make_mesh()`: every device on
+    "data") and training (`make_mesh(config.mesh.data, config.mesh.fsdp,
+    num_devices=config.mesh.num_devices)`) both use it and split the batch
+    over both axes (`batch_sharding`). One of `data`, `fsdp` may be -1: it
+    takes whatever the other leaves. `num_devices` > 0 keeps only the first
+    that many devices (tests, scaling measurements). Devices are laid out
+    with `mesh_utils.create_device_mesh` so that on TPU/GPU the fsdp axis (the
+    chattier one) is the most local.
     """
+    for name, v in (("data", data), ("fsdp", fsdp), ("num_devices", num_devices)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            raise TypeError(f"make_mesh: {name}={v!r} is not an int; pass devices as make_mesh(devices=[...]) "
+                            "and sizes as ints (-1: the rest)")
     devices = list(jax.devices() if devices is None else devices)
+    if num_devices:
+        if not 0 < num_devices <= len(devices):
+            raise ValueError(f"mesh num_devices={num_devices}: there are {len(devices)} devices; use 1.."
+                             f"{len(devices)}, or 0 for all")
+        devices = devices[:num_devices]
     n = len(devices)
     if data == -1 and fsdp == -1:
         raise ValueError("mesh: at most one of data, fsdp may be -1")
@@ -163,6 +178,14 @@ def host_to_global(tree, mesh: Mesh, sharding: NamedSharding | None = None):
         return jax.make_array_from_process_local_data(sharding, x)
 
     return jax.tree_util.tree_map(one, tree)
+
+
+def to_host(tree):
+    """Host numpy copy of a (possibly sharded over hosts) pytree; a collective with several processes."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        return multihost_utils.process_allgather(tree, tiled=True)
+    return jax.device_get(tree)
 
 
 # Environment variables that say "this process is one of several".

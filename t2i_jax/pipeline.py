@@ -3,9 +3,9 @@
 The text encoder runs in one jitted call; the denoising loop (a
 `lax.fori_loop` over the sampler's model evaluations, with both
 classifier-free-guidance halves in one U-Net call) and the VAE decode run in
-another. The batch is sharded over every device on a one-axis `Mesh`
-(`data`); parameters, the guidance scale and the scheduler state are
-replicated. Every jitted input and output has an explicit sharding, and the
+another. The batch is split over every device of the package's
+`("data", "fsdp")` mesh (`t2i_jax.parallel`, the one the trainers use);
+parameters, the guidance scale and the scheduler state are replicated. Every jitted input and output has an explicit sharding, and the
 two guidance halves of an image are interleaved (rows 2b, 2b + 1) so that
 they sit on that image's device: the loop runs without any cross-device
 exchange.
@@ -17,7 +17,6 @@ and settings, never on the batch size or the device count.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Sequence
 from typing import Any
@@ -27,55 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from t2i_jax import schedulers
-from t2i_jax.tokenizer import Tokenizer
-
-
-@dataclasses.dataclass
-class StableDiffusion:
-    """The parts of a Stable Diffusion model and their params.
-
-    `params` holds `text_encoder`, `unet` and `vae` param trees.
-    `scheduler_config` is the diffusers `scheduler_config.json` dict, from
-    which any sampler is built (`scheduler` names one of
-    `schedulers.SCHEDULERS`).
-    """
-
-    tokenizer: Tokenizer
-    text_encoder: Any  # t2i_jax.models.clip.CLIPTextModel
-    unet: Any  # t2i_jax.models.unet.UNet2DConditionModel
-    vae: Any  # t2i_jax.models.vae.AutoencoderKL
-    params: dict
-    scheduler_config: dict
-    source: str = ""  # where it was loaded from, for messages and metadata
-
-    @property
-    def vae_scale(self) -> int:
-        """Pixels per latent along each side (8 for SD)."""
-        return self.vae.config.downsample_factor
-
-    @property
-    def latent_channels(self) -> int:
-        return self.unet.config.in_channels
-
-    @property
-    def dtype(self):
-        """The U-Net's compute dtype."""
-        return self.unet.dtype
-
-    def with_compute(self, dtype=None, attention_impl: str | None = None) -> StableDiffusion:
-        """The same model and params with its modules' compute `dtype` and/or
-        attention implementation (None/"xla", "cudnn", "auto"; the VAE's
-        attention always runs on XLA) replaced; None keeps what they have.
-        Params are not touched: fp32 params in bf16 compute is the usual
-        setting (a `Sampler` keeps its own copy cast to the compute dtype,
-        see its `cast_params`)."""
-        if dtype is None and attention_impl is None:
-            return self
-        kw = {} if dtype is None else {"dtype": dtype}
-        attn = {} if attention_impl is None else {"attention_impl": attention_impl}
-        return dataclasses.replace(self, text_encoder=self.text_encoder.clone(**kw, **attn),
-                                   unet=self.unet.clone(**kw, **attn), vae=self.vae.clone(**kw))
+from t2i_jax import parallel, schedulers
+from t2i_jax.models.bundle import StableDiffusion  # re-exported: the Sampler's input
+from t2i_jax.parallel import make_mesh  # re-exported: the Sampler's default mesh
 
 
 # --------------------------------------------------------------------------
@@ -109,29 +62,20 @@ def check_settings(steps: int, guidance_scale: float, strength: float | None = N
 # --------------------------------------------------------------------------
 
 
-def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A one-axis mesh `("data",)` over `devices` (default: all)."""
-    devices = np.asarray(devices if devices is not None else jax.devices())
-    return Mesh(devices.reshape(-1), ("data",))
-
-
-def _batch_sharding(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P("data"))
-
-
-def _replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P())
+# Batch split over every device of the mesh (both axes); a full copy everywhere.
+_batch_sharding = parallel.batch_sharding
+_replicated = parallel.replicated
 
 
 def _shard_batch_axis(x: jax.Array, mesh: Mesh, batch_axis: int = 0) -> jax.Array:
-    """`x` constrained to be split over `data` along `batch_axis`."""
-    spec = P(*([None] * batch_axis), "data")
+    """`x` constrained to be split over every device along `batch_axis`."""
+    spec = P(*([None] * batch_axis), parallel.BATCH_AXES)
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
 def _shard_history(history, mesh: Mesh, sample_shape: tuple):
     """History leaves that end in the sample's shape (previous model outputs,
-    saved samples: per image), split over `data` along their batch axis;
+    saved samples: per image), split over the devices along their batch axis;
     others left to the compiler.
 
     The state comes in replicated (it is mostly small tables); pinning the
@@ -246,7 +190,7 @@ def _denoise(unet, vae, sched, use_cfg, has_latents, img2img, dtype, mesh,
 
     `latents`: the starting noise when `has_latents`, else a zero placeholder
     whose shape is that of the latents. `init_images`: [-1, 1] NHWC for
-    img2img, else None. `mesh`: the batch is split over its `data` axis; the
+    img2img, else None. `mesh`: the batch is split over all its devices; the
     sample, the scheduler's per-image history and both guidance halves of an
     image stay on that image's device throughout.
     """

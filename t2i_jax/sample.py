@@ -249,7 +249,7 @@ def run(args: argparse.Namespace) -> dict:
     import jax.numpy as jnp
 
     from t2i_jax import pipeline, schedulers
-    from t2i_jax.models import load_components
+    from t2i_jax.convert.load import load_components
 
     # Cheap checks first, before anything is loaded or compiled.
     if args.scheduler not in schedulers.SCHEDULERS:

@@ -9,8 +9,8 @@ import pytest
 
 import t2i_jax
 from t2i_jax import pipeline, sample
+from t2i_jax.convert.load import load_components
 from t2i_jax.eval import adherence
-from t2i_jax.models import load_components
 
 MODEL = Path(t2i_jax.__file__).resolve().parent / "assets" / "shapes_model"
 # Attribute combinations of the training split (none is a held-out (shape, colour) pair).

@@ -20,6 +20,22 @@ def test_make_mesh():
     assert one.devices.size == 1
     with pytest.raises(ValueError, match="does not cover the 8 devices"):
         parallel.make_mesh(data=3, fsdp=2)
+    assert parallel.make_mesh(num_devices=3).devices.size == 3  # the trainers' mesh.num_devices
+    with pytest.raises(ValueError, match="num_devices=9: there are 8 devices"):
+        parallel.make_mesh(num_devices=9)
+    with pytest.raises(TypeError, match=r"make_mesh\(devices=\[...\]\)"):
+        parallel.make_mesh(jax.devices()[:2])  # the old pipeline.make_mesh(devices) call
+
+
+def test_sampler_uses_the_training_mesh_and_splits_over_both_axes():
+    from t2i_jax import pipeline
+
+    assert pipeline.make_mesh is parallel.make_mesh  # one function, one convention
+    mesh = parallel.make_mesh(data=2, fsdp=4)
+    x = jax.device_put(np.arange(16.0).reshape(8, 2), pipeline._batch_sharding(mesh))
+    assert sorted(s.index[0].start for s in x.addressable_shards) == list(range(8))  # a row per device
+    y = jax.jit(lambda a: pipeline._shard_batch_axis(2 * a, mesh, 1))(jnp.zeros((3, 8)))
+    assert {s.data.shape for s in y.addressable_shards} == {(3, 1)}  # split along axis 1 over all 8
 
 
 def test_fsdp_spec():

@@ -10,7 +10,7 @@ import torch
 import transformers as T
 
 from t2i_jax import pipeline
-from t2i_jax.models import load_components
+from t2i_jax.convert.load import load_components
 from t2i_jax.tokenizer import Tokenizer
 
 SIZE = 32  # pixels; the tiny VAE halves each side, so latents are 16x16x4
@@ -55,7 +55,7 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sampler(tiny):
-    return pipeline.Sampler(tiny[2], mesh=pipeline.make_mesh(jax.devices()[:1]))
+    return pipeline.Sampler(tiny[2], mesh=pipeline.make_mesh(devices=jax.devices()[:1]))
 
 
 DIFFUSERS_SCHEDULERS = {
@@ -178,10 +178,10 @@ def test_same_images_any_batch_and_device_count(tiny):
     prompts = ["a red circle", "a blue square", "a green triangle", "a cat"]
     seeds = [11, 12, 13, 14]
     kw = dict(steps=4, guidance_scale=4.0, scheduler="euler_a", height=SIZE, width=SIZE)
-    one = pipeline.Sampler(pipe, mesh=pipeline.make_mesh(jax.devices()[:1]))
+    one = pipeline.Sampler(pipe, mesh=pipeline.make_mesh(devices=jax.devices()[:1]))
     singles = np.concatenate([one([p], seeds=[s], **kw) for p, s in zip(prompts, seeds)])
     batch4 = one(prompts, seeds=seeds, **kw)
-    eight = pipeline.Sampler(pipe, mesh=pipeline.make_mesh(jax.devices()[:8]))
+    eight = pipeline.Sampler(pipe, mesh=pipeline.make_mesh(devices=jax.devices()[:8]))
     assert eight.num_devices == 8
     batch8 = eight(prompts * 2, seeds=seeds * 2, **kw)
     np.testing.assert_allclose(batch4, singles, atol=1e-5)
@@ -192,7 +192,7 @@ def test_same_images_any_batch_and_device_count(tiny):
 
 def test_compiles_once_per_shape(tiny):
     pipe = tiny[2]
-    s = pipeline.Sampler(pipe, mesh=pipeline.make_mesh(jax.devices()[:2]))
+    s = pipeline.Sampler(pipe, mesh=pipeline.make_mesh(devices=jax.devices()[:2]))
     kw = dict(steps=3, scheduler="ddim", height=SIZE, width=SIZE)
     s(["a", "b"], seeds=[1, 2], guidance_scale=3.0, **kw)
     loop = s.loop("ddim", True, False, False)

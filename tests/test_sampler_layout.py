@@ -14,7 +14,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from t2i_jax import pipeline
-from t2i_jax.models import load_components
+from t2i_jax.convert.load import load_components
 from t2i_jax.sample import BUNDLED_MODEL
 
 PROMPTS = [
@@ -97,7 +97,7 @@ def test_hlo_helper_finds_collectives_in_a_loop_body():
     # The helper must be able to fail: a loop over a batch-split array that
     # sums over the batch every step (an all-reduce in its body) against one
     # that stays elementwise.
-    mesh = pipeline.make_mesh(jax.devices()[:8])
+    mesh = pipeline.make_mesh(devices=jax.devices()[:8])
     x = jax.device_put(jnp.arange(64.0).reshape(8, 8), NamedSharding(mesh, P("data")))
 
     def run(step):
@@ -123,12 +123,12 @@ def pipe():
 
 @pytest.fixture(scope="module")
 def eight(pipe):
-    return pipeline.Sampler(pipe, mesh=pipeline.make_mesh(jax.devices()[:8]))
+    return pipeline.Sampler(pipe, mesh=pipeline.make_mesh(devices=jax.devices()[:8]))
 
 
 @pytest.fixture(scope="module")
 def one(pipe):
-    return pipeline.Sampler(pipe, mesh=pipeline.make_mesh(jax.devices()[:1]))
+    return pipeline.Sampler(pipe, mesh=pipeline.make_mesh(devices=jax.devices()[:1]))
 
 
 # The bf16 tests' settings; BF16_SCHEDULER's loop is traced by them only.
@@ -140,7 +140,7 @@ def bf16(pipe):
     """A bf16 Sampler (params cast, the default) on 8 devices, whose
     `traces` list grows by one each time jit traces a loop body of
     BF16_SCHEDULER: a count of compiles that needs no jax internals."""
-    s = pipeline.Sampler(pipe, mesh=pipeline.make_mesh(jax.devices()[:8]), dtype=jnp.bfloat16)
+    s = pipeline.Sampler(pipe, mesh=pipeline.make_mesh(devices=jax.devices()[:8]), dtype=jnp.bfloat16)
     sched = s.scheduler(BF16_SCHEDULER)
     step = sched.step
     s.traces = []

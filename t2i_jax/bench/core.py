@@ -1,8 +1,8 @@
 """Throughput of the U-Net forward, the whole sampler and the latent-diffusion trainer's step.
 
 Each mode builds a named model (`tiny`, `sd15`, `sd21`) with random weights,
-shards the batch over every device on the "data" axis of
-`pipeline.make_mesh()` (params replicated), compiles once (timed), warms up,
+shards the batch over every device of `parallel.make_mesh()` (the mesh
+the sampler and the trainers use; params replicated), compiles once (timed), warms up,
 then times `iters` calls, each ended by `block_until_ready` (or the host copy
 of the images, for sampling). What runs is the product's code: the sampler
 mode calls `pipeline.Sampler` itself.
@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from t2i_jax import pipeline, schedulers
+from t2i_jax import parallel, pipeline, schedulers
 from t2i_jax.bench import devices as devices_lib
 from t2i_jax.bench import flops as flops_lib
 from t2i_jax.bench import profile as profile_lib
@@ -41,6 +41,7 @@ from t2i_jax.models import clip as clip_lib
 from t2i_jax.models import layers
 from t2i_jax.models import unet as unet_lib
 from t2i_jax.models import vae as vae_lib
+from t2i_jax.schedulers.schedule import SD_SCHEDULER
 from t2i_jax.tokenizer import Tokenizer
 
 MODES = ("unet", "sample", "train", "train_stream")
@@ -229,8 +230,6 @@ def build_model(s: BenchSettings, r: Resolved, mesh, *, remat: bool = False) -> 
         "vae": random_params(vae, (jnp.zeros((1, side, side, vcfg.in_channels)),), jax.random.fold_in(key, 1), repl),
         "text_encoder": random_params(text, clip_lib.dummy_inputs(text), jax.random.fold_in(key, 2), repl),
     }
-    from t2i_jax.convert.single_file import SD_SCHEDULER
-
     tok = Tokenizer.bundled(pad_token="!" if spec.text == "sd2-text" else "<|endoftext|>")
     return pipeline.StableDiffusion(tok, text, unet, vae, params, dict(SD_SCHEDULER), source=f"random {s.model}")
 
@@ -344,7 +343,7 @@ def _unet_inputs(pipe, rows: int, latent: int, key, sharding):
 
 def bench_unet(s: BenchSettings, r: Resolved, pipe, mesh, peaks) -> dict:
     """U-Net forward at the (optionally CFG-doubled) batch."""
-    batch = NamedSharding(mesh, P("data"))
+    batch = parallel.batch_sharding(mesh)
     rows = r.batch_size * (2 if s.unet_cfg else 1)
     fwd = jax.jit(functools.partial(_unet_apply, pipe.unet), out_shardings=batch)
     args = (pipe.params["unet"], *_unet_inputs(pipe, rows, r.latent, jax.random.key(s.seed + 1), batch))
@@ -363,7 +362,7 @@ def bench_sample(s: BenchSettings, r: Resolved, pipe, mesh, peaks) -> dict:
     """The whole txt2img call of `pipeline.Sampler`: tokenize, encode the
     prompt (and the empty prompt for CFG), the denoising loop, VAE decode,
     images back on the host."""
-    batch = NamedSharding(mesh, P("data"))
+    batch = parallel.batch_sharding(mesh)
     dtype = devices_lib.dtype_of(r.dtype)
     sampler = pipeline.Sampler(pipe, mesh=mesh, dtype=dtype)
     n = r.batch_size
@@ -423,7 +422,6 @@ def bench_train(s: BenchSettings, r: Resolved, mesh, peaks, *, cached: bool = Tr
     default optimizer settings. `cached`: on cached VAE posteriors and text states (the
     trainer's `cache.enabled`); otherwise on images and token ids, with the frozen VAE encoder
     and text encoder inside the step."""
-    from t2i_jax import parallel
     from t2i_jax.train import ldm
     from t2i_jax.train import loop as loop_lib
 
@@ -435,11 +433,10 @@ def bench_train(s: BenchSettings, r: Resolved, mesh, peaks, *, cached: bool = Tr
     config.optim.lr = s.learning_rate
     config.optim.weight_decay = s.weight_decay
     config.diffusion.prediction_type = ""
-    tmesh = parallel.make_mesh(devices=list(mesh.devices.flat))
     parts = ldm.parts_from_pipeline(pipe, config)
     te, tok = parts["text_encoder"], parts["tokenizer"]
     empty = te.apply({"params": pipe.params["text_encoder"]}, tok([""])).last_hidden_state[0] if cached else None
-    run = ldm.setup_step(parts, config, tmesh, cached=cached, total_steps=10**6, empty_context=empty)
+    run = ldm.setup_step(parts, config, mesh, cached=cached, total_steps=10**6, empty_context=empty)
     sh = run["shardings"]
     state = jax.jit(run["init"], in_shardings=(sh.params,), out_shardings=sh, donate_argnums=(0,))(
         jax.device_put(pipe.params["unet"], sh.params))
@@ -455,8 +452,8 @@ def bench_train(s: BenchSettings, r: Resolved, mesh, peaks, *, cached: bool = Tr
         side = r.resolution
         host = {"image": rng.uniform(-1, 1, (b, side, side, 3)).astype(np.float32),
                 "input_ids": tok([PROMPT] * b)}
-    batch = parallel.host_to_global(host, tmesh)
-    acc = loop_lib.new_train_accumulator(run["step_fn"], state, frozen, batch, tmesh)
+    batch = parallel.host_to_global(host, mesh)
+    acc = loop_lib.new_train_accumulator(run["step_fn"], state, frozen, batch, mesh)
     compiled, _, compile_s = _compile(run["step_fn"], state, acc, frozen, batch)
     per_dev = flops_lib.compiled_flops(compiled)
     fpi = per_dev / r.per_device_batch if per_dev else None
@@ -500,7 +497,7 @@ def device_info(s: BenchSettings, r: Resolved) -> dict:
 def run(s: BenchSettings, log: Callable[[str], None] = lambda m: None) -> dict:
     """Runs every requested mode (and its PyTorch counterpart with
     `compare="diffusers"`); returns all figures as one JSON-able dict."""
-    mesh = pipeline.make_mesh()
+    mesh = parallel.make_mesh()
     r = resolve(s, list(mesh.devices.flat))
     dev = device_info(s, r)
     peaks = (dev["peak_tflops_per_device"], dev["measured_matmul_tflops_per_device"])

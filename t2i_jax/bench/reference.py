@@ -51,7 +51,7 @@ class DiffusersBench:
         self.vae_config = vae_lib.VAEConfig.named(spec.vae).to_diffusers()
         tcfg = dataclasses.replace(clip_lib.named_config(spec.text).text, **dict(spec.text_overrides))
         self.text_config = transformers.CLIPTextConfig(**tcfg.to_hf())
-        from t2i_jax.convert.single_file import SD_SCHEDULER
+        from t2i_jax.schedulers.schedule import SD_SCHEDULER
 
         self.scheduler_config = dict(SD_SCHEDULER, skip_prk_steps=True)
         self.batch = r.per_device_batch

@@ -41,6 +41,8 @@ from typing import Any
 import numpy as np
 
 from t2i_jax.convert import core
+from t2i_jax.schedulers.common import make_betas
+from t2i_jax.schedulers.schedule import SD_SCHEDULER
 
 Rule = core.Rule
 StateDict = core.StateDict
@@ -71,18 +73,6 @@ IGNORED = (
 )
 _IGNORED_RE = re.compile("|".join(f"(?:{p})" for p in IGNORED))
 
-# SD 1.x/2.x training schedule ("scaled_linear": betas = linspace(sqrt(b0), sqrt(b1), n) ** 2).
-SD_SCHEDULER = {
-    "num_train_timesteps": 1000,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "prediction_type": "epsilon",
-    "clip_sample": False,
-    "set_alpha_to_one": False,
-    "steps_offset": 1,
-    "timestep_spacing": "leading",
-}
 
 # --------------------------------------------------------------------------
 # U-Net table
@@ -633,7 +623,7 @@ def _scheduler_config(state: Mapping[str, Any], family: str, override: Mapping[s
     sched = dict(SD_SCHEDULER)
     if "betas" in state:
         betas = np.asarray(state["betas"], np.float64)
-        ref = np.linspace(sched["beta_start"] ** 0.5, sched["beta_end"] ** 0.5, sched["num_train_timesteps"]) ** 2
+        ref = make_betas(sched).astype(np.float64)
         if betas.shape != ref.shape or not np.allclose(betas, ref, rtol=1e-4, atol=1e-9):
             warnings.append(
                 f"{source}: its `betas` buffer ({betas.shape[0]} steps, {betas[0]:.6g} .. {betas[-1]:.6g}) is not "

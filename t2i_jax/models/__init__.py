@@ -1,16 +1,6 @@
-"""Flax models: CLIP (`clip`), VAE (`vae`), U-Net (`unet`), shared blocks (`layers`).
+"""Flax models: CLIP (`clip`), VAE (`vae`), U-Net (`unet`), shared blocks (`layers`), and the
+bundle of a whole Stable Diffusion model (`bundle.StableDiffusion`).
 
-`load_components(path_or_id)` loads a whole Stable Diffusion model (see
-`t2i_jax.models.components`).
+This package is the bottom layer: it imports nothing else of t2i_jax's but the tokenizer's type.
+`t2i_jax.convert.load.load_components(path_or_id)` builds a bundle from a checkpoint.
 """
-
-
-def load_components(*args, **kwargs):
-    """See `t2i_jax.models.components.load_components`."""
-    # Imported here: the converters import the model modules of this package.
-    from t2i_jax.models.components import load_components as _load
-
-    return _load(*args, **kwargs)
-
-
-load_components.__doc__ = "Loads tokenizer, text encoder, VAE, U-Net and scheduler config; see t2i_jax.models.components."

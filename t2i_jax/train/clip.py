@@ -40,9 +40,11 @@ from t2i_jax.convert import hub
 from t2i_jax.eval import retrieval
 from t2i_jax.models import clip as clip_lib
 from t2i_jax.tokenizer import Tokenizer
-from t2i_jax.train import common
+from t2i_jax.train import config as config_lib
+from t2i_jax.train import inputs
 from t2i_jax.train import loop as loop_lib
 from t2i_jax.train import state as state_lib
+from t2i_jax.train import workdir as workdir_lib
 from t2i_jax.train.metrics import MetricWriter
 
 log = logging.getLogger(__name__)
@@ -61,7 +63,7 @@ PARTITION_RULES = ((r"logit_scale", P()), (r".*", "fsdp"))
 
 def default_config() -> ml_collections.ConfigDict:
     """Every key this trainer reads, with defaults; a config file changes what it needs."""
-    c = common.base_config()  # seed, data, batch_size, train, optim, ema_decay, mesh, export, progress
+    c = config_lib.base_config()  # seed, data, batch_size, train, optim, ema_decay, mesh, export, progress
     c.objective = "clip"  # picks t2i_jax.train.clip
 
     c.model = ml_collections.ConfigDict()
@@ -120,7 +122,7 @@ def make_data(config, tokenizer):
         ecfg = {"resolution": dcfg["resolution"], **config.eval.data.to_dict()}
         eval_source = data_lib.source_from_config(ecfg)
     loader = data_lib.make_loader(source, global_batch_size=config.batch_size, resolution=dcfg["resolution"],
-                                  tokenizer=tokenizer, **common.loader_kwargs(dcfg))
+                                  tokenizer=tokenizer, **inputs.loader_kwargs(dcfg))
     return loader, eval_source
 
 
@@ -139,7 +141,7 @@ def make_model(config, *, load_weights: bool = True):
     if m.init_from:
         folder = hub.resolve(m.init_from, allow_patterns=["config.json"])
         return clip_convert.build_module(json.loads((folder / "config.json").read_text()), **kw), None
-    hf = common.merge_dicts(clip_lib.named_config(m.name).to_hf(), m.overrides.to_dict())
+    hf = config_lib.merge_dicts(clip_lib.named_config(m.name).to_hf(), m.overrides.to_dict())
     return clip_lib.CLIPModel(clip_lib.CLIPConfig.from_hf(hf), **kw), None
 
 
@@ -265,7 +267,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     Returns {"step", "stopped" (None | "signal" | "preempt_at_step"), "eval_before",
     "eval_after", "state"}. Raises FloatingPointError on a non-finite loss or grad norm.
     """
-    workdir, is_main, ckpt, start = common.open_run(config, workdir)
+    workdir, is_main, ckpt, start = workdir_lib.open_run(config, workdir)
 
     # --- model, data -------------------------------------------------------
     model, host_params = make_model(config, load_weights=start is None)
@@ -282,7 +284,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     tx, schedule = state_lib.make_optimizer(ocfg)
 
     # --- sharding ----------------------------------------------------------
-    mesh = common.make_run_mesh(config)
+    mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, num_devices=config.mesh.num_devices)
     if config.batch_size % mesh.devices.size or (config.batch_size // config.train.grad_accum) % mesh.devices.size:
         raise ValueError(f"batch_size {config.batch_size} / grad_accum {config.train.grad_accum} must be a multiple "
                          f"of the {mesh.devices.size} devices")
@@ -310,7 +312,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     # --- eval before -------------------------------------------------------
     evaluate, results = None, {}
     if config.eval.enabled and eval_source is not None:
-        eval_set = common.make_eval_set(eval_source, config.eval.num_images, res, tokenizer)
+        eval_set = inputs.make_eval_set(eval_source, config.eval.num_images, res, tokenizer)
         evaluate = make_evaluator(model, mesh, param_shardings, eval_set, config.eval.batch_size)
         before_path = workdir / "eval_before.json"
         if start == 0:  # the same decision on every host: evaluate is a collective
@@ -342,7 +344,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                 print(f"CLIP retrieval on {results['after']['num_images']} held-out images "
                       f"({results['after']['num_texts']} captions), %:\n" + retrieval.format_table(results))
         if config.export:
-            host = common.to_host(params)
+            host = parallel.to_host(params)
             if is_main:
                 export(model, host, tokenizer, workdir / "export")
     return {"step": final_step, "stopped": stopped, "eval_before": results.get("before"),

@@ -1,6 +1,6 @@
 """Export a trained Stable Diffusion as a complete diffusers pipeline folder.
 
-    export_pipeline(pipe, "runs/x/export")      # pipe: t2i_jax.pipeline.StableDiffusion
+    export_pipeline(pipe, "runs/x/export")      # pipe: t2i_jax.models.bundle.StableDiffusion
 
 writes
 
@@ -11,7 +11,7 @@ writes
     tokenizer/   vocab.json, merges.txt, tokenizer_config.json ... (CLIPTokenizer)
     scheduler/   scheduler_config.json (PNDMScheduler, SD's default sampler)
 
-which `python -m t2i_jax.sample --model DIR`, `t2i_jax.models.components.load_components(DIR)`
+which `python -m t2i_jax.sample --model DIR`, `t2i_jax.convert.load.load_components(DIR)`
 and `diffusers.StableDiffusionPipeline.from_pretrained(DIR)` all load. Shared by the
 ldm and vae objectives (the VAE trainer writes only `vae/`).
 """
@@ -57,7 +57,7 @@ def text_encoder_for_export(module, params):
 
 
 def export_pipeline(pipe, out_dir: str | os.PathLike, *, dtype=None) -> Path:
-    """Writes `pipe` (a `t2i_jax.pipeline.StableDiffusion` with host params) as a diffusers
+    """Writes `pipe` (a `t2i_jax.models.bundle.StableDiffusion` with host params) as a diffusers
     StableDiffusionPipeline folder; `dtype` (e.g. np.float16) casts the saved weights.
 
     The U-Net's `sample_size` is what the sampling CLI takes as the native size

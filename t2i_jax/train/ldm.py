@@ -39,16 +39,19 @@ from t2i_jax import data as data_lib
 from t2i_jax import parallel, schedulers
 from t2i_jax.convert import clip as clip_convert
 from t2i_jax.convert import diffusers as diffusers_convert
-from t2i_jax.convert.single_file import SD_SCHEDULER
+from t2i_jax.convert.load import load_components
 from t2i_jax.models import clip as clip_lib
 from t2i_jax.models import unet as unet_lib
 from t2i_jax.models import vae as vae_lib
-from t2i_jax.pipeline import StableDiffusion
+from t2i_jax.models.bundle import StableDiffusion
+from t2i_jax.schedulers.schedule import SD_SCHEDULER
 from t2i_jax.tokenizer import Tokenizer
-from t2i_jax.train import common
-from t2i_jax.train import loop as loop_lib
+from t2i_jax.train import config as config_lib
 from t2i_jax.train import export as export_lib
+from t2i_jax.train import inputs
+from t2i_jax.train import loop as loop_lib
 from t2i_jax.train import state as state_lib
+from t2i_jax.train import workdir as workdir_lib
 from t2i_jax.train.metrics import MetricWriter
 
 log = logging.getLogger(__name__)
@@ -60,7 +63,7 @@ log = logging.getLogger(__name__)
 
 def default_config() -> ml_collections.ConfigDict:
     """Every key this trainer reads, with defaults; a config file changes what it needs."""
-    c = common.base_config()  # seed, data, batch_size, train, optim, ema_decay, mesh, export, progress
+    c = config_lib.base_config()  # seed, data, batch_size, train, optim, ema_decay, mesh, export, progress
     c.objective = "ldm"
     c.model = ml_collections.ConfigDict()
     c.model.init_from = ""  # SD pipeline folder / hub id / single file: every component from it
@@ -119,7 +122,7 @@ def make_stream(config, source, dcfg, tokenizer):
     """The per-host grain loader: images and their captions' token ids (tokenized by the loader's
     workers, not on the train loop's thread)."""
     return data_lib.make_loader(source, global_batch_size=config.batch_size, resolution=dcfg["resolution"],
-                                tokenizer=tokenizer, **common.loader_kwargs(dcfg))
+                                tokenizer=tokenizer, **inputs.loader_kwargs(dcfg))
 
 
 class CacheIterator:
@@ -275,7 +278,7 @@ def _text_encoder(config, kw):
         tok = (Tokenizer.from_pretrained(folder, max_length=max_len) if (folder / "vocab.json").exists()
                else Tokenizer.bundled(max_length=max_len))
         return tok, te, te_params
-    hf = common.merge_dicts(clip_lib.named_config(tc.name).text.to_hf(), tc.overrides.to_dict())
+    hf = config_lib.merge_dicts(clip_lib.named_config(tc.name).text.to_hf(), tc.overrides.to_dict())
     te = clip_lib.CLIPTextModel(clip_lib.CLIPTextConfig.from_hf(hf), False, **kw)
     log.warning("no text_encoder.path: a from-scratch %s CLIP text tower, frozen at its random init", tc.name)
     params = jax.jit(te.init)(jax.random.PRNGKey(config.seed + 1), *clip_lib.dummy_inputs(te))["params"]
@@ -285,8 +288,6 @@ def _text_encoder(config, kw):
 def make_parts(config) -> dict:
     """{"tokenizer", "text_encoder", "vae", "unet", "scheduler_config", "params": {text_encoder, vae, unet
     (host params or None: from scratch)}}."""
-    from t2i_jax.models.components import load_components
-
     m = config.model
     dtype = jnp.dtype(m.dtype)
     kw = dict(dtype=dtype, attention_impl=m.attention_impl or None)
@@ -475,7 +476,7 @@ class SampleWriter:
         params = {**self.parts["params"], "unet": unet_params}
         if self.sampler is None:
             pipe = build_pipeline(self.parts, unet_params)
-            self.sampler = pipeline.Sampler(pipe, mesh=pipeline.make_mesh(jax.local_devices()[:1]))
+            self.sampler = pipeline.Sampler(pipe, mesh=parallel.make_mesh(devices=jax.local_devices()[:1]))
         else:
             self.sampler.update_params(params)
         config = self.config
@@ -508,7 +509,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     sample images or None), "skipped_images", "compile_seconds"}. Raises FloatingPointError on a
     non-finite loss, gradient norm or update.
     """
-    workdir, is_main, ckpt, start = common.open_run(config, workdir)
+    workdir, is_main, ckpt, start = workdir_lib.open_run(config, workdir)
 
     # --- model, data -------------------------------------------------------
     parts = make_parts(config)
@@ -523,7 +524,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         total_steps = math.ceil(config.train.epochs * len(source) / config.batch_size)
 
     # --- sharding ----------------------------------------------------------
-    mesh = common.make_run_mesh(config)
+    mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, num_devices=config.mesh.num_devices)
     n_dev = mesh.devices.size
     if config.batch_size % n_dev or (config.batch_size // config.train.grad_accum) % n_dev:
         raise ValueError(f"batch_size {config.batch_size} / grad_accum {config.train.grad_accum} must be a multiple "
@@ -562,7 +563,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
     def sample(step, state):
         nonlocal samples
-        host = common.to_host(state.ema_params if use_ema else state.params)  # a collective
+        host = parallel.to_host(state.ema_params if use_ema else state.params)  # a collective
         if is_main:
             samples = sample_writer(host, workdir / "samples" / f"step_{step}.png")
 
@@ -580,7 +581,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
     # --- eval after, export ----------------------------------------------------
     if stopped is None and (config.eval.prompts or config.export):
-        host = common.to_host(state.ema_params if use_ema else state.params)
+        host = parallel.to_host(state.ema_params if use_ema else state.params)
         if is_main:
             if config.eval.prompts:
                 samples = sample_writer(host, workdir / "samples" / f"step_{final_step}.png")

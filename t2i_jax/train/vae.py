@@ -39,9 +39,11 @@ from t2i_jax import data as data_lib
 from t2i_jax import parallel
 from t2i_jax.convert import diffusers as diffusers_convert
 from t2i_jax.models import vae as vae_lib
-from t2i_jax.train import common
+from t2i_jax.train import config as config_lib
+from t2i_jax.train import inputs
 from t2i_jax.train import loop as loop_lib
 from t2i_jax.train import state as state_lib
+from t2i_jax.train import workdir as workdir_lib
 from t2i_jax.train.metrics import MetricWriter
 
 log = logging.getLogger(__name__)
@@ -55,7 +57,7 @@ PARTITION_RULES = ((r".*", "fsdp"),)
 
 def default_config() -> ml_collections.ConfigDict:
     """Every key this trainer reads, with defaults; a config file changes what it needs."""
-    c = common.base_config()  # seed, data, batch_size, train, optim, ema_decay, mesh, export, progress
+    c = config_lib.base_config()  # seed, data, batch_size, train, optim, ema_decay, mesh, export, progress
     c.objective = "vae"
     c.model = ml_collections.ConfigDict()
     c.model.name = "tiny"  # a VAEConfig.named variant ...
@@ -99,11 +101,11 @@ def make_data(config):
     dcfg["global_batch_size"] = config.batch_size
     source = data_lib.source_from_config(dcfg)
     loader = data_lib.make_loader(source, global_batch_size=config.batch_size, resolution=dcfg["resolution"],
-                                  **common.loader_kwargs(dcfg))
+                                  **inputs.loader_kwargs(dcfg))
     held_out = None
     if config.eval.enabled and config.eval.data:
         esrc = data_lib.source_from_config({"resolution": dcfg["resolution"], **config.eval.data.to_dict()})
-        held_out = common.make_eval_set(esrc, config.eval.num_images, dcfg["resolution"], None)["image"]
+        held_out = inputs.make_eval_set(esrc, config.eval.num_images, dcfg["resolution"], None)["image"]
     return loader, held_out
 
 
@@ -255,7 +257,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     Returns {"step", "stopped", "eval_before", "eval_after", "state"}. Raises FloatingPointError
     on a non-finite loss or grad norm.
     """
-    workdir, is_main, ckpt, start = common.open_run(config, workdir)
+    workdir, is_main, ckpt, start = workdir_lib.open_run(config, workdir)
 
     # --- model, data -------------------------------------------------------
     vae = make_vae(config)
@@ -267,7 +269,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     tx, schedule = make_optimizer(config, total_steps)
 
     # --- sharding ----------------------------------------------------------
-    mesh = common.make_run_mesh(config)
+    mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, num_devices=config.mesh.num_devices)
     n_dev = mesh.devices.size
     if config.batch_size % n_dev or (config.batch_size // config.train.grad_accum) % n_dev:
         raise ValueError(f"batch_size {config.batch_size} / grad_accum {config.train.grad_accum} must be a multiple "
@@ -321,7 +323,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                           f"{results.get('before', {}).get('psnr', float('nan')):.2f} dB -> "
                           f"{results['after']['psnr']:.2f} dB")
             if config.export:
-                host = common.to_host(params)
+                host = parallel.to_host(params)
                 if is_main:
                     std = results["after"]["latent_std"] if "after" in results else 1.0 / vae.config.scaling_factor
                     export(vae, host, std, workdir / "export")

@@ -1,4 +1,8 @@
-"""Load every part of a Stable Diffusion model: `load_components(path_or_id)`."""
+"""Load every part of a Stable Diffusion model into the bundle: `load_components(path_or_id)`.
+
+It sits above the converters (diffusers folders, original single files) and
+the models, and builds a `t2i_jax.models.bundle.StableDiffusion`.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from t2i_jax.convert import clip as clip_convert
+from t2i_jax.convert import core, hub, single_file
+from t2i_jax.convert import diffusers as diffusers_convert
+from t2i_jax.models import clip as clip_lib
+from t2i_jax.models import unet as unet_lib
+from t2i_jax.models import vae as vae_lib
+from t2i_jax.models.bundle import StableDiffusion
+from t2i_jax.schedulers.schedule import SD_SCHEDULER
+from t2i_jax.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
 _SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
 
@@ -26,7 +42,7 @@ def _is_single_file(s: str) -> bool:
 
 def load_components(path_or_id: str | os.PathLike, *, dtype=jnp.float32, param_dtype=np.float32,
                     variant: str | None = None, config: Mapping[str, Mapping[str, Any]] | None = None,
-                    attention_impl: str | None = None):
+                    attention_impl: str | None = None) -> StableDiffusion:
     """Loads tokenizer, text encoder, VAE, U-Net and scheduler config.
 
     `path_or_id` is one of:
@@ -41,7 +57,7 @@ def load_components(path_or_id: str | os.PathLike, *, dtype=jnp.float32, param_d
 
     `dtype` is the compute dtype of the modules (bf16 on accelerators);
     params are returned in `param_dtype`. Returns a
-    `t2i_jax.pipeline.StableDiffusion`.
+    `t2i_jax.models.bundle.StableDiffusion`.
     """
     s = os.fspath(path_or_id)
     if _is_single_file(s):
@@ -58,12 +74,6 @@ def _scheduler_config(raw: Mapping[str, Any]) -> dict:
 
 
 def _from_diffusers(s: str, dtype, param_dtype, variant, attention_impl):
-    from t2i_jax.convert import clip as clip_convert
-    from t2i_jax.convert import diffusers as diffusers_convert
-    from t2i_jax.convert import hub
-    from t2i_jax.pipeline import StableDiffusion
-    from t2i_jax.tokenizer import Tokenizer
-
     root = hub.resolve(s, allow_patterns=["model_index.json", "tokenizer/*", "scheduler/*"])
     if root.is_dir() and not (root / "model_index.json").is_file() and not (root / "unet").is_dir():
         raise FileNotFoundError(
@@ -78,7 +88,7 @@ def _from_diffusers(s: str, dtype, param_dtype, variant, attention_impl):
     if tok_dir.is_dir():
         tokenizer = Tokenizer.from_pretrained(tok_dir)
     else:
-        logging.warning("%s has no tokenizer/ folder; using the bundled CLIP tokenizer", root)
+        log.warning("%s has no tokenizer/ folder; using the bundled CLIP tokenizer", root)
         tokenizer = Tokenizer.bundled()
     text_encoder, te_params = clip_convert.load_clip(s, subfolder="text_encoder", dtype=dtype,
                                                      param_dtype=param_dtype, attention_impl=attention_impl)
@@ -89,22 +99,13 @@ def _from_diffusers(s: str, dtype, param_dtype, variant, attention_impl):
     if sched_path.is_file():
         sched = _scheduler_config(json.loads(sched_path.read_text()))
     else:
-        from t2i_jax.convert.single_file import SD_SCHEDULER
-
-        logging.warning("%s has no scheduler/scheduler_config.json; using SD's noise schedule", root)
+        log.warning("%s has no scheduler/scheduler_config.json; using SD's noise schedule", root)
         sched = dict(SD_SCHEDULER)
     return StableDiffusion(tokenizer, text_encoder, unet, vae,
                            {"text_encoder": te_params, "unet": unet_params, "vae": vae_params}, sched, source=s)
 
 
 def _from_single_file(s: str, dtype, param_dtype, config, attention_impl):
-    from t2i_jax.convert import clip as clip_convert
-    from t2i_jax.convert import core, single_file
-    from t2i_jax.models import unet as unet_lib
-    from t2i_jax.models import vae as vae_lib
-    from t2i_jax.pipeline import StableDiffusion
-    from t2i_jax.tokenizer import Tokenizer
-
     path = Path(s).expanduser()
     if not path.is_file():
         import huggingface_hub
@@ -118,7 +119,7 @@ def _from_single_file(s: str, dtype, param_dtype, config, attention_impl):
                 f"is offline, download the file elsewhere and pass its local path.") from e
     parts = single_file.load_single_file(path, config)
     for w in parts.get("warnings", ()):
-        logging.warning("%s", w)
+        log.warning("%s", w)
 
     def load(module, part, dummy):
         expected = jax.eval_shape(module.init, jax.random.key(0), *dummy)["params"]
@@ -138,16 +139,10 @@ def _from_single_file(s: str, dtype, param_dtype, config, attention_impl):
     name = "text_encoder"
     text_encoder = clip_convert.build_module(parts["text_encoder"]["config"], dtype=dtype,
                                              attention_impl=attention_impl)
-    te_params = load(text_encoder, parts["text_encoder"], _clip_dummy(text_encoder))
+    te_params = load(text_encoder, parts["text_encoder"], clip_lib.dummy_inputs(text_encoder))
     # SD2's OpenCLIP tokenizer is the same BPE; it pads with "!" (id 0).
     tokenizer = Tokenizer.bundled(pad_token="!" if parts["family"] == "sd2" else "<|endoftext|>")
     sched = dict(parts["scheduler"]["config"])
     return StableDiffusion(tokenizer, text_encoder, unet, vae,
                            {"text_encoder": te_params, "unet": unet_params, "vae": vae_params}, sched,
                            source=str(path))
-
-
-def _clip_dummy(module):
-    from t2i_jax.models import clip
-
-    return clip.dummy_inputs(module)

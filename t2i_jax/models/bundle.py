@@ -1,0 +1,61 @@
+"""The model bundle: a Stable Diffusion model's parts and their params.
+
+`t2i_jax.convert.load.load_components` builds one from a checkpoint; the
+sampler (`t2i_jax.pipeline.Sampler`), the trainers and the exporter take one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # annotations only: the bundle needs no tokenizer code
+    from t2i_jax.tokenizer import Tokenizer
+
+
+@dataclasses.dataclass
+class StableDiffusion:
+    """The parts of a Stable Diffusion model and their params.
+
+    `params` holds `text_encoder`, `unet` and `vae` param trees.
+    `scheduler_config` is the diffusers `scheduler_config.json` dict, from
+    which any sampler is built (`scheduler` names one of
+    `schedulers.SCHEDULERS`).
+    """
+
+    tokenizer: Tokenizer
+    text_encoder: Any  # t2i_jax.models.clip.CLIPTextModel
+    unet: Any  # t2i_jax.models.unet.UNet2DConditionModel
+    vae: Any  # t2i_jax.models.vae.AutoencoderKL
+    params: dict
+    scheduler_config: dict
+    source: str = ""  # where it was loaded from, for messages and metadata
+
+    @property
+    def vae_scale(self) -> int:
+        """Pixels per latent along each side (8 for SD)."""
+        return self.vae.config.downsample_factor
+
+    @property
+    def latent_channels(self) -> int:
+        """Channels of the U-Net's input latents (4 for SD)."""
+        return self.unet.config.in_channels
+
+    @property
+    def dtype(self):
+        """The U-Net's compute dtype."""
+        return self.unet.dtype
+
+    def with_compute(self, dtype=None, attention_impl: str | None = None) -> StableDiffusion:
+        """The same model and params with its modules' compute `dtype` and/or
+        attention implementation (None/"xla", "cudnn", "auto"; the VAE's
+        attention always runs on XLA) replaced; None keeps what they have.
+        Params are not touched: fp32 params in bf16 compute is the usual
+        setting (a `Sampler` keeps its own copy cast to the compute dtype,
+        see its `cast_params`)."""
+        if dtype is None and attention_impl is None:
+            return self
+        kw = {} if dtype is None else {"dtype": dtype}
+        attn = {} if attention_impl is None else {"attention_impl": attention_impl}
+        return dataclasses.replace(self, text_encoder=self.text_encoder.clone(**kw, **attn),
+                                   unet=self.unet.clone(**kw, **attn), vae=self.vae.clone(**kw))
