@@ -347,3 +347,15 @@ def test_cli_errors(tmp_path, capsys):
     no_prompt.mkdir()
     (no_prompt / "manifest.jsonl").write_text(json.dumps({"file": "a.png"}) + "\n")
     assert 'line 1 has no "file" and "prompt"' in _error(capsys, [str(no_prompt)])
+
+
+def test_largest_component_is_4_connected_and_first_on_ties():
+    m = np.zeros((7, 7), bool)
+    m[0, 0] = m[1, 1] = m[2, 2] = m[3, 3] = True  # a diagonal: four components of one pixel, 4-connected
+    m[5, 0:3] = True  # three pixels in a row
+    m[6, 4:7] = True  # as many, later in raster order
+    want = np.zeros_like(m)
+    want[5, 0:3] = True
+    got = adherence._largest_component(m)
+    assert got.dtype == bool and (got == want).all()
+    assert not adherence._largest_component(np.zeros((3, 3), bool)).any()

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
@@ -179,31 +178,18 @@ def _downsample(im: np.ndarray) -> np.ndarray:
 
 
 def _largest_component(mask: np.ndarray) -> np.ndarray:
-    """The largest 4-connected component of a bool mask (first found on ties)."""
-    h, w = mask.shape
-    seen = np.zeros_like(mask)
-    best: list[tuple[int, int]] = []
-    flat = mask.tolist()  # Python lists index much faster than numpy scalars
-    visited = seen.tolist()
-    for y0, x0 in zip(*np.nonzero(mask)):
-        if visited[y0][x0]:
-            continue
-        visited[y0][x0] = True
-        comp, todo = [], deque([(int(y0), int(x0))])
-        while todo:
-            y, x = todo.popleft()
-            comp.append((y, x))
-            for ny, nx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
-                if 0 <= ny < h and 0 <= nx < w and flat[ny][nx] and not visited[ny][nx]:
-                    visited[ny][nx] = True
-                    todo.append((ny, nx))
-        if len(comp) > len(best):
-            best = comp
-    out = np.zeros_like(mask)
-    if best:
-        ys, xs = zip(*best)
-        out[list(ys), list(xs)] = True
-    return out
+    """The largest 4-connected component of a bool mask (first in raster order on ties)."""
+    # Imported here: scipy.ndimage takes 0.5 s to import, and `t2i_jax.eval`
+    # (which the CLIP trainer imports for retrieval) loads this module.
+    from scipy import ndimage
+
+    # ndimage.label numbers components in raster order of their first pixel,
+    # and argmax takes the first of equal sizes.
+    labels, n = ndimage.label(mask)
+    if n == 0:
+        return np.zeros_like(mask)
+    sizes = np.bincount(labels.ravel())[1:]
+    return labels == 1 + int(np.argmax(sizes))
 
 
 def shape_features(mask: np.ndarray, alpha: np.ndarray) -> dict[str, float]:
