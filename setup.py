@@ -32,6 +32,10 @@ setup(
         "importlib_resources",
         "pillow",
         "numpy",
+        # The evaluator's connected components (scipy.ndimage.label).
+        "scipy",
+        # TensorBoard event files without TensorFlow (t2i_jax.train.metrics).
+        "tensorboardX",
         "tqdm",
     ],
     extras_require={
