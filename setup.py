@@ -23,7 +23,8 @@ setup(
         "optax",
         "orbax-checkpoint",
         "transformers>=5",
-        "safetensors",
+        # 0.8: safe_open(backend="pread"), what convert/core reads with.
+        "safetensors>=0.8",
         "huggingface_hub",
         "ml_collections",
         "grain",
