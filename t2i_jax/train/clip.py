@@ -321,7 +321,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             results["before"] = json.loads(before_path.read_text())
 
     # --- loop --------------------------------------------------------------
-    writer = MetricWriter(workdir, enabled=is_main)
+    writer = MetricWriter(workdir, enabled=is_main, start=start)
     try:
         state, stopped, _ = loop_lib.fit(
             make_objective(model, mesh), config, tx=tx, schedule=schedule, mesh=mesh, ckpt=ckpt, writer=writer,

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import jax
@@ -41,6 +42,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.debug_nan_step = 0  # tests: feed a NaN batch at this step to exercise the NaN guard (0: off)
     c.train.prefetch = 2  # device batches prepared ahead of the running step (a background thread)
     c.train.stop_check_every = 10  # multi-process: combine stop signals every N steps (a collective)
+    c.train.allow_changes = ""  # resume: comma-separated config keys (globs) allowed to differ from the checkpoint's
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 1e-5
@@ -65,16 +67,26 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def open_run(config, workdir) -> tuple[Path, bool, Checkpointer, int | None]:
-    """Starts or resumes a run in `workdir`: writes config.json (process 0), opens the checkpoint
-    manager. Returns (workdir, is_main, checkpointer, latest saved step or None)."""
+    """Starts or resumes a run in `workdir`: opens the checkpoint manager, checks a resume's config
+    against the checkpoint's (`Checkpointer.check_resume`), then writes config.json (process 0).
+    Returns (workdir, is_main, checkpointer, latest saved step or None)."""
     workdir = Path(workdir)
     is_main = jax.process_index() == 0
-    if is_main:
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
     ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=config.train.max_to_keep,
                         async_save=config.train.async_checkpoint)
-    return workdir, is_main, ckpt, ckpt.latest_step()
+    latest = ckpt.latest_step()
+    if latest is not None:
+        try:
+            ckpt.check_resume(config, latest)  # before config.json changes: a refused resume keeps the record
+        except Exception:
+            ckpt.close()
+            raise
+    if is_main:
+        workdir.mkdir(parents=True, exist_ok=True)
+        tmp = workdir / "config.json.tmp"
+        tmp.write_text(config.to_json_best_effort(indent=2) + "\n")
+        os.replace(tmp, workdir / "config.json")
+    return workdir, is_main, ckpt, latest
 
 
 def loader_kwargs(dcfg: dict) -> dict:

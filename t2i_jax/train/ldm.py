@@ -555,7 +555,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     parts["params"]["unet"] = None
 
     # --- loop --------------------------------------------------------------
-    writer = MetricWriter(workdir, enabled=is_main)
+    writer = MetricWriter(workdir, enabled=is_main, start=start)
     use_ema = config.ema_decay > 0 and config.eval.use_ema
     sample_writer = SampleWriter(parts, config)
     samples = None

@@ -398,6 +398,8 @@ class Loop:
                     due = [fn for every, fn in self.evals if every and done % every == 0 and done != total]
                     signalled = signal.requested(collective=done % check_every == 0 or done == total)
                     stop = signalled or done == cfg.preempt_at_step
+                    if is_log or is_ckpt:
+                        self.ckpt.check()  # an earlier asynchronous save that failed (disk full) stops here
                     if is_log:
                         host = read_accumulator(acc)
                         self._check_finite(done, host)

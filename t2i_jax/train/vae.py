@@ -296,7 +296,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             results["before"] = json.loads(before_path.read_text())
 
     # --- loop --------------------------------------------------------------
-    writer = MetricWriter(workdir, enabled=is_main)
+    writer = MetricWriter(workdir, enabled=is_main, start=start)
     if "before" in results and start == 0:
         writer.write(0, {"eval/psnr": results["before"]["psnr"]})
     try:
