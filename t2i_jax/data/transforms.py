@@ -30,7 +30,7 @@ import grain
 import numpy as np
 from PIL import Image, ImageOps
 
-__all__ = ["SkipLog", "DecodeImage", "DropBad", "Preprocess", "Tokenize", "Delay", "decode_image"]
+__all__ = ["DecodeImage", "Delay", "DropBad", "Preprocess", "SkipLog", "Tokenize", "decode_image"]
 
 log = logging.getLogger(__name__)
 
@@ -88,19 +88,46 @@ class SkipLog:
         return f"SkipLog(count={self.count}, path={self.path!r})"
 
 
+def _to_uint8(arr: np.ndarray) -> np.ndarray:
+    """A 16-bit (uint16, or int32 holding 16-bit values as PIL's mode "I") array -> uint8,
+    round(v * 255 / 65535). `convert("RGB")` would clip it to 255 instead: nearly white."""
+    v = np.clip(arr.astype(np.int64), 0, 65535)
+    # 65535 is odd, so v * 255 / 65535 = v / 257 is never a tie: +32767 then floor rounds it.
+    return ((v * 255 + 32767) // 65535).astype(np.uint8)
+
+
+def _array_to_image(arr: np.ndarray) -> Image.Image:
+    if arr.dtype == np.uint16:
+        arr = _to_uint8(arr)
+    if arr.dtype != np.uint8:
+        raise ValueError(f"image array has dtype {arr.dtype}; expected uint8 (or uint16, scaled to 8 bits)")
+    if arr.ndim == 2 or arr.shape[-1] == 1:
+        arr = np.repeat(arr.reshape(arr.shape[0], arr.shape[1], 1), 3, axis=-1)
+    if arr.ndim != 3 or arr.shape[-1] not in (3, 4):
+        raise ValueError(f"image array has shape {arr.shape}; expected [H, W], [H, W, 1], [H, W, 3] or [H, W, 4]")
+    if arr.shape[-1] == 4:
+        return _on_white(Image.fromarray(np.ascontiguousarray(arr)))
+    return Image.fromarray(np.ascontiguousarray(arr))
+
+
+def _on_white(img: Image.Image) -> Image.Image:
+    """An image with alpha -> RGB, composited over white (what a viewer shows for transparency)."""
+    img = img.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img).convert("RGB")
+
+
 def decode_image(image, resolution: int | None = None) -> np.ndarray:
     """Path, encoded bytes or array -> uint8 RGB [H, W, 3]; shorter side resized to `resolution`.
 
-    Applies EXIF orientation and puts transparent images on white. Raises on a
-    missing or undecodable file.
+    Applies EXIF orientation. Modes: 16-bit grayscale (PIL "I;16*", and "I", taken as 16-bit
+    values clipped to [0, 65535]) and uint16 arrays are scaled to 8 bits as round(v * 255 / 65535);
+    16-bit RGB(A) PNGs come from PIL already cut to their high byte (within 1 of that); images
+    with alpha (RGBA, LA, PA, palette with transparency, 4-channel arrays) are composited over
+    white; palette, bilevel, CMYK and YCbCr images are converted by PIL. Raises on a missing or
+    undecodable file.
     """
     if isinstance(image, np.ndarray):
-        arr = image
-        if arr.dtype != np.uint8:
-            raise ValueError(f"image array has dtype {arr.dtype}; expected uint8")
-        if arr.ndim == 2 or arr.shape[-1] == 1:
-            arr = np.repeat(arr.reshape(arr.shape[0], arr.shape[1], 1), 3, axis=-1)
-        img = Image.fromarray(np.ascontiguousarray(arr[..., :3]))
+        img = _array_to_image(image)
     else:
         img = Image.open(io.BytesIO(image) if isinstance(image, (bytes, bytearray, np.bytes_)) else image)
         if resolution is not None and img.format == "JPEG":
@@ -108,10 +135,10 @@ def decode_image(image, resolution: int | None = None) -> np.ndarray:
             scale = resolution / min(img.size)
             img.draft("RGB", (int(np.ceil(img.size[0] * scale)), int(np.ceil(img.size[1] * scale))))
         img = ImageOps.exif_transpose(img)
-        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-            img = img.convert("RGBA")
-            background = Image.new("RGBA", img.size, (255, 255, 255, 255))
-            img = Image.alpha_composite(background, img)
+        if img.mode.startswith("I;16") or img.mode == "I":
+            img = Image.fromarray(_to_uint8(np.asarray(img)))  # 2-D uint8: mode "L"
+        if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
+            img = _on_white(img)
         img = img.convert("RGB")
     if resolution is not None and min(img.size) != resolution:
         w, h = img.size
