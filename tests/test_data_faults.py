@@ -1,6 +1,10 @@
-"""Bad data in t2i_jax.data: 16-bit and other image modes."""
+"""Bad data in t2i_jax.data: 16-bit and other image modes, the skip limit (an all-bad or
+mostly-bad dataset stops with a message instead of spinning), the skip count."""
 
 import io
+import json
+import os
+import re
 import struct
 import threading
 import zlib
@@ -123,3 +127,133 @@ def test_alpha_palette_cmyk_and_bilevel():
     assert data.decode_image(rgba)[0, 0].tolist() == [255, 255, 255]
     with pytest.raises(ValueError, match="image array has dtype float32; expected uint8 .or uint16"):
         data.decode_image(np.zeros((4, 4, 3), np.float32))
+
+
+# ---------------------------------------------------------------------------
+# The skip limit and the skip count.
+# ---------------------------------------------------------------------------
+
+
+def _dataset(root, good: int, bad: int, order=None):
+    """A JSONL dataset of `good` 8x8 PNGs and `bad` broken files (random bytes, text, a missing
+    file, in turn); returns (jsonl path, bad paths). `order`: a string of "g"/"b", the records' order."""
+    os.makedirs(root, exist_ok=True)
+    order = order or "g" * good + "b" * bad
+    assert order.count("g") == good and order.count("b") == bad
+    rows, bad_paths, rng = [], [], np.random.default_rng(0)
+    for i, kind in enumerate(order):
+        name = f"{i:03d}.png"
+        path = os.path.join(root, name)
+        if kind == "g":
+            Image.new("RGB", (8, 8), (10 * i % 250, 100, 50)).save(path)
+        else:
+            which = len(bad_paths) % 3
+            if which == 0:
+                with open(path, "wb") as f:
+                    f.write(rng.bytes(200))
+            elif which == 1:
+                with open(path, "w") as f:
+                    f.write("not an image\n")
+            bad_paths.append(path)
+        rows.append({"image": name, "caption": f"record {i}"})
+    jsonl = os.path.join(root, "captions.jsonl")
+    with open(jsonl, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return jsonl, bad_paths
+
+
+def _loader(source, **kw):
+    kw = {"global_batch_size": 2, "seed": 0, "resolution": 8, "shard_index": 0, "shard_count": 1,
+          "read_threads": 2, "read_buffer": 8, **kw}
+    return data.make_loader(source, **kw)
+
+
+def test_all_bad_dataset_stops_with_a_message(tmp_path):
+    jsonl, bad = _dataset(tmp_path / "ds", good=0, bad=6)
+    loader = _loader(data.jsonl_source(jsonl))  # endless epochs: the old loader never returned
+    with pytest.raises(data.TooManyBadImages) as e:
+        _within(lambda: next(iter(loader)))
+    msg = str(e.value)
+    # The first-records check, capped at the 6 records there are.
+    assert "none of the first 6 records read by this process has an image that loads" in msg
+    assert "6 skipped in all so far" in msg and loader.skipped_count() == 6
+    # Five of the six named (the most recent distinct ones), each with its reason: 4 of the 6
+    # are not images, 2 are missing, so both reasons appear.
+    named = [p for p in bad if p in msg]
+    assert len(named) == 5 and all(re.search(rf"{re.escape(p)} \((UnidentifiedImageError|FileNotFoundError): ", msg)
+                                   for p in named)
+    assert "(UnidentifiedImageError: cannot identify image file" in msg and "(FileNotFoundError: " in msg
+    assert "data.first_good_within=0" in msg
+
+    # The window check alone, set through the data config.
+    loader = data.from_config({"name": "jsonl", "path": jsonl, "resolution": 8, "global_batch_size": 2,
+                               "first_good_within": 0, "bad_window": 4, "max_bad_fraction": 0.5},
+                              shard_index=0, shard_count=1)
+    with pytest.raises(data.TooManyBadImages, match=r"3 of the last 3 records read by this process have images "
+                                                    r"that do not load, more than data.max_bad_fraction=0.5 of "
+                                                    r"data.bad_window=4; 3 skipped in all so far"):
+        _within(lambda: next(iter(loader)))
+
+
+def test_mostly_bad_dataset_stops_a_few_bad_ones_are_counted(tmp_path):
+    # 6 bad in 10 (some good ones first, so the first-records check passes): the window
+    # (10 records, more than half bad) stops it at the 6th bad record, within the first epoch.
+    jsonl, _ = _dataset(tmp_path / "mostly", good=4, bad=6, order="gbbgbgbbgb")
+    loader = _loader(data.jsonl_source(jsonl), shuffle=False, bad_window=10)
+    it = iter(loader)
+    with pytest.raises(data.TooManyBadImages, match="6 of the last 10 records"):
+        _within(lambda: [next(it) for _ in range(100)])
+    assert loader.skipped_count() == 6
+
+    # 2 bad in 20, three epochs, default limits: every good record arrives, each bad one is
+    # counted once per epoch, and the count is readable between batches.
+    jsonl, bad = _dataset(tmp_path / "few", good=18, bad=2, order="g" * 5 + "b" + "g" * 9 + "b" + "g" * 4)
+    loader = _loader(data.jsonl_source(jsonl), num_epochs=3)
+    it = iter(loader)
+    first = next(it)
+    assert first["image"].shape == (2, 8, 8, 3) and 0 <= loader.skipped_count() <= 2
+    batches = [first, *_within(lambda: list(it))]
+    assert len(batches) == 27  # 54 good records
+    assert loader.skipped_count() == 6
+    assert sorted({k for k, _ in loader.skips.skipped}) == sorted(bad)
+
+
+def test_skip_limit_config_errors():
+    with pytest.raises(ValueError, match=r"bad_window 0 must be an int >= 1; the default is 1000"):
+        data.SkipLimit(bad_window=0)
+    with pytest.raises(ValueError, match=r"first_good_within -1 must be an int >= 0"):
+        data.SkipLimit(first_good_within=-1)
+    with pytest.raises(ValueError, match=r"max_bad_fraction -0.1 must be a fraction in \[0, 1\)"):
+        data.SkipLimit(max_bad_fraction=-0.1)
+
+
+def test_file_backed_skip_count_reads_only_whole_new_lines(tmp_path):
+    import pickle
+
+    path = tmp_path / "skipped.tsv"
+    log = data.SkipLog(path)
+    worker = pickle.loads(pickle.dumps(log))  # a grain worker's copy
+    assert log.count == 0
+    log.add("/x/a.png", "OSError: bad")
+    worker.add("/x/b.png", "missing")
+    assert log.count == 2 and worker.count == 2
+    with open(path, "a") as f:  # a line another process is still writing
+        f.write("/x/c.png\tpart")
+    assert log.count == 2
+    with open(path, "a") as f:
+        f.write("ial\n")
+    assert log.count == 3 and log.skipped[-1] == ("/x/c.png", "partial")
+
+
+def test_worker_processes_stop_and_count(tmp_path):
+    # grain worker processes: each checks its own records; the error reaches this process, and
+    # the counts of all processes add up (file-backed SkipLog).
+    jsonl, bad = _dataset(tmp_path / "bad", good=0, bad=4)
+    loader = _loader(data.jsonl_source(jsonl), worker_count=1)
+    with pytest.raises(data.TooManyBadImages, match=r"none of the first 4 records read by this process"):
+        _within(lambda: next(iter(loader)))
+    jsonl, bad = _dataset(tmp_path / "few", good=7, bad=1, order="ggbggggg")
+    loader = _loader(data.jsonl_source(jsonl), num_epochs=2, worker_count=1)
+    batches = _within(lambda: list(iter(loader)))
+    assert len(batches) == 7 and loader.skipped_count() == 2
+    assert [k for k, _ in loader.skips.skipped] == bad * 2  # written by the worker, read here

@@ -32,11 +32,11 @@ from collections.abc import Iterable, Sequence
 
 __all__ = [
     "CaptionSource",
+    "coco_captions",
+    "csv_source",
     "flickr8k",
     "flickr30k",
-    "coco_captions",
     "jsonl_source",
-    "csv_source",
 ]
 
 

@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
-__all__ = ["TfdsSource", "celeba_caption", "ADAPTERS"]
+__all__ = ["ADAPTERS", "TfdsSource", "celeba_caption"]
 
 
 def _text(x) -> str:
