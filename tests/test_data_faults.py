@@ -1,5 +1,6 @@
 """Bad data in t2i_jax.data: 16-bit and other image modes, the skip limit (an all-bad or
-mostly-bad dataset stops with a message instead of spinning), the skip count."""
+mostly-bad dataset stops with a message instead of spinning), the skip count, tfds records
+that cannot be read."""
 
 import io
 import json
@@ -14,6 +15,7 @@ import pytest
 from PIL import Image
 
 from t2i_jax import data
+from t2i_jax.data.tfds_source import ADAPTERS
 
 # The runs below take well under a second; the guard only has to be finite (the old loader
 # never returned on an all-bad dataset) and generous for a loaded CI machine.
@@ -257,3 +259,23 @@ def test_worker_processes_stop_and_count(tmp_path):
     batches = _within(lambda: list(iter(loader)))
     assert len(batches) == 7 and loader.skipped_count() == 2
     assert [k for k, _ in loader.skips.skipped] == bad * 2  # written by the worker, read here
+
+
+# ---------------------------------------------------------------------------
+# tfds records that cannot be read.
+# ---------------------------------------------------------------------------
+
+
+def test_tfds_record_that_cannot_be_read_is_skipped():
+    src = data.TfdsSource.__new__(data.TfdsSource)  # a prepared dataset's stand-in (no tfds build)
+    src.name, src.split, src.data_dir, src._adapter = "tiny", "train", None, ADAPTERS["coco_captions"]
+    png = _encoded(Image.new("RGB", (8, 8), (1, 2, 3)))
+    src._source = [{"image": png, "captions": {"text": [b"a cat", b"a dog"]}},
+                   {"image": png, "captions": {"text": [b"caf\xe9"]}},  # not UTF-8
+                   {"image": png}]  # no captions
+    assert src[0]["captions"] == ["a cat", "a dog"]
+    bad = src[1]
+    assert bad["key"] == "tiny/train/1" and bad["error"].startswith("UnicodeDecodeError")
+    assert src[2]["error"].startswith("KeyError")
+    batches = list(iter(_loader(src, global_batch_size=1, num_epochs=1, first_good_within=0)))
+    assert len(batches) == 1 and batches[0]["key"].tolist() == ["tiny/train/0"]
