@@ -1,7 +1,8 @@
 """Bad data in t2i_jax.data: 16-bit and other image modes, the skip limit (an all-bad or
-mostly-bad dataset stops with a message instead of spinning), the skip count, tfds records
-that cannot be read."""
+mostly-bad dataset stops with a message instead of spinning), the skip count, caption files
+that are not UTF-8, tfds records that cannot be read."""
 
+import codecs
 import io
 import json
 import os
@@ -279,3 +280,65 @@ def test_tfds_record_that_cannot_be_read_is_skipped():
     assert src[2]["error"].startswith("KeyError")
     batches = list(iter(_loader(src, global_batch_size=1, num_epochs=1, first_good_within=0)))
     assert len(batches) == 1 and batches[0]["key"].tolist() == ["tiny/train/0"]
+
+
+# ---------------------------------------------------------------------------
+# Caption files that are not UTF-8.
+# ---------------------------------------------------------------------------
+
+LATIN1 = "Un caf\xe9 au lait".encode("latin-1")  # b"\xe9": not UTF-8
+
+
+def _caption_file(tmp_path, fmt):
+    """(the function that reads it, the file with a Latin-1 byte on line 3)."""
+    img = tmp_path / "images"
+    img.mkdir()
+    if fmt == "jsonl":
+        path = tmp_path / "c.jsonl"
+        path.write_bytes(b'{"image": "a.jpg", "caption": "ok"}\n\n{"image": "b.jpg", "caption": "' + LATIN1 + b'"}\n')
+        return lambda: data.jsonl_source(path, images=img), path
+    if fmt == "csv":
+        path = tmp_path / "c.csv"
+        path.write_bytes(b"image,caption\na.jpg,ok\nb.jpg," + LATIN1 + b"\n")
+        return lambda: data.csv_source(path, images=img), path
+    if fmt == "flickr8k":
+        (tmp_path / "Images").mkdir()
+        path = tmp_path / "captions.txt"
+        path.write_bytes(b"image,caption\na.jpg,ok\nb.jpg," + LATIN1 + b"\n")
+        return lambda: data.flickr8k(tmp_path), path
+    if fmt == "flickr30k":
+        (tmp_path / "flickr30k_images").mkdir()
+        path = tmp_path / "results.csv"
+        path.write_bytes(b"image_name| comment_number| comment\na.jpg| 0| ok\nb.jpg| 0| " + LATIN1 + b"\n")
+        return lambda: data.flickr30k(tmp_path), path
+    assert fmt == "coco"
+    path = tmp_path / "captions_val.json"
+    path.write_bytes(b'{"images": [{"id": 1, "file_name": "a.jpg"}],\n "annotations": [\n  {"image_id": 1, '
+                     b'"caption": "' + LATIN1 + b'"}]}\n')
+    return lambda: data.coco_captions(path, img), path
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv", "flickr8k", "flickr30k", "coco"])
+def test_caption_file_not_utf8_names_file_and_line(tmp_path, fmt):
+    read, path = _caption_file(tmp_path, fmt)
+    with pytest.raises(ValueError) as e:
+        read()
+    msg = str(e.value)
+    # The old readers raised a bare UnicodeDecodeError naming neither.
+    byte = path.read_bytes().split(b"\n")[2].index(b"\xe9") + 1
+    assert f"captions file {path} line 3 is not UTF-8: byte {byte} of the line is b'\\xe9'" in msg, msg
+    assert "Re-encode the file as UTF-8" in msg and "iconv -f latin1 -t utf-8" in msg
+    assert not isinstance(e.value, UnicodeDecodeError)
+
+
+def test_caption_files_with_a_bom(tmp_path):
+    # A UTF-8 byte-order mark (Excel and Notepad write one) is not part of the first column's name.
+    (tmp_path / "c.csv").write_bytes("image,caption\na.jpg,caf\xe9\n".encode("utf-8-sig"))
+    src = data.csv_source(tmp_path / "c.csv")
+    assert src[0]["captions"] == ["caf\xe9"] and src[0]["key"] == "a.jpg"
+    (tmp_path / "c.jsonl").write_bytes('{"image": "a.jpg", "caption": "ok"}\n'.encode("utf-8-sig"))
+    assert data.jsonl_source(tmp_path / "c.jsonl")[0]["captions"] == ["ok"]
+    # The byte named in an error counts the BOM too (it is in the file).
+    (tmp_path / "c.json").write_bytes(codecs.BOM_UTF8 + b'{"x\xff": 1}')
+    with pytest.raises(ValueError, match=r"c.json line 1 is not UTF-8: byte 7 of the line is b'\\xff'"):
+        data.coco_captions(tmp_path / "c.json", tmp_path)
