@@ -10,8 +10,8 @@ From Python: `t2i_jax.train.__main__.run(argv)` (a list, as on the command line)
 Exit status: 0 when the run reached its last step; 75 (EX_TEMPFAIL) when it was
 stopped early by SIGTERM or Ctrl-C (or train.preempt_at_step) after saving a
 checkpoint of the step it stopped at: rerun the same command to resume (a
-supervisor should requeue it); 1 when a non-finite loss stopped it or a
-checkpoint could not be saved; 2 for a config error, including a resume whose
+supervisor should requeue it); 1 when a non-finite loss stopped it, a
+checkpoint could not be saved or too many images were unreadable; 2 for a config error, including a resume whose
 config differs from the checkpoint's.
 """
 
@@ -85,10 +85,11 @@ def _train(config, workdir, distributed) -> dict:
     if objective not in OBJECTIVES:
         raise app.UsageError(f"config objective {objective!r} is not one of {list(OBJECTIVES)}")
     module = importlib.import_module(f"t2i_jax.train.{objective}")
+    from t2i_jax.data import TooManyBadImages
     from t2i_jax.train.checkpoint import CheckpointSaveError, ConfigMismatchError
     try:
         result = module.train_and_evaluate(config, workdir)
-    except (FloatingPointError, CheckpointSaveError) as e:
+    except (FloatingPointError, CheckpointSaveError, TooManyBadImages) as e:
         logging.error("%s", e)
         sys.exit(1)
     except ConfigMismatchError as e:

@@ -326,7 +326,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         state, stopped, _ = loop_lib.fit(
             make_objective(model, mesh), config, tx=tx, schedule=schedule, mesh=mesh, ckpt=ckpt, writer=writer,
             is_main=is_main, state=state, state_shardings=shardings, frozen={}, frozen_shardings={}, data_iter=it,
-            start=start, total_steps=total_steps, skipped=lambda: loader.skips.count)
+            start=start, total_steps=total_steps, skipped=loader.skipped_count)
     finally:
         writer.close()
         ckpt.close()

@@ -538,7 +538,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         empty_context, skipped = cache["empty"], (lambda n=len(cache["skipped"]): n)
     else:
         loader = make_stream(config, source, dcfg, tokenizer)
-        it, empty_context, skipped = iter(loader), None, (lambda: loader.skips.count)
+        it, empty_context, skipped = iter(loader), None, loader.skipped_count
     run = setup_step(parts, config, mesh, cached=cached, total_steps=total_steps, empty_context=empty_context)
     shardings, init = run["shardings"], run["init"]
 
