@@ -85,6 +85,11 @@ VARIANTS = {
     ),
 }
 REF.update(VARIANTS)
+# A config field both sides must not see (the test configs above are SD-like
+# and carry skip_prk_steps=True; diffusers' default is False).
+DROP = object()
+PRK = {"pndm:prk": (D.PNDMScheduler, dict(skip_prk_steps=DROP))}
+REF.update(PRK)
 NOISE_MODULES = {
     "ddpm": "diffusers.schedulers.scheduling_ddpm",
     "euler_a": "diffusers.schedulers.scheduling_euler_ancestral_discrete",
@@ -117,6 +122,7 @@ def _sched(name, cfg_id, pred, **options):
     if key not in _SCHEDS:
         extra = REF[name][1]
         cfg = dict(CONFIGS[cfg_id], prediction_type=pred, **extra)
+        cfg = {k: v for k, v in cfg.items() if v is not DROP}
         sched = S.from_config(name.split("_karras")[0].split(":")[0], cfg, **options)
 
         @jax.jit
@@ -193,7 +199,7 @@ def _compare(name, cfg_id, pred, n, monkeypatch, strength=1.0, pin_begin=False, 
     # DDPM-family samples are sqrt(abar) * (x0 + sigma * eps): measure them in
     # the same sigma space (the final sample lives at abar = 1).
     norms = np.linalg.norm(np.concatenate([x_pt[None], ref]).reshape(len(ref) + 1, -1), axis=1)
-    if name in ("ddpm", "ddim", "pndm"):
+    if name.split(":")[0] in ("ddpm", "ddim", "pndm"):
         abar = pt.alphas_cumprod.numpy()[pt.timesteps[begin:].numpy()]
         norms = norms / np.sqrt(np.concatenate([abar, [1.0]]))
     cancel = np.maximum.accumulate(norms)[:-1] / norms[1:]
@@ -348,7 +354,7 @@ def test_bad_step_count(steps):
         ("euler", "use_exponential_sigmas", True),
         ("euler", "beta_schedule", "sigmoid"),
         ("dpmpp_2m", "algorithm_type", "sde-dpmsolver++"),
-        ("pndm", "skip_prk_steps", False),
+        ("pndm", "skip_prk_steps", "no"),
         ("pndm", "prediction_type", "sample"),
         ("ddpm", "variance_type", "learned_range"),
         ("lms", "timestep_spacing", "cosine"),
@@ -375,3 +381,60 @@ def test_strength_too_small_and_bad_option():
         S.from_config("ddim", SD).set_timesteps(10, SHAPE, strength=0.05)
     with pytest.raises(ValueError, match="eta"):
         S.from_config("euler", SD, eta=0.5)
+
+
+# --------------------------------------------------------------------------
+# PNDM's Runge-Kutta warm-up (diffusers' default skip_prk_steps=False)
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [4, 10, 50])
+@pytest.mark.parametrize("pred", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("cfg_id", list(CONFIGS))
+def test_pndm_prk_warmup_matches_diffusers(cfg_id, pred, n, monkeypatch):
+    # A config without skip_prk_steps runs diffusers' default: 12 Runge-Kutta
+    # evaluations, then PLMS (n + 9 evaluations in all, checked in _compare).
+    _compare("pndm:prk", cfg_id, pred, n, monkeypatch)
+    assert S.from_config("pndm", {}).set_timesteps(n, SHAPE).num_evals == n + 9
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_pndm_prk_warmup_needs_four_steps(n):
+    # diffusers' PNDMScheduler cannot lay out its warm-up below 4 steps either.
+    pt = D.PNDMScheduler.from_config({k: v for k, v in SD.items() if k != "skip_prk_steps"})
+    with pytest.raises(ValueError):
+        pt.set_timesteps(n)
+    sched = S.from_config("pndm", {k: v for k, v in SD.items() if k != "skip_prk_steps"})
+    with pytest.raises(ValueError, match=rf"at least 4 steps, got {n}.*skip_prk_steps=True"):
+        sched.set_timesteps(n, SHAPE)
+    # Without the warm-up (SD's own config) they run, as in diffusers.
+    skip = D.PNDMScheduler.from_config(SD)
+    skip.set_timesteps(n)
+    assert S.from_config("pndm", SD).set_timesteps(n, SHAPE).num_evals == len(skip.timesteps) == {1: 1, 2: 3, 3: 4}[n]
+
+
+def test_pndm_prk_warmup_rejects_img2img():
+    sched = S.from_config("pndm", {k: v for k, v in SD.items() if k != "skip_prk_steps"})
+    with pytest.raises(ValueError, match=r"img2img strength < 1.*skip_prk_steps=True"):
+        sched.set_timesteps(10, SHAPE, strength=0.6)
+    assert sched.set_timesteps(10, SHAPE, strength=1.0).num_evals == 19
+
+
+# --------------------------------------------------------------------------
+# Defaults: every field's default is diffusers' (inspect its __init__)
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(S.SCHEDULERS))
+def test_defaults_are_diffusers_defaults(name):
+    import inspect
+
+    cls = S.SCHEDULERS[name]
+    params = inspect.signature(getattr(D, cls.diffusers_class).__init__).parameters
+    theirs = {k: p.default for k, p in params.items() if k != "self"}
+    ours = {**cls.defaults, **cls.inert}
+    assert set(ours) <= set(theirs), f"{name}: fields diffusers' {cls.diffusers_class} lacks"
+    # The only fields we leave out only matter with thresholding, which we reject.
+    assert set(theirs) - set(ours) <= S._HARMLESS, f"{name}: diffusers fields we do not read"
+    wrong = {k: (ours[k], theirs[k]) for k in ours if ours[k] != theirs[k]}
+    assert not wrong, f"{name}: (ours, diffusers') defaults differ: {wrong}"

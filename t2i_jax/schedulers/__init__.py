@@ -22,7 +22,9 @@ Usage (the same for every sampler)::
 * `state` (`SchedulerState`) is a pytree: `timesteps` (K,), per-evaluation
   constant `tables`, `history` buffers of multistep / two-stage samplers,
   `init_noise_sigma`, `start_coeffs`. `state.num_evals` = K is a static int,
-  the number of model evaluations (Heun: 2n - 1, PNDM: n + 1, others n).
+  the number of model evaluations, diffusers' `len(scheduler.timesteps)`
+  (Heun: 2n - 1; PNDM: n + 9 with its Runge-Kutta warm-up, diffusers'
+  default, n + 1 with `skip_prk_steps=True`; others n).
 * `step(state, model_output, i, sample, key=None) -> (next_sample, state)`
   handles every evaluation, including Heun's corrector stage and UniPC's
   corrector (applied at evaluation i with the output at i, before its
