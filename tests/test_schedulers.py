@@ -83,6 +83,13 @@ VARIANTS = {
         D.UniPCMultistepScheduler,
         dict(solver_order=3, final_sigmas_type="sigma_min", lower_order_final=False),
     ),
+    # Per-call options a CLI exposes (--karras, final sigma): the samplers
+    # that take them, each checked against diffusers built the same way.
+    "euler:karras": (D.EulerDiscreteScheduler, dict(use_karras_sigmas=True)),
+    "euler:karras_sigma_min": (D.EulerDiscreteScheduler, dict(use_karras_sigmas=True, final_sigmas_type="sigma_min")),
+    "heun:karras": (D.HeunDiscreteScheduler, dict(use_karras_sigmas=True)),
+    "lms:karras": (D.LMSDiscreteScheduler, dict(use_karras_sigmas=True)),
+    "dpmpp_2m:sigma_min": (D.DPMSolverMultistepScheduler, dict(final_sigmas_type="sigma_min")),
 }
 REF.update(VARIANTS)
 # A config field both sides must not see (the test configs above are SD-like
@@ -280,6 +287,12 @@ def test_sample_prediction_type(monkeypatch):
         ("unipc:no_corrector_0_4", "linear_trailing", "epsilon", 10),
         ("unipc:karras_sigma_min_no_lof", "sd", "epsilon", 10),
         ("unipc:order3_sigma_min_no_lof", "linear_trailing", "epsilon", 10),
+        ("euler:karras", "sd", "epsilon", 10),
+        ("euler:karras", "linear_trailing", "v_prediction", 50),
+        ("euler:karras_sigma_min", "sd", "epsilon", 10),
+        ("heun:karras", "sd", "v_prediction", 10),
+        ("lms:karras", "linear_trailing", "epsilon", 10),
+        ("dpmpp_2m:sigma_min", "sd", "epsilon", 10),
     ],
 )
 def test_sampler_variants_match_diffusers(name, cfg_id, pred, n, monkeypatch):
@@ -438,3 +451,22 @@ def test_defaults_are_diffusers_defaults(name):
     assert set(theirs) - set(ours) <= S._HARMLESS, f"{name}: diffusers fields we do not read"
     wrong = {k: (ours[k], theirs[k]) for k in ours if ours[k] != theirs[k]}
     assert not wrong, f"{name}: (ours, diffusers') defaults differ: {wrong}"
+
+
+def test_build_applies_per_call_options():
+    """`build` = the model's config with the options laid over it; step
+    options go to the sampler; a key the sampler lacks names who takes it."""
+    got = S.build("euler", SD, {"use_karras_sigmas": True, "timestep_spacing": "trailing"})
+    want = S.from_config("euler", dict(SD, use_karras_sigmas=True, timestep_spacing="trailing"))
+    assert got.config == want.config and got.config["use_karras_sigmas"] is True
+    assert S.build("ddim", SD, {"eta": 0.25}).opts["eta"] == 0.25 and S.build("ddim", SD, {"eta": 0.25}).needs_key
+    assert S.build("pndm", SD, {"skip_prk_steps": False}).set_timesteps(10, SHAPE).num_evals == 19
+    with pytest.raises(ValueError, match=r"final_sigmas_type='zero' is not supported by the 'heun' sampler; "
+                                         r"samplers that accept final_sigmas_type: \['dpmpp_2m', 'euler', 'unipc'\]"):
+        S.build("heun", SD, {"final_sigmas_type": "zero"})
+    with pytest.raises(ValueError, match=r"eta=1.0 is not supported by the 'ddpm' sampler.*\['ddim'\]"):
+        S.build("ddpm", SD, {"eta": 1.0})
+    with pytest.raises(ValueError, match=r"DDIM eta=-0.5 must be a number >= 0"):
+        S.build("ddim", SD, {"eta": -0.5})
+    with pytest.raises(ValueError, match=r"no sampler here accepts 'karras'"):
+        S.build("euler", SD, {"karras": True})
