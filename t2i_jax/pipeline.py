@@ -304,8 +304,9 @@ def _frozen(value):
 class Sampler:
     """Compiled txt2img / img2img for one model on one mesh.
 
-    Compiled functions are cached per (shapes, sampler, settings that change
-    the program); new prompts, seeds, guidance scales and params
+    Compiled functions are cached per (shapes, sampler and its effective
+    config after per-call `scheduler_options`, settings that change the
+    program); new prompts, seeds, guidance scales and params
     (`update_params`) reuse them.
 
     `params` holds the params the compiled functions run with: replicated on
