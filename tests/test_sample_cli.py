@@ -2,8 +2,10 @@
 
 import json
 import os
+import shlex
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -84,17 +86,33 @@ def test_generate_files_metadata_manifest_and_resume(model_dir, tmp_path, capsys
     assert sum(e["prompt"] == "a green triangle" for e in final.values()) == 2
 
 
-def test_prompts_file_jsonl_styles_and_img2img(model_dir, tmp_path):
+def test_prompts_file_jsonl_styles_and_img2img(model_dir, tmp_path, capsys):
     prompts = tmp_path / "prompts.jsonl"
+    # The tiny model reads 77 tokens: the anime template (16 tokens) fits "a
+    # dog", not a 70-word prompt, which is then used as written; 90 words
+    # are cut whatever the style.
+    words = " ".join(["red"] * 70)
     prompts.write_text(
         json.dumps({"prompt": "a cat", "seed": 7, "steps": 2, "guidance": 1.0}) + "\n"
-        + json.dumps({"prompt": "a dog", "negative_prompt": "blurry"}) + "\n")
+        + json.dumps({"prompt": "a dog", "negative_prompt": "blurry"}) + "\n"
+        + words + "\n" + " ".join(["blue"] * 90) + "\n")
     init = tmp_path / "init.png"
     Image.fromarray(np.random.RandomState(0).randint(0, 255, (40, 48, 3), np.uint8)).save(init)
     out = tmp_path / "out"
-    assert sample.main(_args(model_dir, out, "--prompts-file", str(prompts), "--style", "anime",
-                             "--init-image", str(init), "--strength", "0.5")) == 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert sample.main(_args(model_dir, out, "--prompts-file", str(prompts), "--style", "anime",
+                                 "--init-image", str(init), "--strength", "0.5")) == 0
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if "warning" in x.lower()]
+    assert len(lines) == 2, err
+    assert lines[0].startswith("warning: --style anime does not fit the text encoder's 77-token context with "
+                               "2 of 4 prompt(s), e.g. 'red red")
+    assert lines[1].startswith("warning: 1 prompt(s) are longer than the text encoder's 77-token context and "
+                               "are cut, e.g. 'blue blue")
+    assert not [w for w in caught if "tokens with start and end" in str(w.message)]  # no raw UserWarning
     entries = {e["seed"]: e for e in _manifest(out)}
+    assert entries[2000]["prompt"] == words
     assert entries[7]["steps"] == 2 and entries[7]["guidance_scale"] == 1.0
     assert entries[7]["prompt"].startswith("anime artwork of a cat")
     assert entries[1000]["negative_prompt"].startswith("blurry, photo")  # seed 0 + 1000 * entry 1
@@ -135,17 +153,40 @@ def test_bad_files(model_dir, tmp_path, capsys):
     assert "nowhere" in err
 
 
-def test_module_entry_point_uses_the_compilation_cache(model_dir, tmp_path):
+def _readme_quick_start() -> list[str]:
+    """The sampling command of README.md's "On a fresh machine" section, as argv."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## On a fresh machine", 1)[1].split("\n## ", 1)[0]
+    line = next(x for x in section.splitlines() if "python -m t2i_jax.sample" in x)  # the first one
+    return shlex.split(line[line.index("python -m t2i_jax.sample"):])
+
+
+def test_readme_quick_start_console_is_clean_and_uses_the_compilation_cache(tmp_path):
+    # The README command as a fresh user runs it: the default install (no
+    # torch: it is an extra; hidden here by a sitecustomize), no JAX_PLATFORMS
+    # or XLA_FLAGS, the working directory as the output's parent. Only the
+    # compilation cache is pointed into tmp_path, off the home folder.
+    cmd = _readme_quick_start()
+    assert cmd[:3] == ["python", "-m", "t2i_jax.sample"] and "--out" in cmd
+    no_torch = tmp_path / "no_torch"
+    no_torch.mkdir()
+    (no_torch / "sitecustomize.py").write_text("import sys\nsys.modules['torch'] = None  # import torch fails\n")
     cache = tmp_path / "cache"
-    env = dict(os.environ, T2I_JAX_CACHE=str(cache), XLA_FLAGS="", JAX_PLATFORMS="cpu")
-    out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "t2i_jax.sample", "--model", model_dir, "--prompt", "a red circle",
-           "--out", str(out), "--steps", "2", "--height", str(SIZE), "--width", str(SIZE)]
-    r = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=300)
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    env.update(T2I_JAX_CACHE=str(cache), PYTHONPATH=os.pathsep.join([str(no_torch), os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, *cmd[1:]], check=False, capture_output=True, text=True, env=env,
+                       cwd=tmp_path, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
+    out = tmp_path / cmd[cmd.index("--out") + 1]
     assert str(out.resolve()) in r.stdout
-    assert len(list(out.glob("0000-000-*.png"))) == 1
+    assert len(list(out.glob("0000-000-a-red-circle-on-a-blue-background-s0-*.png"))) == 1
     assert any(cache.iterdir()), "the persistent compilation cache stayed empty"
+    console = r.stdout + r.stderr
+    for noise in ("warning", "Warning", "Traceback", "[transformers]", "PyTorch was not found",
+                  "Unable to initialize backend"):
+        assert noise not in console, console
+    assert "text context 16 tokens" in r.stderr  # the model's context, said at start-up
+    assert "compiling" in r.stderr and "step/s" in r.stderr  # compile apart, then denoising steps
 
 
 # --------------------------------------------------------------------------
