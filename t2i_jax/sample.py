@@ -439,8 +439,10 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if ("default" in text or action.default in (None, False, argparse.SUPPRESS) or action.required
-                or not action.option_strings):
+        # `is`, not `in (None, False)`: a default of 0 equals False. An empty
+        # list is a repeatable flag's start, not a default worth saying.
+        if ("default" in text or action.default is None or action.default is False or action.default == []
+                or action.default == argparse.SUPPRESS or action.required or not action.option_strings):
             return text
         return text + (" (default: empty)" if action.default == "" else " (default: %(default)s)")
 

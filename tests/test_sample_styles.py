@@ -52,13 +52,13 @@ def test_every_style_keeps_the_prompts_colours(pipe):
     """One batch: the 7 styles' prompts as the CLI builds them for the bundled
     model, one seed each, scored for background and shape colour."""
     count, context = _count(pipe.tokenizer), pipe.tokenizer.max_length
-    jobs, unstyled = sample.build_jobs([{"prompt": PROMPT}] * len(sample.STYLES), negative_prompt="", style=None,
-                                       seed=0, steps=10, guidance_scale=7.5, num_images_per_prompt=1)
-    prompts, negatives = [], []
-    for style in sorted(sample.STYLES):
-        p, n, _ = sample.style_prompt(PROMPT, "", style, lambda t: count(t) <= context)
-        prompts.append(p)
-        negatives.append(n)
+    styles = sorted(sample.STYLES)
+    # Style e's job is entry e of a run of 7 copies of the prompt (seed 1000 e):
+    # the prompt, negative prompt and seed the CLI would use.
+    jobs = [sample.build_jobs([{"prompt": PROMPT}] * len(styles), negative_prompt="", style=style, seed=0,
+                              steps=10, guidance_scale=7.5, num_images_per_prompt=1,
+                              fits=lambda t: count(t) <= context)[0][e] for e, style in enumerate(styles)]
+    prompts, negatives = [j.prompt for j in jobs], [j.negative_prompt for j in jobs]
     sampler = pipeline.Sampler(pipe)
     n = -(-len(prompts) // sampler.num_devices) * sampler.num_devices
     pad = n - len(prompts)
@@ -67,5 +67,5 @@ def test_every_style_keeps_the_prompts_colours(pipe):
                      height=32, width=32)
     report = evaluate(list(pipeline.to_uint8(images[: len(prompts)])), [PROMPT] * len(prompts))
     assert report.accuracy["background"] == 1.0 and report.accuracy["color"] == 1.0, [
-        (s, r["predicted"]) for s, r in zip(sorted(sample.STYLES), report.per_image)]
+        (s, r["predicted"]) for s, r in zip(styles, report.per_image)]
     assert np.isfinite(images).all()
