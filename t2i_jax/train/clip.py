@@ -214,7 +214,7 @@ def make_objective(model, mesh) -> loop_lib.Objective:
 
 def export(model, params, tokenizer, out_dir: Path) -> None:
     """transformers folder: config.json + model.safetensors, tokenizer, preprocessor_config.json."""
-    clip_convert.save_clip(model, params, out_dir)
+    clip_convert.save_clip(params, model, out_dir)
     tokenizer.save_pretrained(out_dir)
     r = model.config.vision.image_size
     (out_dir / "preprocessor_config.json").write_text(json.dumps({
