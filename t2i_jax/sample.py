@@ -517,6 +517,12 @@ def scheduler_options(args: argparse.Namespace) -> dict:
     return options
 
 
+def _option_flags(options: dict) -> str:
+    flags = {"use_karras_sigmas": "--karras", "eta": "--eta", "timestep_spacing": "--timestep-spacing",
+             "final_sigmas_type": "--final-sigmas-type"}
+    return " ".join(flags[k] if v is True else f"{flags[k]} {v}" for k, v in options.items())
+
+
 def _entries(args: argparse.Namespace) -> list[dict]:
     entries = [{"prompt": p} for p in args.prompt]
     if args.prompts_file:
@@ -534,8 +540,6 @@ def run(args: argparse.Namespace) -> dict:
     Every check that needs no model runs first, so a bad flag costs no load
     and leaves nothing on disk.
     """
-    import inspect
-
     import jax
     import jax.numpy as jnp
 
@@ -554,9 +558,13 @@ def run(args: argparse.Namespace) -> dict:
     if args.eta is not None and args.eta < 0:
         raise ValueError(f"--eta {args.eta} must be >= 0; 0 is deterministic DDIM, 1 DDPM-like")
     options = scheduler_options(args)
-    if options and "scheduler_options" not in inspect.signature(pipeline.Sampler.prepare).parameters:
-        raise ValueError(f"{', '.join(options)}: this Sampler takes no per-call scheduler options yet; "
-                         "leave out --karras/--eta/--timestep-spacing/--final-sigmas-type")
+    if options:
+        # Which sampler takes which option depends on the sampler alone, not
+        # on the model's config: checked here, before the model loads.
+        try:
+            schedulers.build(args.scheduler, None, options)
+        except ValueError as e:
+            raise ValueError(f"--scheduler {args.scheduler} with {_option_flags(options)}: {e}") from None
     entries = _entries(args)
     build_kw = {"negative_prompt": args.negative_prompt, "style": args.style, "seed": args.seed,
                 "steps": args.steps, "guidance_scale": args.guidance_scale,
@@ -639,7 +647,7 @@ def run(args: argparse.Namespace) -> dict:
     # keep JAX from caching the loop on disk.
     from tqdm import tqdm
 
-    sched = sampler.scheduler(args.scheduler)
+    sched = sampler.scheduler(args.scheduler, options or None)
     lat_shape = (bs, height // pipe.vae_scale, width // pipe.vae_scale, pipe.latent_channels)
     strength = args.strength if init is not None else 1.0
     evals = {s: sched.set_timesteps(s, lat_shape, strength=strength).num_evals for s in {j.steps for j in todo}}

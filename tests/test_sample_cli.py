@@ -85,6 +85,19 @@ def test_generate_files_metadata_manifest_and_resume(model_dir, tmp_path, capsys
     assert lost.read_bytes() == lost_bytes  # same job, same image, same file name
     assert sum(e["prompt"] == "a green triangle" for e in final.values()) == 2
 
+    # Scheduler flags reach the sampler, the metadata and the resume key:
+    # Karras sigmas make 4 new images, none equal to its plain-sigma twin.
+    capsys.readouterr()
+    assert sample.main(argv + ["--karras", "--timestep-spacing", "trailing"]) == 0
+    assert "skipping" not in capsys.readouterr().err
+    karras = [e for e in _manifest(out) if "scheduler_options" in e]
+    assert len(karras) == 4
+    assert all(e["scheduler_options"] == {"use_karras_sigmas": True, "timestep_spacing": "trailing"} for e in karras)
+    for k in karras:
+        (plain,) = [e for e in entries if e["seed"] == k["seed"]]
+        a, b = (np.asarray(Image.open(out / e["file"]), np.float32) for e in (plain, k))
+        assert np.abs(a - b).mean() > 1.0
+
 
 def test_prompts_file_jsonl_styles_and_img2img(model_dir, tmp_path, capsys):
     prompts = tmp_path / "prompts.jsonl"
@@ -131,12 +144,18 @@ def _error(capsys, argv):
     (["--prompt", "x", "--init-image", "i.png", "--strength", "0"], "strength 0.0 is outside (0, 1]"),
     (["--prompt", "x", "--scheduler", "karras9"], "unknown scheduler 'karras9'; choose one of ['ddim'"),
     (["--prompt", "x", "--style", "baroque"], "unknown style 'baroque'; choose one of ['anime'"),
+    (["--prompt", "x", "--karras"], ("--scheduler pndm with --karras: scheduler option use_karras_sigmas=True is "
+                                    "not supported by the 'pndm' sampler; samplers that accept use_karras_sigmas: ")),
+    (["--prompt", "x", "--scheduler", "euler", "--eta", "0.3"], "--scheduler euler with --eta 0.3: scheduler option"),
+    (["--prompt", "x", "--scheduler", "ddim", "--eta", "-1"], "--eta -1.0 must be >= 0"),
     ([], "no prompts: pass --prompt TEXT"),
     (["--prompt", "  "], "a prompt is empty"),
 ])
-def test_bad_input(model_dir, tmp_path, capsys, extra, message):
+def test_bad_input(model_dir, tmp_path, capsys, no_model_load, extra, message):
     argv = ["--model", model_dir, "--out", str(tmp_path / "o"), "--no-compilation-cache", *extra]
-    assert message in _error(capsys, argv)
+    err = _error(capsys, argv)
+    assert message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "o").exists()
 
 
 def test_bad_files(model_dir, tmp_path, capsys):
