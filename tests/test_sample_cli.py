@@ -221,20 +221,25 @@ def test_seeds_do_not_move_when_images_or_prompts_are_added(model_dir, tmp_path)
     two = ["--prompt", "a red circle", "--prompt", "a blue square", "--seed", "5"]
     three, four = tmp_path / "three", tmp_path / "four"
     assert sample.main(_args(model_dir, three, *two, "--num-images-per-prompt", "3")) == 0
-    assert sample.main(_args(model_dir, four, *two, "--prompt", "a green triangle",
-                             "--num-images-per-prompt", "4")) == 0
+    assert sample.main(_args(model_dir, four, *two, "--num-images-per-prompt", "4")) == 0
     a, b = _pngs(three), _pngs(four)
-    assert len(a) == 6 and len(b) == 12
+    assert len(a) == 6 and len(b) == 8
     # The 3-image run's files, names and bytes, are the first three of each
-    # prompt in the 4-image run with a third prompt: the second prompt's
-    # images did not move when the first one gained an image.
+    # prompt in the 4-image run: the second prompt's images did not move when
+    # the first one gained an image.
     assert set(a) <= set(b) and all(a[n] == b[n] for n in a)
-    assert sorted(n[:8] for n in b) == [f"000{e}-00{i}" for e in range(3) for i in range(4)]
+    assert sorted(n[:8] for n in b) == [f"000{e}-00{i}" for e in range(2) for i in range(4)]
+    # The rule, for any number of entries: a prompt appended after them gets
+    # seeds of its own and moves none of theirs.
     seeds = {(e["entry"], e["index"]): e["seed"] for e in _manifest(four)}
-    assert seeds == {(e, i): 5 + 1000 * e + i for e in range(3) for i in range(4)}
-    # grid.png shows this run's 12 images (4 x 3 tiles), in order.
+    assert seeds == {(e, i): 5 + 1000 * e + i for e in range(2) for i in range(4)}
+    jobs, _ = sample.build_jobs([{"prompt": "x"}, {"prompt": "y", "seed": 42}, {"prompt": "z"}], negative_prompt="",
+                                style=None, seed=5, steps=3, guidance_scale=7.5, num_images_per_prompt=2)
+    assert [(j.entry, j.index, j.seed) for j in jobs] == [(0, 0, 5), (0, 1, 6), (1, 0, 42), (1, 1, 43),
+                                                          (2, 0, 2005), (2, 1, 2006)]
+    # grid.png shows this run's 8 images (3 x 3 tiles), in order.
     with Image.open(four / "grid.png") as grid:
-        assert grid.size == (4 * SIZE, 3 * SIZE)
+        assert grid.size == (3 * SIZE, 3 * SIZE)
 
 
 def test_grid_is_this_runs_images_and_init_image_resumes_by_content(model_dir, tmp_path, capsys):
