@@ -11,6 +11,9 @@ with `--cpu` each process gets `--devices-per-process` CPU devices and gloo
 collectives (what the tests use to check multi-process training on one CPU
 machine). Output of process i is prefixed "[i]". Exits with the first
 non-zero return code; if one process fails, the others are stopped.
+`--idle-timeout S` stops them all (status 124) when none has printed a line for S
+seconds: a hang, told apart from a slow run on a loaded machine by progress,
+not by the wall clock.
 """
 
 from __future__ import annotations
@@ -48,21 +51,25 @@ def process_env(i: int, n: int, port: int, *, cpu: bool, devices_per_process: in
     return env
 
 
-def _pump(i: int, stream, out) -> None:
+def _pump(i: int, stream, out, last: list) -> None:
     for line in iter(stream.readline, b""):
+        last[0] = time.monotonic()
         out.write(f"[{i}] ".encode() + line)
         out.flush()
 
 
 def launch(cmd: list[str], n: int, *, cpu: bool = False, devices_per_process: int = 1, gpus_per_process: int = 0,
-           timeout: float | None = None, cwd: str | None = None, env: dict | None = None) -> int:
-    """Runs `cmd` as n processes; returns 0 or the first failing return code (124 on timeout)."""
+           timeout: float | None = None, idle_timeout: float | None = None, cwd: str | None = None,
+           env: dict | None = None) -> int:
+    """Runs `cmd` as n processes; returns 0 or the first failing return code (124 when `timeout`
+    seconds passed, or `idle_timeout` seconds without a line of output from any process)."""
     port = free_port()
     procs = [subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               env=process_env(i, n, port, cpu=cpu, devices_per_process=devices_per_process,
                                               gpus_per_process=gpus_per_process, base=env))
              for i in range(n)]
-    pumps = [threading.Thread(target=_pump, args=(i, p.stdout, sys.stdout.buffer), daemon=True)
+    last = [time.monotonic()]  # when any process last printed a line
+    pumps = [threading.Thread(target=_pump, args=(i, p.stdout, sys.stdout.buffer, last), daemon=True)
              for i, p in enumerate(procs)]
     for t in pumps:
         t.start()
@@ -71,8 +78,12 @@ def launch(cmd: list[str], n: int, *, cpu: bool = False, devices_per_process: in
     try:
         while any(p.poll() is None for p in procs):
             failed = [p.returncode for p in procs if p.returncode not in (None, 0)]
-            if failed or (deadline is not None and time.time() > deadline):
+            idle = idle_timeout is not None and time.monotonic() - last[0] > idle_timeout
+            if failed or idle or (deadline is not None and time.time() > deadline):
                 rc = failed[0] if failed else 124
+                if not failed:
+                    why = f"no output for {idle_timeout:g} s" if idle else f"{timeout:g} s passed"
+                    print(f"local_multiprocess: stopping all processes ({why})", file=sys.stderr)
                 break
             time.sleep(0.2)
     finally:
@@ -98,13 +109,16 @@ def main(argv=None) -> int:
     p.add_argument("--devices-per-process", type=int, default=1, help="with --cpu: fake CPU devices each")
     p.add_argument("--gpus-per-process", type=int, default=0, help="GPUs: CUDA_VISIBLE_DEVICES per process")
     p.add_argument("--timeout", type=float, default=None, help="seconds before all processes are stopped")
+    p.add_argument("--idle-timeout", type=float, default=None,
+                   help="stop all processes when none has printed a line for this many seconds")
     p.add_argument("cmd", nargs=argparse.REMAINDER)
     args = p.parse_args(argv)
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     if not cmd:
         p.error("give the command after --")
     return launch(cmd, args.num_processes, cpu=args.cpu, devices_per_process=args.devices_per_process,
-                  gpus_per_process=args.gpus_per_process, timeout=args.timeout)
+                  gpus_per_process=args.gpus_per_process, timeout=args.timeout,
+                  idle_timeout=args.idle_timeout)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ and settings, never on the batch size or the device count.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -184,22 +184,28 @@ def _from_latents(vae, x):
     return x / c.scaling_factor + (c.shift_factor or 0.0)
 
 
-def _denoise(unet, vae, sched, use_cfg, has_latents, img2img, dtype, mesh,
+def _denoise(unet, vae, sched, use_cfg, has_latents, img2img, return_latents, dtype, mesh,
              params, cond, uncond, guidance_scale, seeds, latents, init_images, state):
     """The whole loop and the decode; the static arguments come first (partial'd).
 
-    `latents`: the starting noise when `has_latents`, else a zero placeholder
-    whose shape is that of the latents. `init_images`: [-1, 1] NHWC for
-    img2img, else None. `mesh`: the batch is split over all its devices; the
-    sample, the scheduler's per-image history and both guidance halves of an
-    image stay on that image's device throughout.
+    `latents`: the starting noise (txt2img) or the noise added to the init
+    latents (img2img) when `has_latents`, else a zero placeholder whose shape
+    is that of the latents. `init_images`: None for txt2img; for img2img a
+    dict with `images` ([-1, 1] NHWC) and `encoder_noise` (the VAE
+    posterior's sampling noise, latent-shaped, or None for the seeded one).
+    `mesh`: the batch is split over all its devices; the sample, the
+    scheduler's per-image history and both guidance halves of an image stay
+    on that image's device throughout. Returns the images, and the final
+    latents too when `return_latents`.
     """
     step_keys = stream_keys(seeds, SAMPLER)
     noise = latents.astype(jnp.float32) if has_latents else seeded_normal(seeds, latents.shape[1:])
     if img2img:
-        posterior = vae.apply({"params": params["vae"]}, init_images.astype(dtype), method=vae.encode)
+        posterior = vae.apply({"params": params["vae"]}, init_images["images"].astype(dtype), method=vae.encode)
         mean = posterior.mean.astype(jnp.float32)
-        z = mean + posterior.std.astype(jnp.float32) * seeded_normal(seeds, mean.shape[1:], ENCODER)
+        eps = init_images["encoder_noise"]
+        eps = seeded_normal(seeds, mean.shape[1:], ENCODER) if eps is None else eps.astype(jnp.float32)
+        z = mean + posterior.std.astype(jnp.float32) * eps
         x = sched.add_noise_start(state, _to_latents(vae, z), noise)
     else:
         x = noise * state.init_noise_sigma
@@ -226,14 +232,25 @@ def _denoise(unet, vae, sched, use_cfg, has_latents, img2img, dtype, mesh,
 
     x, _ = jax.lax.fori_loop(0, state.num_evals, body, (x, state))
     images = vae.apply({"params": params["vae"]}, _from_latents(vae, x).astype(dtype), method=vae.decode)
-    return jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+    images = jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+    return (images, x) if return_latents else images
+
+
+def _frozen(value):
+    """A hashable stand-in for a config value (lists, dicts) for cache keys."""
+    if isinstance(value, Mapping):
+        return tuple(sorted((k, _frozen(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return tuple(_frozen(v) for v in value)
+    return value
 
 
 class Sampler:
     """Compiled txt2img / img2img for one model on one mesh.
 
-    Compiled functions are cached per (shapes, sampler, settings that change
-    the program); new prompts, seeds, guidance scales and params
+    Compiled functions are cached per (shapes, sampler and its effective
+    config after per-call `scheduler_options`, settings that change the
+    program); new prompts, seeds, guidance scales and params
     (`update_params`) reuse them.
 
     `params` holds the params the compiled functions run with: replicated on
@@ -329,28 +346,38 @@ class Sampler:
             checked[part] = jax.tree.unflatten(old[1], [leaf for _, leaf in new[0]])
         self._place(checked, copy=True)
 
-    def scheduler(self, name: str):
-        """The named sampler built from the model's scheduler config (cached)."""
-        if name not in self._schedulers:
-            self._schedulers[name] = schedulers.from_config(name, self.pipe.scheduler_config)
-        return self._schedulers[name]
+    def scheduler(self, name: str, scheduler_options: Mapping[str, Any] | None = None):
+        """The named sampler built from the model's scheduler config, with
+        `scheduler_options` overriding it (see `schedulers.build`); cached per
+        (name, options)."""
+        key = (name, _frozen(dict(scheduler_options or {})))
+        if key not in self._schedulers:
+            self._schedulers[key] = schedulers.build(name, self.pipe.scheduler_config, scheduler_options)
+        return self._schedulers[key]
 
-    def loop(self, name: str, use_cfg: bool, has_latents: bool, img2img: bool):
+    def loop(self, name: str, use_cfg: bool, has_latents: bool, img2img: bool, *,
+             scheduler_options: Mapping[str, Any] | None = None, return_latents: bool = False):
         """The jitted denoise+decode function for these static choices (cached).
 
         Its arguments: (params, cond, uncond, guidance_scale, seeds, latents,
-        init_images, state), as `prepare` builds them.
+        init_images, state), as `prepare` builds them; it returns the images,
+        or (images, final latents) when `return_latents`. Options that leave
+        the sampler's effective config the same (e.g. a default passed
+        explicitly) share one compiled function.
         """
-        key = (name, use_cfg, has_latents, img2img)
+        sched = self.scheduler(name, scheduler_options)
+        key = (name, _frozen(sched.config), _frozen(sched.opts), use_cfg, has_latents, img2img,
+               bool(return_latents))
         if key not in self._loops:
             p = self.pipe
-            fn = functools.partial(_denoise, p.unet, p.vae, self.scheduler(name), use_cfg, has_latents,
-                                   img2img, self.dtype, self.mesh)
+            fn = functools.partial(_denoise, p.unet, p.vae, sched, use_cfg, has_latents, img2img,
+                                   bool(return_latents), self.dtype, self.mesh)
             repl, batch = _replicated(self.mesh), _batch_sharding(self.mesh)
             # Replicated: params, guidance scale and the scheduler state (its
             # per-image history buffers are split inside, see _denoise). Split
-            # over the batch: embeddings, seeds, latents, init images (None
-            # for txt2img: an empty pytree, any prefix fits it).
+            # over the batch: embeddings, seeds, latents, init images and
+            # encoder noise (None for txt2img: an empty pytree, any prefix
+            # fits it), and the outputs.
             in_shardings = (repl, batch, batch, repl, batch, batch, batch, repl)
             self._loops[key] = jax.jit(fn, in_shardings=in_shardings, out_shardings=batch)
         return self._loops[key]
@@ -364,11 +391,15 @@ class Sampler:
                 negative_prompts: Sequence[str] | None = None, steps: int = 50,
                 guidance_scale: float = 7.5, scheduler: str = "pndm", height: int = 512,
                 width: int = 512, init_images: np.ndarray | None = None, strength: float = 0.8,
-                latents: np.ndarray | None = None) -> tuple[Any, tuple]:
+                latents: np.ndarray | None = None, noise: np.ndarray | None = None,
+                encoder_noise: np.ndarray | None = None,
+                scheduler_options: Mapping[str, Any] | None = None,
+                return_latents: bool = False) -> tuple[Any, tuple]:
         """The jitted loop of this call and its arguments, checked and placed on
         the mesh (the prompts already encoded): `fn(*args)` is the call's
-        images. `__call__` takes the same arguments; this is for lowering,
-        compiling or inspecting the exact program it runs.
+        images (with `return_latents`, the pair (images, final latents) as
+        device arrays). `__call__` takes the same arguments; this is for
+        lowering, compiling or inspecting the exact program it runs.
         """
         prompts = list(prompts)
         n = len(prompts)
@@ -383,29 +414,44 @@ class Sampler:
             raise ValueError(f"got {len(seeds)} seeds for {n} prompts; pass one seed per prompt")
         if negative_prompts is not None and len(negative_prompts) != n:
             raise ValueError(f"got {len(negative_prompts)} negative prompts for {n} prompts")
-        use_cfg = guidance_scale > 1.0
-        sched = self.scheduler(scheduler)
+        if scheduler_options is not None and not isinstance(scheduler_options, Mapping):
+            raise ValueError(f"scheduler_options must be a dict of diffusers scheduler settings, "
+                             f"e.g. {{'use_karras_sigmas': True}}; got {type(scheduler_options).__name__}")
         img2img = init_images is not None
+        if img2img and latents is not None:
+            raise ValueError("latents= is txt2img's starting noise; for img2img pass the noise added to the "
+                             "init latents as noise=")
+        if not img2img and (noise is not None or encoder_noise is not None):
+            raise ValueError("noise= and encoder_noise= are img2img's (they need init_images); for txt2img "
+                             "pass the starting noise as latents=")
+        use_cfg = guidance_scale > 1.0
+        sched = self.scheduler(scheduler, scheduler_options)
         batch, repl = _batch_sharding(self.mesh), _replicated(self.mesh)
-        cond = self.encode(prompts)
-        uncond = self.encode(negative_prompts or [""] * n) if use_cfg else cond
         lat_shape = (n, height // f, width // f, self.pipe.latent_channels)
         state = sched.set_timesteps(steps, lat_shape, strength=strength if img2img else 1.0)
-        if latents is not None:
-            if tuple(latents.shape) != lat_shape:
-                raise ValueError(f"latents have shape {tuple(latents.shape)}; expected {lat_shape}")
-            lat = np.asarray(latents, np.float32)
-        else:
-            lat = np.zeros(lat_shape, np.float32)
+        given = latents if not img2img else noise
+
+        def latent_array(name, x):
+            if tuple(np.shape(x)) != lat_shape:
+                raise ValueError(f"{name} have shape {tuple(np.shape(x))}; expected {lat_shape} "
+                                 f"([n, H/f, W/f, C] with f = {f}, the VAE's downsampling factor)")
+            return jax.device_put(np.asarray(x, np.float32), batch)
+
+        lat = latent_array("latents" if not img2img else "noise", given) if given is not None else \
+            jax.device_put(np.zeros(lat_shape, np.float32), batch)
         init = None
         if img2img:
             init_images = np.asarray(init_images, np.float32)
             if init_images.shape != (n, height, width, 3):
                 raise ValueError(f"init images have shape {init_images.shape}; expected {(n, height, width, 3)}")
-            init = jax.device_put(init_images * 2.0 - 1.0, batch)
-        fn = self.loop(scheduler, use_cfg, latents is not None, img2img)
+            init = {"images": jax.device_put(init_images * 2.0 - 1.0, batch),
+                    "encoder_noise": None if encoder_noise is None else latent_array("encoder_noise", encoder_noise)}
+        cond = self.encode(prompts)
+        uncond = self.encode(negative_prompts or [""] * n) if use_cfg else cond
+        fn = self.loop(scheduler, use_cfg, given is not None, img2img, scheduler_options=scheduler_options,
+                       return_latents=return_latents)
         args = (self.params, cond, uncond, jax.device_put(np.float32(guidance_scale), repl),
-                jax.device_put(np.asarray(seeds, np.uint32), batch), jax.device_put(lat, batch), init,
+                jax.device_put(np.asarray(seeds, np.uint32), batch), lat, init,
                 jax.device_put(state, repl))
         return fn, args
 
@@ -413,19 +459,41 @@ class Sampler:
                  negative_prompts: Sequence[str] | None = None, steps: int = 50,
                  guidance_scale: float = 7.5, scheduler: str = "pndm", height: int = 512,
                  width: int = 512, init_images: np.ndarray | None = None, strength: float = 0.8,
-                 latents: np.ndarray | None = None) -> np.ndarray:
-        """Generates one image per prompt; returns float32 [n, H, W, 3] in [0, 1].
+                 latents: np.ndarray | None = None, noise: np.ndarray | None = None,
+                 encoder_noise: np.ndarray | None = None,
+                 scheduler_options: Mapping[str, Any] | None = None,
+                 return_latents: bool = False):
+        """Generates one image per prompt; returns float32 [n, H, W, 3] in [0, 1]
+        (with `return_latents`, the pair (images, final latents)).
 
         `seeds[b]` fixes image b. `negative_prompts` replace the empty
         unconditional prompt. `guidance_scale` 1.0 skips the unconditional
         half. `init_images` (float [n, H, W, 3] in [0, 1]) switch to img2img
-        with `strength`. `latents` ([n, H/8, W/8, C]) replace the seeded
-        starting noise. The batch must divide by the device count (pad it).
+        with `strength`. Latent-shaped arrays are [n, H/f, W/f, C] with f the
+        VAE's downsampling factor (`pipe.vae_scale`) and C its latent
+        channels: `latents` replace txt2img's seeded starting noise (scaled
+        by the sampler's `init_noise_sigma`, as diffusers' `latents=`);
+        img2img's `noise` replaces the seeded noise added to the init latents
+        and `encoder_noise` the seeded noise of the VAE posterior's sample
+        (diffusers draws both from its generator: passing both reproduces
+        its img2img exactly). `scheduler_options` override the model's
+        scheduler config for this call (diffusers config keys such as
+        `use_karras_sigmas`, `timestep_spacing`, `final_sigmas_type`,
+        `skip_prk_steps`, and DDIM's `eta`; see `schedulers.build`): a new
+        set compiles once, the same set again reuses it. `return_latents`
+        also returns the final latents (before the VAE decode, scaled as the
+        U-Net sees them; diffusers' `output_type="latent"`), numpy
+        [n, H/f, W/f, C]. The batch must divide by the device count (pad it).
         """
         fn, args = self.prepare(prompts, seeds=seeds, negative_prompts=negative_prompts, steps=steps,
                                 guidance_scale=guidance_scale, scheduler=scheduler, height=height, width=width,
-                                init_images=init_images, strength=strength, latents=latents)
-        return np.asarray(jax.device_get(fn(*args)))
+                                init_images=init_images, strength=strength, latents=latents, noise=noise,
+                                encoder_noise=encoder_noise, scheduler_options=scheduler_options,
+                                return_latents=return_latents)
+        out = jax.device_get(fn(*args))
+        if return_latents:
+            return np.asarray(out[0]), np.asarray(out[1])
+        return np.asarray(out)
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:

@@ -1,23 +1,45 @@
 """Batch image generation: `python -m t2i_jax.sample [--model M] --prompt "..." --out DIR`.
 
-Without --model, the bundled shapes model (t2i_jax/assets/shapes_model) is used.
+Without --model, the bundled shapes model (t2i_jax/assets/shapes_model) is
+used. Its text encoder reads 16 tokens (start and end tokens included, about
+12 words); Stable Diffusion's reads 77. The context length is printed at
+start-up, and a prompt that does not fit is named in one warning line.
+
+Seeds: image i (0-based) of prompt entry e (0-based: the --prompt flags in
+order, then the lines of --prompts-file) gets seed `--seed + 1000 * e + i`,
+or `S + i` when the entry gives its own `"seed": S`. So adding images to a
+prompt, or prompts after it, never changes an image already made. Files are
+named `EEEE-III-PROMPT-sSEED-HASH.png` after the entry and index.
 
 Writes one PNG per image (prompt and settings in PNG text chunks), a
-`manifest.jsonl` with one line per image, and `grid.png`. A rerun with the
-same settings skips the images already in the manifest. Files are written
-atomically, so a killed run leaves no half-written PNG.
+`manifest.jsonl` with one line per image, and `grid.png` with this run's
+images. A rerun with the same settings skips the images already in the
+manifest (an init image is recognised by its pixels, not its path). Files are
+written atomically, and Ctrl-C stops after the image being saved, so a stopped
+run leaves a consistent manifest.
+
+--style templates are applied only where the whole styled prompt fits the
+text encoder's context: where it does not (every style with the bundled
+model), the prompt is used as written, with one warning line, rather than
+letting the template push the prompt's own words out.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import hashlib
 import json
+import logging
 import os
 import re
+import signal
 import sys
+import threading
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -29,23 +51,29 @@ from t2i_jax.files import atomic_write
 BUNDLED_MODEL_NAME = "t2i_jax/assets/shapes_model"
 BUNDLED_MODEL = Path(__file__).resolve().parent / "assets" / "shapes_model"
 
+# Image i of prompt entry e gets seed `base + SEED_STRIDE * e + i`: entries
+# own disjoint seed ranges, so one entry gaining images never moves another's.
+SEED_STRIDE = 1000
+MAX_SEED = 2**32 - 1  # seeds are uint32 (pipeline.stream_keys)
+
+
 STYLES = {
     # name: (prompt template, negative prompt)
     "photographic": ("cinematic photo of {prompt}, 35mm photograph, film, professional, 4k, highly detailed",
                      "drawing, painting, crayon, sketch, graphite, impressionist, noisy, blurry, soft, deformed, ugly"),
-    "cinematic": ("cinematic film still of {prompt}, shallow depth of field, vignette, highly detailed, "
-                  "high budget, bokeh, cinemascope, moody, epic, gorgeous, film grain, grainy",
-                  "anime, cartoon, graphic, text, painting, crayon, graphite, abstract, glitch, deformed, "
-                  "mutated, ugly, disfigured"),
+    "cinematic": (("cinematic film still of {prompt}, shallow depth of field, vignette, highly detailed, "
+                   "high budget, bokeh, cinemascope, moody, epic, gorgeous, film grain, grainy"),
+                  ("anime, cartoon, graphic, text, painting, crayon, graphite, abstract, glitch, deformed, "
+                   "mutated, ugly, disfigured")),
     "anime": ("anime artwork of {prompt}, anime style, key visual, vibrant, studio anime, highly detailed",
               "photo, deformed, black and white, realism, disfigured, low contrast"),
-    "line-art": ("line art drawing of {prompt}, professional, sleek, modern, minimalist, graphic, line art, "
-                 "vector graphics",
-                 "anime, photorealistic, 35mm film, deformed, glitch, blurry, noisy, off-center, deformed, "
-                 "cross-eyed, closed eyes, bad anatomy, ugly, disfigured, mutated, realism, realistic, "
-                 "impressionism, expressionism, oil, acrylic"),
-    "van-gogh": ("{prompt}, oil painting in the style of Vincent van Gogh, thick impasto brush strokes, "
-                 "swirling sky, vivid colours",
+    "line-art": (("line art drawing of {prompt}, professional, sleek, modern, minimalist, graphic, line art, "
+                  "vector graphics"),
+                 ("anime, photorealistic, 35mm film, deformed, glitch, blurry, noisy, off-center, deformed, "
+                  "cross-eyed, closed eyes, bad anatomy, ugly, disfigured, mutated, realism, realistic, "
+                  "impressionism, expressionism, oil, acrylic")),
+    "van-gogh": (("{prompt}, oil painting in the style of Vincent van Gogh, thick impasto brush strokes, "
+                  "swirling sky, vivid colours"),
                  "photo, photorealistic, 3d render, flat colours, smooth, blurry, deformed"),
     "watercolor": ("watercolor painting of {prompt}, soft washes, paper texture, delicate, artistic",
                    "photo, photorealistic, 3d render, harsh lines, deformed, ugly"),
@@ -54,19 +82,47 @@ STYLES = {
 }
 
 
-@dataclasses.dataclass(frozen=True)
-class Job:
-    """One image to make: everything it depends on."""
 
-    prompt: str
-    negative_prompt: str
-    seed: int
-    steps: int
-    guidance_scale: float
+def bundled_context_length() -> int:
+    """The bundled model's text context in tokens (start and end included), from its tokenizer config."""
+    config = json.loads((BUNDLED_MODEL / "tokenizer" / "tokenizer_config.json").read_text(encoding="utf-8"))
+    return int(config["model_max_length"])
 
-    def key(self, common: dict) -> str:
-        """A stable identity for the manifest (this job under these run settings)."""
-        return json.dumps({**dataclasses.asdict(self), **common}, sort_keys=True)
+
+class Interrupted(Exception):
+    """Ctrl-C during a run; the message says what was saved and how to resume."""
+
+
+# --------------------------------------------------------------------------
+# Console
+# --------------------------------------------------------------------------
+
+
+class _DropBackendNoise(logging.Filter):
+    """Drops jax's report of a platform plugin that found no device ('Unable
+    to initialize backend tpu'): a CPU or GPU user is told about a TPU they
+    never asked for on every run. Other jax warnings (e.g. a GPU left unused
+    for want of a CUDA jaxlib) still show."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Unable to initialize backend")
+
+
+def quiet_console() -> None:
+    """Silences the start-up messages that say nothing about this run; called
+    by `main` before jax or transformers is imported."""
+    # transformers logs "PyTorch was not found. Models won't be available..."
+    # through its advisory channel on every import without torch, which is
+    # the default install of this package (torch is an extra).
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    logger = logging.getLogger("jax._src.xla_bridge")
+    if not any(isinstance(f, _DropBackendNoise) for f in logger.filters):
+        logger.addFilter(_DropBackendNoise())
+
+
+def warn(message: str) -> None:
+    """One clean warning line on stderr (no source path, no category)."""
+    print(f"warning: {message}", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------
@@ -74,10 +130,59 @@ class Job:
 # --------------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One image to make: everything it depends on, and where it sits in the
+    prompt list (`entry`, `index`), which names its file but is not part of
+    its identity."""
+
+    prompt: str
+    negative_prompt: str
+    seed: int
+    steps: int
+    guidance_scale: float
+    entry: int = 0
+    index: int = 0
+
+    def key(self, common: dict) -> str:
+        """A stable identity for the manifest (this job under these run settings)."""
+        d = dataclasses.asdict(self)
+        del d["entry"], d["index"]
+        return json.dumps({**d, **common}, sort_keys=True)
+
+
+# JSONL field -> (accepted JSON types, what to write instead, an example).
+_FIELDS = {
+    "prompt": ((str,), "a string", '"a red circle"'),
+    "negative_prompt": ((str,), "a string", '"blurry"'),
+    "seed": ((int,), f"an integer in [0, {MAX_SEED}]", "42"),
+    "steps": ((int,), "an integer >= 1", "30"),
+    "guidance": ((int, float), "a number >= 1", "7.5"),
+    "guidance_scale": ((int, float), "a number >= 1", "7.5"),
+}
+
+
+def _check_field(where: str, name: str, value) -> None:
+    types, want, example = _FIELDS[name]
+    ok = isinstance(value, types) and not isinstance(value, bool)
+    if ok and name == "seed":
+        ok = 0 <= value <= MAX_SEED
+    elif ok and name in ("steps", "guidance", "guidance_scale"):
+        ok = value >= 1
+    if not ok:
+        raise ValueError(f"{where}: field \"{name}\" is {json.dumps(value)}; write {want}, "
+                         f"e.g. \"{name}\": {example}")
+
+
 def read_prompts_file(path: str | os.PathLike) -> list[dict]:
     """Prompts, one per line (plain text) or JSONL objects with `prompt` and
-    optional `negative_prompt`, `seed`, `steps`, `guidance`."""
+    optional `negative_prompt`, `seed`, `steps`, `guidance` (or
+    `guidance_scale`). Entries come back with `guidance_scale` as the key.
+    A field of the wrong type or range raises a ValueError naming the file,
+    the line and the field."""
     p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"--prompts-file {p} is a folder; pass a text or JSONL file")
     if not p.is_file():
         raise FileNotFoundError(f"prompts file not found: {p}")
     entries = []
@@ -85,45 +190,84 @@ def read_prompts_file(path: str | os.PathLike) -> list[dict]:
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        if line.startswith("{"):
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{p}:{n}: not valid JSON ({e.msg}); write one JSON object per line") from e
-            if not isinstance(obj.get("prompt"), str) or not obj["prompt"].strip():
-                raise ValueError(f"{p}:{n}: a JSONL line needs a non-empty \"prompt\" string")
-            unknown = set(obj) - {"prompt", "negative_prompt", "seed", "steps", "guidance"}
-            if unknown:
-                raise ValueError(f"{p}:{n}: unknown field(s) {sorted(unknown)}; allowed: prompt, "
-                                 "negative_prompt, seed, steps, guidance")
-            entries.append(obj)
-        else:
+        if not line.startswith("{"):
             entries.append({"prompt": line})
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{p}:{n}: not valid JSON ({e.msg}); write one JSON object per line") from e
+        unknown = set(obj) - set(_FIELDS)
+        if unknown:
+            raise ValueError(f"{p}:{n}: unknown field(s) {sorted(unknown)}; allowed: {', '.join(_FIELDS)}")
+        if "prompt" not in obj:
+            raise ValueError(f"{p}:{n}: a JSONL line needs a \"prompt\" string")
+        for name, value in obj.items():
+            _check_field(f"{p}:{n}", name, value)
+        if not obj["prompt"].strip():
+            raise ValueError(f"{p}:{n}: field \"prompt\" is empty; give it some text")
+        if "guidance" in obj and "guidance_scale" in obj:
+            raise ValueError(f"{p}:{n}: both \"guidance\" and \"guidance_scale\" given; keep one")
+        if "guidance" in obj:
+            obj["guidance_scale"] = obj.pop("guidance")
+        entries.append(obj)
     if not entries:
         raise ValueError(f"prompts file {p} holds no prompts; write one prompt per line")
     return entries
 
 
+def image_seed(base: int, entry: int, index: int, entry_seed: int | None = None) -> int:
+    """The seed of image `index` of prompt entry `entry`: `entry_seed + index`
+    when the entry names a seed, else `base + SEED_STRIDE * entry + index`."""
+    start = entry_seed if entry_seed is not None else base + SEED_STRIDE * entry
+    return start + index
+
+
+def style_prompt(prompt: str, negative: str, style: str | None,
+                 fits: Callable[[str], bool] = lambda text: True) -> tuple[str, str, bool]:
+    """(prompt, negative prompt, styled) with `style`'s template and negative
+    prompt applied, when both fit the text encoder (`fits`); otherwise the
+    prompt and negative prompt as given and styled False, so a template never
+    pushes the prompt's own words out of a short context."""
+    if style is None:
+        return prompt, negative, False
+    if style not in STYLES:
+        raise ValueError(f"unknown style {style!r}; choose one of {sorted(STYLES)}")
+    template, style_negative = STYLES[style]
+    styled = template.format(prompt=prompt)
+    styled_negative = ", ".join(x for x in (negative, style_negative) if x)
+    if fits(styled) and fits(styled_negative):
+        return styled, styled_negative, True
+    return prompt, negative, False
+
+
 def build_jobs(entries: Sequence[dict], *, negative_prompt: str, style: str | None, seed: int,
-               steps: int, guidance_scale: float, num_images_per_prompt: int) -> list[Job]:
-    """Expands prompt entries into jobs. Image k of a prompt gets seed
-    `entry seed + k` if the entry names a seed, else `seed + running index`."""
-    if num_images_per_prompt < 1:
-        raise ValueError(f"--num-images-per-prompt {num_images_per_prompt} must be >= 1")
-    template, style_negative = ("{prompt}", "")
-    if style is not None:
-        if style not in STYLES:
-            raise ValueError(f"unknown style {style!r}; choose one of {sorted(STYLES)}")
-        template, style_negative = STYLES[style]
-    jobs = []
-    for e in entries:
-        neg = e.get("negative_prompt", negative_prompt)
-        neg = ", ".join(x for x in (neg, style_negative) if x)
-        for k in range(num_images_per_prompt):
-            s = e["seed"] + k if "seed" in e else seed + len(jobs)
-            jobs.append(Job(template.format(prompt=e["prompt"]), neg, int(s), int(e.get("steps", steps)),
-                            float(e.get("guidance", guidance_scale))))
-    return jobs
+               steps: int, guidance_scale: float, num_images_per_prompt: int,
+               fits: Callable[[str], bool] = lambda text: True) -> tuple[list[Job], list[str]]:
+    """Expands prompt entries into jobs (seeds by `image_seed`); returns the
+    jobs and the prompts the style was left out for (see `style_prompt`)."""
+    if num_images_per_prompt < 1 or num_images_per_prompt > SEED_STRIDE:
+        raise ValueError(f"--num-images-per-prompt {num_images_per_prompt} must be in [1, {SEED_STRIDE}]; "
+                         f"for more images of one prompt, repeat it with its own seed in a --prompts-file")
+    if not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"--seed {seed} is outside [0, {MAX_SEED}]; pass e.g. --seed 0")
+    jobs, unstyled = [], []
+    for e, entry in enumerate(entries):
+        prompt, neg, styled = style_prompt(entry["prompt"], entry.get("negative_prompt", negative_prompt),
+                                           style, fits)
+        if style is not None and not styled:
+            unstyled.append(entry["prompt"])
+        last = image_seed(seed, e, num_images_per_prompt - 1, entry.get("seed"))
+        if last > MAX_SEED:
+            fix = ("lower its \"seed\"" if "seed" in entry
+                   else "lower --seed, or give it its own \"seed\" in a --prompts-file")
+            raise ValueError(f"prompt {e} ({_short(entry['prompt'])!r}) would get seed {last}, above {MAX_SEED}; "
+                             f"{fix}")
+        for i in range(num_images_per_prompt):
+            jobs.append(Job(prompt, neg, image_seed(seed, e, i, entry.get("seed")),
+                            int(entry.get("steps", steps)), float(entry.get("guidance_scale", guidance_scale)),
+                            entry=e, index=i))
+    return jobs, unstyled
 
 
 def batches(jobs: Sequence[Job], batch_size: int):
@@ -137,6 +281,68 @@ def batches(jobs: Sequence[Job], batch_size: int):
             yield group[i: i + batch_size]
 
 
+def _short(text: str, n: int = 48) -> str:
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+# --------------------------------------------------------------------------
+# Checks that run before the model loads
+# --------------------------------------------------------------------------
+
+
+def check_out_dir(path: str | os.PathLike) -> None:
+    """Raises a ValueError when `path` cannot be the output folder (a file, or
+    not writable by this user); creates nothing."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise ValueError(f"--out {path} is an existing file; pass a folder (it is created if missing)")
+    existing = p.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"--out {path}: {existing} is a file, so the folder cannot be made; "
+                         "pass a path under a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "is" if existing == p.absolute() else f"would be made in {existing}, which is"
+        raise ValueError(f"--out {path} {what} not writable for this user; pass a folder you can write to")
+    manifest = p / "manifest.jsonl"
+    if manifest.exists() and not os.access(manifest, os.W_OK):
+        raise ValueError(f"--out {path}: {manifest} is read-only; make it writable or pass another folder")
+
+
+def check_attention(attention: str, dtype_name: str, platform: str) -> None:
+    """--attention cudnn needs an NVIDIA GPU and bf16/fp16 compute."""
+    if attention != "cudnn":
+        return
+    if platform != "gpu":
+        raise ValueError(f"--attention cudnn needs an NVIDIA GPU with cuDNN, and JAX runs on {platform} here; "
+                         "use --attention xla (or auto: cuDNN where it applies)")
+    if dtype_name == "fp32":
+        raise ValueError("--attention cudnn needs bf16 or fp16 compute; pass --dtype bf16, "
+                         "or --attention auto (cuDNN where it applies)")
+
+
+def read_init_image(path: str):
+    """The init image as an RGB PIL image and a hash of its pixels (the
+    resume key: the same picture under another name or re-saved losslessly
+    is the same input; an edited file under the same name is not)."""
+    from PIL import Image, UnidentifiedImageError
+
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"--init-image {path} is a folder; pass a PNG or JPEG file")
+    if not p.exists():
+        raise FileNotFoundError(f"init image not found: {path}")
+    try:
+        with Image.open(p) as im:
+            im = im.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise ValueError(f"cannot read init image {path}: {e}; pass a PNG or JPEG file") from e
+    pixels = np.asarray(im)
+    digest = hashlib.sha256(repr(pixels.shape).encode() + pixels.tobytes()).hexdigest()[:16]
+    return im, digest
+
+
 # --------------------------------------------------------------------------
 # Output
 # --------------------------------------------------------------------------
@@ -146,13 +352,12 @@ def _slug(text: str, n: int = 40) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:n] or "image"
 
 
-def file_name(job: Job, index: int, common: dict) -> str:
-    """`INDEX-PROMPT-sSEED-HASH.png`: readable, and unique per job and settings
-    (the hash), so reruns with other settings never overwrite an image."""
-    import hashlib
-
+def file_name(job: Job, common: dict) -> str:
+    """`EEEE-III-PROMPT-sSEED-HASH.png`: the prompt entry and the image's
+    index in it, readable, and unique per job and settings (the hash), so
+    reruns with other settings never overwrite an image."""
     digest = hashlib.sha1(job.key(common).encode()).hexdigest()[:8]
-    return f"{index:05d}-{_slug(job.prompt)}-s{job.seed}-{digest}.png"
+    return f"{job.entry:04d}-{job.index:03d}-{_slug(job.prompt)}-s{job.seed}-{digest}.png"
 
 
 def save_png(path: Path, image: np.ndarray, text: dict) -> None:
@@ -179,6 +384,37 @@ def read_manifest(path: Path) -> dict[str, dict]:
     return done
 
 
+def _open_manifest(path: Path):
+    """The manifest opened for appending, after ending a line a kill cut
+    short, so the next entry starts on a line of its own."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_file() and path.stat().st_size:
+        with open(path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            cut = f.read(1) != b"\n"
+        if cut:
+            with open(path, "a", encoding="utf-8") as f:
+                f.write("\n")
+    return open(path, "a", encoding="utf-8")
+
+
+@contextlib.contextmanager
+def _sigint_deferred():
+    """Holds Ctrl-C while an image and its manifest line are written, then
+    raises it: a stop never separates a PNG from its line."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    old = signal.signal(signal.SIGINT, lambda *_: caught.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+    if caught:
+        raise KeyboardInterrupt
+
+
 def contact_sheet(images: Sequence[np.ndarray], columns: int | None = None) -> np.ndarray:
     """Tiles same-size uint8 images into one grid image."""
     n = len(images)
@@ -197,67 +433,97 @@ def contact_sheet(images: Sequence[np.ndarray], columns: int | None = None) -> n
 # --------------------------------------------------------------------------
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Help that ends each flag's text with its default, once: not where the
+    text already says it, and not for switches or flags without a default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        # `is`, not `in (None, False)`: a default of 0 equals False. An empty
+        # list is a repeatable flag's start, not a default worth saying.
+        if ("default" in text or action.default is None or action.default is False or action.default == []
+                or action.default == argparse.SUPPRESS or action.required or not action.option_strings):
+            return text
+        return text + (" (default: empty)" if action.default == "" else " (default: %(default)s)")
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m t2i_jax.sample", description=__doc__.split("\n")[0])
+    """The CLI's flags; `--help` shows every default."""
+    from t2i_jax.schedulers import SCHEDULERS
+
+    context = bundled_context_length()
+    p = argparse.ArgumentParser(prog="python -m t2i_jax.sample", description=__doc__.split("\n")[0],
+                                formatter_class=DefaultsHelpFormatter,
+                                epilog=f"Seeds: image i of prompt entry e gets --seed + {SEED_STRIDE} * e + i (an "
+                                       "entry's own JSONL seed S gives S + i), so adding images or prompts never "
+                                       "changes an image already made.")
     p.add_argument("--model", default=None,
                    help="diffusers folder, hub id (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5) "
-                        "or single-file checkpoint (.safetensors/.ckpt); default: the bundled shapes model "
-                        "(t2i_jax/assets/shapes_model, 32 px, trained from scratch on synthetic shapes)")
-    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
-    p.add_argument("--prompts-file", help="one prompt per line, or JSONL with prompt/negative_prompt/seed/"
-                                          "steps/guidance")
-    p.add_argument("--negative-prompt", default="")
-    p.add_argument("--style", help=f"prompt template preset: {', '.join(sorted(STYLES))}")
-    p.add_argument("--num-images-per-prompt", type=int, default=1)
+                        f"or single-file checkpoint (.safetensors/.ckpt); default: the bundled shapes model "
+                        f"({BUNDLED_MODEL_NAME}, 32 px, trained from scratch on synthetic shapes; its text encoder "
+                        f"reads {context} tokens, start and end included, where Stable Diffusion's reads 77)")
+    p.add_argument("--prompt", action="append", default=[],
+                   help="a prompt (repeatable; entries are numbered in order, then the --prompts-file lines)")
+    p.add_argument("--prompts-file", help="one prompt per line, or JSONL objects with prompt and optional "
+                                          "negative_prompt, seed, steps, guidance (or guidance_scale)")
+    p.add_argument("--negative-prompt", default="", help="negative prompt of every entry that names none")
+    p.add_argument("--style", help=f"prompt template preset: {', '.join(sorted(STYLES))}; applied only where the "
+                                   "styled prompt fits the text encoder's context (never with the bundled model's "
+                                   f"{context} tokens)")
+    p.add_argument("--num-images-per-prompt", type=int, default=1, help=f"images per prompt entry, 1 to {SEED_STRIDE}")
     p.add_argument("--batch-size", type=int, default=None,
                    help="global batch (padded up to a multiple of the device count; default: the device count)")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--scheduler", default="pndm")
-    p.add_argument("--guidance-scale", type=float, default=7.5)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=50, help="denoising steps")
+    p.add_argument("--scheduler", default="pndm", help=f"sampler: {', '.join(sorted(SCHEDULERS))}")
+    p.add_argument("--karras", action="store_true",
+                   help="Karras sigmas (scheduler option use_karras_sigmas) for the samplers that take them")
+    p.add_argument("--eta", type=float, default=None,
+                   help="ancestral noise scale of DDIM (0 deterministic, 1 DDPM-like); default: the model's "
+                        "scheduler config")
+    p.add_argument("--timestep-spacing", choices=["leading", "trailing", "linspace"], default=None,
+                   help="how the steps are spread over the training timesteps; default: the model's scheduler config")
+    p.add_argument("--final-sigmas-type", choices=["zero", "sigma_min"], default=None,
+                   help="the last step's sigma for the samplers that take it; default: the model's scheduler config")
+    p.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance; 1 turns it off")
+    p.add_argument("--seed", type=int, default=0,
+                   help=f"base seed: image i of entry e gets seed + {SEED_STRIDE} * e + i")
     p.add_argument("--height", type=int, default=None, help="default: the model's native size")
-    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--width", type=int, default=None, help="default: the model's native size")
     p.add_argument("--init-image", help="img2img: start from this image (resized to height x width)")
-    p.add_argument("--strength", type=float, default=0.8, help="img2img: how much to change (0, 1]")
+    p.add_argument("--strength", type=float, default=0.8, help="img2img: how much to change, in (0, 1]")
     p.add_argument("--dtype", choices=["bf16", "fp32", "fp16"], default=None,
                    help="compute dtype (default: bf16 on GPU/TPU, fp32 on CPU); params stay as loaded")
     p.add_argument("--attention", choices=["auto", "xla", "cudnn"], default="auto",
                    help="attention: auto (cuDNN flash attention on NVIDIA GPUs where the head size and dtype "
-                        "allow, XLA elsewhere), xla, or cudnn (needs bf16/fp16)")
-    p.add_argument("--out", required=True, help="output folder")
+                        "allow, XLA elsewhere), xla, or cudnn (NVIDIA GPU, bf16/fp16)")
+    p.add_argument("--out", required=True, help="output folder (created if missing)")
     p.add_argument("--no-compilation-cache", action="store_true",
-                   help="do not use JAX's persistent compilation cache (~/.cache/t2i_jax/jax)")
+                   help="do not use JAX's persistent compilation cache (~/.cache/t2i_jax/jax, or $T2I_JAX_CACHE)")
     return p.parse_args(argv)
 
 
-def _load_init_image(path: str, height: int, width: int) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
+def scheduler_options(args: argparse.Namespace) -> dict:
+    """The per-call scheduler options (diffusers scheduler config keys) the
+    flags set; flags left unset are left out, so the model's config rules."""
+    options = {}
+    if args.karras:
+        options["use_karras_sigmas"] = True
+    if args.eta is not None:
+        options["eta"] = args.eta
+    if args.timestep_spacing is not None:
+        options["timestep_spacing"] = args.timestep_spacing
+    if args.final_sigmas_type is not None:
+        options["final_sigmas_type"] = args.final_sigmas_type
+    return options
 
-    try:
-        with Image.open(path) as im:
-            im = im.convert("RGB").resize((width, height), Image.LANCZOS)
-            return np.asarray(im, np.float32) / 255.0
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"init image not found: {path}") from e
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"cannot read init image {path}: {e}; pass a PNG or JPEG file") from e
+
+def _option_flags(options: dict) -> str:
+    flags = {"use_karras_sigmas": "--karras", "eta": "--eta", "timestep_spacing": "--timestep-spacing",
+             "final_sigmas_type": "--final-sigmas-type"}
+    return " ".join(flags[k] if v is True else f"{flags[k]} {v}" for k, v in options.items())
 
 
-def run(args: argparse.Namespace) -> dict:
-    """Generates the images of `args`; returns a summary dict (counts, timings)."""
-    import jax
-    import jax.numpy as jnp
-
-    from t2i_jax import pipeline, schedulers
-    from t2i_jax.convert.load import load_components
-
-    # Cheap checks first, before anything is loaded or compiled.
-    if args.scheduler not in schedulers.SCHEDULERS:
-        raise ValueError(f"unknown scheduler {args.scheduler!r}; choose one of {sorted(schedulers.SCHEDULERS)}")
-    pipeline.check_settings(args.steps, args.guidance_scale, args.strength if args.init_image else None)
-    for name in ("height", "width"):
-        if getattr(args, name) is not None:
-            pipeline.check_size(name, getattr(args, name), 8)
+def _entries(args: argparse.Namespace) -> list[dict]:
     entries = [{"prompt": p} for p in args.prompt]
     if args.prompts_file:
         entries += read_prompts_file(args.prompts_file)
@@ -265,85 +531,189 @@ def run(args: argparse.Namespace) -> dict:
         raise ValueError("no prompts: pass --prompt TEXT (repeatable) or --prompts-file FILE")
     if any(not e["prompt"].strip() for e in entries):
         raise ValueError("a prompt is empty; give every --prompt some text")
-    jobs = build_jobs(entries, negative_prompt=args.negative_prompt, style=args.style, seed=args.seed,
-                      steps=args.steps, guidance_scale=args.guidance_scale,
-                      num_images_per_prompt=args.num_images_per_prompt)
-    for j in jobs:
+    return entries
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Generates the images of `args`; returns a summary dict (counts, timings).
+
+    Every check that needs no model runs first, so a bad flag costs no load
+    and leaves nothing on disk.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from t2i_jax import pipeline, schedulers
+    from t2i_jax.convert.load import load_components
+
+    # ---- Checks, before anything is loaded, compiled or written.
+    if args.scheduler not in schedulers.SCHEDULERS:
+        raise ValueError(f"unknown scheduler {args.scheduler!r}; choose one of {sorted(schedulers.SCHEDULERS)}")
+    pipeline.check_settings(args.steps, args.guidance_scale, args.strength if args.init_image else None)
+    for name in ("height", "width"):
+        if getattr(args, name) is not None:
+            pipeline.check_size(name, getattr(args, name), 8)
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ValueError(f"--batch-size {args.batch_size} must be >= 1; leave it out for one image per device")
+    if args.eta is not None and args.eta < 0:
+        raise ValueError(f"--eta {args.eta} must be >= 0; 0 is deterministic DDIM, 1 DDPM-like")
+    options = scheduler_options(args)
+    if options:
+        # Which sampler takes which option depends on the sampler alone, not
+        # on the model's config: checked here, before the model loads.
+        try:
+            schedulers.build(args.scheduler, None, options)
+        except ValueError as e:
+            raise ValueError(f"--scheduler {args.scheduler} with {_option_flags(options)}: {e}") from None
+    entries = _entries(args)
+    build_kw = {"negative_prompt": args.negative_prompt, "style": args.style, "seed": args.seed,
+                "steps": args.steps, "guidance_scale": args.guidance_scale,
+                "num_images_per_prompt": args.num_images_per_prompt}
+    for j in build_jobs(entries, **build_kw)[0]:
         pipeline.check_settings(j.steps, j.guidance_scale)
+    check_out_dir(args.out)
+    init_image, init_hash = read_init_image(args.init_image) if args.init_image else (None, None)
+    platform = jax.devices()[0].platform
+    dtype_name = args.dtype or ("fp32" if platform == "cpu" else "bf16")
+    check_attention(args.attention, dtype_name, platform)
+    dtype = {"bf16": jnp.bfloat16, "fp32": jnp.float32, "fp16": jnp.float16}[dtype_name]
 
     if not args.no_compilation_cache:
         cache = Path(os.environ.get("T2I_JAX_CACHE", Path.home() / ".cache" / "t2i_jax" / "jax"))
         jax.config.update("jax_compilation_cache_dir", str(cache))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
-    platform = jax.devices()[0].platform
-    dtype_name = args.dtype or ("fp32" if platform == "cpu" else "bf16")
-    dtype = {"bf16": jnp.bfloat16, "fp32": jnp.float32, "fp16": jnp.float16}[dtype_name]
-    if args.attention == "cudnn" and dtype == jnp.float32:
-        raise ValueError("--attention cudnn needs bf16 or fp16 compute; pass --dtype bf16, "
-                         "or --attention auto (cuDNN where it applies)")
-    if args.model is None:
-        pipe = load_components(BUNDLED_MODEL)
-        print(f"model: bundled shapes model ({BUNDLED_MODEL_NAME}); for Stable Diffusion pass "
-              "--model stable-diffusion-v1-5/stable-diffusion-v1-5", file=sys.stderr)
-    else:
-        pipe = load_components(args.model)
-        print(f"model: {pipe.source}", file=sys.stderr)
+    # ---- Model.
+    print(f"loading model {args.model or BUNDLED_MODEL_NAME} ...", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    pipe = load_components(BUNDLED_MODEL if args.model is None else args.model)
+    context = pipe.tokenizer.max_length
     native = pipe.unet.config.sample_size * pipe.vae_scale
+    about = (f"bundled shapes model ({BUNDLED_MODEL_NAME})" if args.model is None else pipe.source)
+    tip = "; for Stable Diffusion pass --model stable-diffusion-v1-5/stable-diffusion-v1-5" if args.model is None else ""
+    print(f"model: {about}, {native} px, text context {context} tokens (start and end included), loaded in "
+          f"{time.perf_counter() - t0:.1f}s{tip}", file=sys.stderr)
     height, width = args.height or native, args.width or native
     pipeline.check_size("height", height, pipe.vae_scale)
     pipeline.check_size("width", width, pipe.vae_scale)
-    init = _load_init_image(args.init_image, height, width) if args.init_image else None
+
+    # ---- Jobs, fitted to the text encoder's context.
+    count_cache: dict[str, int] = {}
+
+    def count(text: str) -> int:
+        if text not in count_cache:
+            ids = pipe.tokenizer.hf(text, padding=False, truncation=False, verbose=False)["input_ids"]
+            count_cache[text] = len(ids)
+        return count_cache[text]
+
+    jobs, unstyled = build_jobs(entries, **build_kw, fits=lambda text: count(text) <= context)
+    if unstyled:
+        warn(f"--style {args.style} does not fit the text encoder's {context}-token context with "
+             f"{len(unstyled)} of {len(entries)} prompt(s), e.g. {_short(unstyled[0])!r}; those are used "
+             "without the style, so none of their words are cut")
+    too_long = list(dict.fromkeys(t for j in jobs for t in (j.prompt, j.negative_prompt) if count(t) > context))
+    if too_long:
+        warn(f"{len(too_long)} prompt(s) are longer than the text encoder's {context}-token context and are "
+             f"cut, e.g. {_short(too_long[0])!r} ({count(too_long[0])} tokens); shorten them to keep every word")
 
     sampler = pipeline.Sampler(pipe, dtype=dtype, attention_impl=args.attention)
     ndev = sampler.num_devices
-    bs = args.batch_size or ndev
-    if bs < 1:
-        raise ValueError(f"--batch-size {bs} must be >= 1")
-    bs = -(-bs // ndev) * ndev
+    bs = -(-(args.batch_size or ndev) // ndev) * ndev
+    init = None
+    if init_image is not None:
+        from PIL import Image
+
+        init = np.asarray(init_image.resize((width, height), Image.LANCZOS), np.float32) / 255.0
 
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     manifest_path = out / "manifest.jsonl"
+    # What an image depends on besides its job: in its key. The init image by
+    # its pixels; its path only in the metadata.
     common = {"model": pipe.source, "scheduler": args.scheduler, "height": height, "width": width,
-              "dtype": dtype_name, "init_image": args.init_image,
-              "strength": args.strength if args.init_image else None}
+              "dtype": dtype_name, "init_image": init_hash, "strength": args.strength if args.init_image else None}
+    if options:
+        common["scheduler_options"] = options
     done = read_manifest(manifest_path)
-    position: dict[str, int] = {}  # job key -> index of its first occurrence
-    for i, j in enumerate(jobs):
-        position.setdefault(j.key(common), i)
-    todo = [j for i, j in enumerate(jobs) if position[j.key(common)] == i and j.key(common) not in done]
-    skipped = len(position) - len(todo)
-    if skipped:
-        print(f"skipping {skipped} image(s) already in {manifest_path}", file=sys.stderr)
+    unique: dict[str, Job] = {}  # job key -> its first job (an entry repeated with its own seed repeats jobs)
+    for j in jobs:
+        unique.setdefault(j.key(common), j)
+    todo = [j for k, j in unique.items() if k not in done]
+    run_files = {k: done[k]["file"] for k in unique if k in done}
+    if run_files:
+        print(f"skipping {len(run_files)} image(s) already in {manifest_path}", file=sys.stderr)
 
+    # ---- Sampling. The bar counts denoising steps (model evaluations) and
+    # advances once per batch: a host callback inside the compiled loop would
+    # keep JAX from caching the loop on disk.
     from tqdm import tqdm
 
-    made, gen_time = 0, 0.0
+    sched = sampler.scheduler(args.scheduler, options or None)
+    lat_shape = (bs, height // pipe.vae_scale, width // pipe.vae_scale, pipe.latent_channels)
+    strength = args.strength if init is not None else 1.0
+    evals = {s: sched.set_timesteps(s, lat_shape, strength=strength).num_evals for s in {j.steps for j in todo}}
     all_batches = list(batches(todo, bs))
-    with open(manifest_path, "a", encoding="utf-8") as manifest:
-        for batch in tqdm(all_batches, desc="batches", unit="batch", disable=not all_batches):
-            real = len(batch)
-            padded = list(batch) + [batch[-1]] * (bs - real)  # padding rows are computed and dropped
-            t0 = time.perf_counter()
-            images = sampler(
-                [j.prompt for j in padded], seeds=[j.seed for j in padded],
-                negative_prompts=[j.negative_prompt for j in padded], steps=batch[0].steps,
-                guidance_scale=batch[0].guidance_scale, scheduler=args.scheduler, height=height,
-                width=width, strength=args.strength,
-                init_images=None if init is None else np.repeat(init[None], bs, axis=0))
-            gen_time += time.perf_counter() - t0
-            images = pipeline.to_uint8(images[:real])
-            for j, im in zip(batch, images):
-                name = file_name(j, position[j.key(common)], common)
-                meta = {**dataclasses.asdict(j), **common}
-                save_png(out / name, im, {"parameters": meta, "prompt": j.prompt, "software": "t2i_jax"})
-                manifest.write(json.dumps({"file": name, "key": j.key(common), **meta}) + "\n")
-                manifest.flush()
-                made += 1
+    bar = tqdm(total=sum(evals[b[0].steps] for b in all_batches), unit="step", desc="sampling",
+               file=sys.stderr, disable=not all_batches, dynamic_ncols=True)
+    compiled: dict[tuple, object] = {}
+    made, gen_time, compile_time = 0, 0.0, 0.0
+    manifest = None
+    try:
+        with warnings.catch_warnings():
+            # Prompts that do not fit were named above, in one line.
+            warnings.filterwarnings("ignore", message=r"prompt .* tokens with start and end", category=UserWarning)
+            for batch in all_batches:
+                real = len(batch)
+                padded = list(batch) + [batch[-1]] * (bs - real)  # padding rows are computed and dropped
+                extra = {"scheduler_options": options} if options else {}
+                t0 = time.perf_counter()
+                fn, fargs = sampler.prepare(
+                    [j.prompt for j in padded], seeds=[j.seed for j in padded],
+                    negative_prompts=[j.negative_prompt for j in padded], steps=batch[0].steps,
+                    guidance_scale=batch[0].guidance_scale, scheduler=args.scheduler, height=height,
+                    width=width, strength=args.strength,
+                    init_images=None if init is None else np.repeat(init[None], bs, axis=0), **extra)
+                program = (batch[0].steps, batch[0].guidance_scale > 1.0)
+                if program not in compiled:
+                    bar.set_description("compiling (once per shape)")
+                    t1 = time.perf_counter()
+                    compiled[program] = fn.lower(*fargs).compile()
+                    # The bar's rate and ETA are the sampling's alone (both
+                    # clocks moved: tqdm takes a bar last shown before its
+                    # start for one never shown, and would not end its line).
+                    paused = time.perf_counter() - t1
+                    bar.start_t += paused
+                    bar.last_print_t += paused
+                    compile_time += time.perf_counter() - t0
+                    bar.set_description("sampling")
+                    t0 = time.perf_counter()
+                images = np.asarray(jax.device_get(compiled[program](*fargs)))
+                gen_time += time.perf_counter() - t0
+                images = pipeline.to_uint8(images[:real])
+                with _sigint_deferred():
+                    if manifest is None:
+                        manifest = _open_manifest(manifest_path)
+                    for j, im in zip(batch, images):
+                        key = j.key(common)
+                        name = file_name(j, common)
+                        meta = {**dataclasses.asdict(j), **common, "init_image_path": args.init_image}
+                        save_png(out / name, im, {"parameters": meta, "prompt": j.prompt, "software": "t2i_jax"})
+                        manifest.write(json.dumps({"file": name, "key": key, **meta}) + "\n")
+                        manifest.flush()
+                        run_files[key] = name
+                        made += 1
+                bar.update(evals[batch[0].steps])
+                bar.set_postfix_str(f"{made}/{len(todo)} images")
+    except KeyboardInterrupt:
+        bar.close()
+        raise Interrupted(
+            f"interrupted: {made} new image(s) saved in {out} and listed in its manifest.jsonl, "
+            f"{len(todo) - made} not made; run the same command again to make them") from None
+    finally:
+        bar.close()
+        if manifest is not None:
+            manifest.close()
 
-    entries_done = read_manifest(manifest_path)
-    files = [e["file"] for e in entries_done.values()]
+    files = [run_files[k] for k in unique if k in run_files]
     if files:
         from PIL import Image
 
@@ -352,22 +722,32 @@ def run(args: argparse.Namespace) -> dict:
         thumbs = [t for t in thumbs if t.shape == shape]
         grid = contact_sheet(thumbs)
         atomic_write(out / "grid.png", lambda f: Image.fromarray(grid).save(f, format="PNG"))
-    summary = {"made": made, "skipped": skipped, "seconds": gen_time, "devices": ndev,
-               "device_kind": jax.devices()[0].device_kind, "batch_size": bs, "out": str(out)}
+    summary = {"made": made, "skipped": len(unique) - len(todo), "seconds": gen_time,
+               "compile_seconds": compile_time, "devices": ndev, "device_kind": jax.devices()[0].device_kind,
+               "batch_size": bs, "out": str(out)}
     if made:
         summary["images_per_s"] = made / gen_time
         summary["images_per_s_per_device"] = made / gen_time / ndev
-        print(f"{made} image(s) in {gen_time:.1f}s: {made / gen_time:.3f} images/s, "
-              f"{made / gen_time / ndev:.3f} images/s per device ({ndev} x {summary['device_kind']}; "
-              "includes compilation on the first batch)", file=sys.stderr)
+        print(f"{made} image(s) in {gen_time:.1f}s sampling (+{compile_time:.1f}s compiling): "
+              f"{made / gen_time:.3f} images/s, {made / gen_time / ndev:.3f} images/s per device "
+              f"({ndev} x {summary['device_kind']})", file=sys.stderr)
     print(f"images in {out.resolve()} (manifest.jsonl, grid.png)")
     return summary
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The CLI: exit 0 on success, 2 on a bad flag or input (one line, before
+    the model loads where it can), 130 on Ctrl-C."""
+    quiet_console()
     args = parse_args(argv)
     try:
         run(args)
+    except Interrupted as e:
+        print(e, file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("interrupted before any image was made; nothing was written", file=sys.stderr)
+        return 130
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

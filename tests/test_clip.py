@@ -220,7 +220,7 @@ def test_export_round_trip(tmp_path, name, kind):
         "CLIPVisionModelWithProjection": clip.CLIPVisionModel(cfg.vision, with_projection=True),
     }[kind]
     params = _random_flax(module)
-    cc.save_clip(module, params, tmp_path)
+    cc.save_clip(params, module, tmp_path)
     ref, info = getattr(T, kind).from_pretrained(tmp_path, output_loading_info=True)
     assert not info["missing_keys"], info
     assert not info["unexpected_keys"] and not info["mismatched_keys"], info

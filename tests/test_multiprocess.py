@@ -65,7 +65,7 @@ def test_two_processes_match_one(tmp_path):
     cmd = [sys.executable, "-m", "t2i_jax.train", "--config", "configs/shapes_ldm.py", "--workdir", str(workdir),
            *[f"--config.{k}={v}" for k, v in OVERRIDES.items()]]
     env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
-    rc = local_multiprocess.launch(cmd, 2, cpu=True, devices_per_process=1, timeout=400, cwd=str(REPO), env=env)
+    rc = local_multiprocess.launch(cmd, 2, cpu=True, devices_per_process=1, idle_timeout=600, cwd=str(REPO), env=env)
     assert rc == 0
     two = [r["loss"] for r in metrics_lib.read_jsonl(workdir / "metrics.jsonl")]
     assert len(two) == STEPS  # process 0 alone writes metrics

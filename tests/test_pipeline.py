@@ -244,3 +244,153 @@ def test_single_file_gives_the_same_images(tiny, sampler, tmp_path):
     a = sampler(PROMPTS, **kw)
     b = pipeline.Sampler(single, mesh=sampler.mesh)(PROMPTS, **kw)
     np.testing.assert_allclose(b, a, atol=1e-6)
+
+
+# --------------------------------------------------------------------------
+# PNDM's Runge-Kutta warm-up, per-call scheduler options, given noises
+# --------------------------------------------------------------------------
+
+
+def _count_unet_calls(unet):
+    calls = []
+    handle = unet.register_forward_hook(lambda *a: calls.append(1))
+    return calls, handle
+
+
+def test_pndm_without_skip_prk_steps_matches_diffusers(tiny, sampler):
+    """A model whose scheduler config lacks skip_prk_steps (e.g. one shipping a
+    DDIM config) sampled as pndm: diffusers' default Runge-Kutta warm-up, 19
+    U-Net calls for 10 steps, the same images."""
+    import dataclasses
+
+    ref, _, pipe = tiny
+    cfg = {k: v for k, v in ref.scheduler.config.items() if k != "skip_prk_steps"}
+    ref.scheduler = diffusers.PNDMScheduler.from_config(cfg)
+    assert ref.scheduler.config.skip_prk_steps is False  # diffusers' default
+    latents = _latents(4)
+    calls, handle = _count_unet_calls(ref.unet)
+    try:
+        out = ref(PROMPTS, num_inference_steps=10, guidance_scale=6.0, height=SIZE, width=SIZE,
+                  latents=torch.tensor(latents.transpose(0, 3, 1, 2)), output_type="np").images
+    finally:
+        handle.remove()
+    ours_pipe = dataclasses.replace(pipe, scheduler_config=dict(cfg))
+    s = pipeline.Sampler(ours_pipe, mesh=sampler.mesh)
+    assert s.scheduler("pndm").set_timesteps(10, (2, 16, 16, 4)).num_evals == len(calls) == 19
+    ours = s(PROMPTS, seeds=[0, 1], steps=10, guidance_scale=6.0, scheduler="pndm", height=SIZE, width=SIZE,
+             latents=latents)
+    assert _unsaturated(out) > 0.5
+    assert np.abs(ours - out).max() <= 1 / 255
+    # The same model with PLMS alone (what the old default did) is another image
+    # (measured 0.012 = 3/255 here), so the check above tells them apart.
+    plms = sampler(PROMPTS, seeds=[0, 1], steps=10, guidance_scale=6.0, scheduler="pndm", height=SIZE,
+                   width=SIZE, latents=latents)
+    assert np.abs(plms - out).max() > 2 / 255
+
+
+def _sampler_noise(seeds, shape, num_evals):
+    """What the Sampler's stochastic steps draw at each evaluation, NCHW for diffusers."""
+    keys = pipeline.stream_keys(seeds, pipeline.SAMPLER)
+    return [np.asarray(jax.vmap(lambda k, i=i: jax.random.normal(jax.random.fold_in(k, i), shape))(keys))
+            .transpose(0, 3, 1, 2) for i in range(num_evals)]
+
+
+@pytest.mark.slow
+def test_karras_option_matches_diffusers(tiny, sampler):
+    """scheduler_options={"use_karras_sigmas": True} on a model whose config
+    lacks it matches diffusers' pipeline with a Karras Euler scheduler; the
+    final latents match its output_type="latent"."""
+    ref, _, _ = tiny
+    ref.scheduler = diffusers.EulerDiscreteScheduler.from_config(ref.scheduler.config, use_karras_sigmas=True)
+    latents = _latents(5)
+    ref_lat = ref(PROMPTS, num_inference_steps=8, guidance_scale=6.0, height=SIZE, width=SIZE,
+                  latents=torch.tensor(latents.transpose(0, 3, 1, 2)), output_type="latent").images
+    with torch.no_grad():
+        decoded = ref.vae.decode(ref_lat / ref.vae.config.scaling_factor).sample
+    out = ref.image_processor.postprocess(decoded, output_type="np")
+    ours, ours_lat = sampler(PROMPTS, seeds=[3, 4], steps=8, guidance_scale=6.0, scheduler="euler", height=SIZE,
+                             width=SIZE, latents=latents, scheduler_options={"use_karras_sigmas": True},
+                             return_latents=True)
+    want = ref_lat.numpy().transpose(0, 2, 3, 1)
+    assert ours_lat.shape == want.shape
+    assert np.linalg.norm(ours_lat - want) / np.linalg.norm(want) < 1e-4
+    assert _unsaturated(out) > 0.5
+    assert np.abs(ours - out).max() <= 1 / 255
+
+
+def test_scheduler_options_cache_and_errors(sampler):
+    """New options build a new sampler and loop; the same options (or the
+    defaults spelled out) reuse them; unsupported ones name the sampler."""
+    base = sampler.loop("euler", True, True, False)
+    same = sampler.loop("euler", True, True, False, scheduler_options={"use_karras_sigmas": False})
+    karras = sampler.loop("euler", True, True, False, scheduler_options={"use_karras_sigmas": True})
+    again = sampler.loop("euler", True, True, False, scheduler_options=dict(use_karras_sigmas=True))
+    assert same is base and again is karras and karras is not base
+    assert sampler.scheduler("euler", {"use_karras_sigmas": True}).config["use_karras_sigmas"] is True
+    assert sampler.scheduler("euler").config["use_karras_sigmas"] is False
+    assert sampler.loop("euler", True, True, False, return_latents=True) is not base
+    kw = dict(seeds=[0, 1], steps=2, height=SIZE, width=SIZE)
+    with pytest.raises(ValueError, match=r"use_karras_sigmas=True is not supported by the 'ddim' sampler.*"
+                                         r"\['dpmpp_2m', 'euler', 'heun', 'lms', 'unipc'\]"):
+        sampler(PROMPTS, scheduler="ddim", scheduler_options={"use_karras_sigmas": True}, **kw)
+    with pytest.raises(ValueError, match=r"eta=0.5 is not supported by the 'euler_a' sampler.*\['ddim'\]"):
+        sampler(PROMPTS, scheduler="euler_a", scheduler_options={"eta": 0.5}, **kw)
+    with pytest.raises(ValueError, match=r"final_sigmas_type='max'.*'euler'.*\('zero', 'sigma_min'\)"):
+        sampler(PROMPTS, scheduler="euler", scheduler_options={"final_sigmas_type": "max"}, **kw)
+    with pytest.raises(ValueError, match=r"timestep_spacing='uniform'"):
+        sampler(PROMPTS, scheduler="dpmpp_2m", scheduler_options={"timestep_spacing": "uniform"}, **kw)
+    with pytest.raises(ValueError, match=r"noise= and encoder_noise= are img2img's"):
+        sampler(PROMPTS, scheduler="euler", noise=_latents(0), **kw)
+    with pytest.raises(ValueError, match=r"for img2img pass the noise added to the init latents as noise="):
+        sampler(PROMPTS, scheduler="euler", latents=_latents(0), init_images=np.zeros((2, SIZE, SIZE, 3)), **kw)
+    with pytest.raises(ValueError, match=r"latents have shape \(2, 8, 8, 4\); expected \(2, 16, 16, 4\).*f = 2"):
+        sampler(PROMPTS, scheduler="euler", latents=np.zeros((2, 8, 8, 4)), **kw)
+
+
+def test_img2img_ddim_eta_given_noises_match_diffusers(tiny, sampler, monkeypatch):
+    """Per-call DDIM options (eta as diffusers' pipeline eta=, trailing
+    spacing) on img2img with given noises, against diffusers'
+    StableDiffusionImg2ImgPipeline with the same settings.
+
+    diffusers draws the VAE posterior's noise, then the noise it adds to the
+    init latents, from its generator: drawn the same way on host and passed
+    as encoder_noise= and noise=, they reproduce its run with no patching
+    (the tiny VAE's posterior std is large, so the encoder noise matters,
+    checked below). DDIM's per-step noise is ours, handed to diffusers. The
+    final latents match diffusers' output_type="latent"."""
+    import diffusers.schedulers.scheduling_ddim as ddim_mod
+
+    ref, path, _ = tiny
+    i2i = diffusers.StableDiffusionImg2ImgPipeline.from_pretrained(path, safety_checker=None,
+                                                                  requires_safety_checker=False)
+    i2i.set_progress_bar_config(disable=True)
+    i2i.scheduler = diffusers.DDIMScheduler.from_config(i2i.scheduler.config, timestep_spacing="trailing")
+    seeds, steps, strength = [3, 4], 8, 0.7
+    init = np.random.RandomState(8).rand(2, SIZE, SIZE, 3).astype(np.float32)
+    image = torch.tensor(init.transpose(0, 3, 1, 2))
+
+    def reference(eta):
+        noises = iter(_sampler_noise(seeds, (SIZE // 2, SIZE // 2, 4), steps))
+        monkeypatch.setattr(ddim_mod, "randn_tensor", lambda shape, **kw: torch.tensor(next(noises)))
+        lat = i2i(PROMPTS, image=image, strength=strength, num_inference_steps=steps, guidance_scale=5.0, eta=eta,
+                  generator=torch.Generator().manual_seed(7), output_type="latent").images
+        with torch.no_grad():
+            decoded = i2i.vae.decode(lat / i2i.vae.config.scaling_factor).sample
+        return lat.numpy().transpose(0, 2, 3, 1), i2i.image_processor.postprocess(decoded, output_type="np")
+
+    want_lat, out = reference(0.7)
+    gen = torch.Generator().manual_seed(7)
+    shape = (2, 4, SIZE // 2, SIZE // 2)
+    enc, noise = (torch.randn(shape, generator=gen).numpy().transpose(0, 2, 3, 1) for _ in range(2))
+    ours, ours_lat = sampler(PROMPTS, seeds=seeds, steps=steps, guidance_scale=5.0, scheduler="ddim", height=SIZE,
+                             width=SIZE, init_images=init, strength=strength, noise=noise, encoder_noise=enc,
+                             scheduler_options={"eta": 0.7, "timestep_spacing": "trailing"}, return_latents=True)
+    assert ours_lat.shape == (2, SIZE // sampler.pipe.vae_scale, SIZE // sampler.pipe.vae_scale, 4)
+    assert np.linalg.norm(ours_lat - want_lat) / np.linalg.norm(want_lat) < 1e-4
+    assert _unsaturated(out) > 0.5
+    assert np.abs(ours - out).max() <= 1 / 255
+    # What the check can tell apart: eta's noise and the encoder's noise.
+    assert np.abs(reference(0.0)[1] - out).max() > 2 / 255
+    with torch.no_grad():
+        std = i2i.vae.encode(image * 2 - 1).latent_dist.std
+    assert float(std.mean()) * i2i.vae.config.scaling_factor > 0.05

@@ -83,8 +83,20 @@ VARIANTS = {
         D.UniPCMultistepScheduler,
         dict(solver_order=3, final_sigmas_type="sigma_min", lower_order_final=False),
     ),
+    # Per-call options a CLI exposes (--karras, final sigma): the samplers
+    # that take them, each checked against diffusers built the same way.
+    "euler:karras": (D.EulerDiscreteScheduler, dict(use_karras_sigmas=True)),
+    "euler:karras_sigma_min": (D.EulerDiscreteScheduler, dict(use_karras_sigmas=True, final_sigmas_type="sigma_min")),
+    "heun:karras": (D.HeunDiscreteScheduler, dict(use_karras_sigmas=True)),
+    "lms:karras": (D.LMSDiscreteScheduler, dict(use_karras_sigmas=True)),
+    "dpmpp_2m:sigma_min": (D.DPMSolverMultistepScheduler, dict(final_sigmas_type="sigma_min")),
 }
 REF.update(VARIANTS)
+# A config field both sides must not see (the test configs above are SD-like
+# and carry skip_prk_steps=True; diffusers' default is False).
+DROP = object()
+PRK = {"pndm:prk": (D.PNDMScheduler, dict(skip_prk_steps=DROP))}
+REF.update(PRK)
 NOISE_MODULES = {
     "ddpm": "diffusers.schedulers.scheduling_ddpm",
     "euler_a": "diffusers.schedulers.scheduling_euler_ancestral_discrete",
@@ -117,6 +129,7 @@ def _sched(name, cfg_id, pred, **options):
     if key not in _SCHEDS:
         extra = REF[name][1]
         cfg = dict(CONFIGS[cfg_id], prediction_type=pred, **extra)
+        cfg = {k: v for k, v in cfg.items() if v is not DROP}
         sched = S.from_config(name.split("_karras")[0].split(":")[0], cfg, **options)
 
         @jax.jit
@@ -193,7 +206,7 @@ def _compare(name, cfg_id, pred, n, monkeypatch, strength=1.0, pin_begin=False, 
     # DDPM-family samples are sqrt(abar) * (x0 + sigma * eps): measure them in
     # the same sigma space (the final sample lives at abar = 1).
     norms = np.linalg.norm(np.concatenate([x_pt[None], ref]).reshape(len(ref) + 1, -1), axis=1)
-    if name in ("ddpm", "ddim", "pndm"):
+    if name.split(":")[0] in ("ddpm", "ddim", "pndm"):
         abar = pt.alphas_cumprod.numpy()[pt.timesteps[begin:].numpy()]
         norms = norms / np.sqrt(np.concatenate([abar, [1.0]]))
     cancel = np.maximum.accumulate(norms)[:-1] / norms[1:]
@@ -274,6 +287,12 @@ def test_sample_prediction_type(monkeypatch):
         ("unipc:no_corrector_0_4", "linear_trailing", "epsilon", 10),
         ("unipc:karras_sigma_min_no_lof", "sd", "epsilon", 10),
         ("unipc:order3_sigma_min_no_lof", "linear_trailing", "epsilon", 10),
+        ("euler:karras", "sd", "epsilon", 10),
+        ("euler:karras", "linear_trailing", "v_prediction", 50),
+        ("euler:karras_sigma_min", "sd", "epsilon", 10),
+        ("heun:karras", "sd", "v_prediction", 10),
+        ("lms:karras", "linear_trailing", "epsilon", 10),
+        ("dpmpp_2m:sigma_min", "sd", "epsilon", 10),
     ],
 )
 def test_sampler_variants_match_diffusers(name, cfg_id, pred, n, monkeypatch):
@@ -348,7 +367,7 @@ def test_bad_step_count(steps):
         ("euler", "use_exponential_sigmas", True),
         ("euler", "beta_schedule", "sigmoid"),
         ("dpmpp_2m", "algorithm_type", "sde-dpmsolver++"),
-        ("pndm", "skip_prk_steps", False),
+        ("pndm", "skip_prk_steps", "no"),
         ("pndm", "prediction_type", "sample"),
         ("ddpm", "variance_type", "learned_range"),
         ("lms", "timestep_spacing", "cosine"),
@@ -375,3 +394,79 @@ def test_strength_too_small_and_bad_option():
         S.from_config("ddim", SD).set_timesteps(10, SHAPE, strength=0.05)
     with pytest.raises(ValueError, match="eta"):
         S.from_config("euler", SD, eta=0.5)
+
+
+# --------------------------------------------------------------------------
+# PNDM's Runge-Kutta warm-up (diffusers' default skip_prk_steps=False)
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [4, 10, 50])
+@pytest.mark.parametrize("pred", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("cfg_id", list(CONFIGS))
+def test_pndm_prk_warmup_matches_diffusers(cfg_id, pred, n, monkeypatch):
+    # A config without skip_prk_steps runs diffusers' default: 12 Runge-Kutta
+    # evaluations, then PLMS (n + 9 evaluations in all, checked in _compare).
+    _compare("pndm:prk", cfg_id, pred, n, monkeypatch)
+    assert S.from_config("pndm", {}).set_timesteps(n, SHAPE).num_evals == n + 9
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_pndm_prk_warmup_needs_four_steps(n):
+    # diffusers' PNDMScheduler cannot lay out its warm-up below 4 steps either.
+    pt = D.PNDMScheduler.from_config({k: v for k, v in SD.items() if k != "skip_prk_steps"})
+    with pytest.raises(ValueError):
+        pt.set_timesteps(n)
+    sched = S.from_config("pndm", {k: v for k, v in SD.items() if k != "skip_prk_steps"})
+    with pytest.raises(ValueError, match=rf"at least 4 steps, got {n}.*skip_prk_steps=True"):
+        sched.set_timesteps(n, SHAPE)
+    # Without the warm-up (SD's own config) they run, as in diffusers.
+    skip = D.PNDMScheduler.from_config(SD)
+    skip.set_timesteps(n)
+    assert S.from_config("pndm", SD).set_timesteps(n, SHAPE).num_evals == len(skip.timesteps) == {1: 1, 2: 3, 3: 4}[n]
+
+
+def test_pndm_prk_warmup_rejects_img2img():
+    sched = S.from_config("pndm", {k: v for k, v in SD.items() if k != "skip_prk_steps"})
+    with pytest.raises(ValueError, match=r"img2img strength < 1.*skip_prk_steps=True"):
+        sched.set_timesteps(10, SHAPE, strength=0.6)
+    assert sched.set_timesteps(10, SHAPE, strength=1.0).num_evals == 19
+
+
+# --------------------------------------------------------------------------
+# Defaults: every field's default is diffusers' (inspect its __init__)
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(S.SCHEDULERS))
+def test_defaults_are_diffusers_defaults(name):
+    import inspect
+
+    cls = S.SCHEDULERS[name]
+    params = inspect.signature(getattr(D, cls.diffusers_class).__init__).parameters
+    theirs = {k: p.default for k, p in params.items() if k != "self"}
+    ours = {**cls.defaults, **cls.inert}
+    assert set(ours) <= set(theirs), f"{name}: fields diffusers' {cls.diffusers_class} lacks"
+    # The only fields we leave out only matter with thresholding, which we reject.
+    assert set(theirs) - set(ours) <= S._HARMLESS, f"{name}: diffusers fields we do not read"
+    wrong = {k: (ours[k], theirs[k]) for k in ours if ours[k] != theirs[k]}
+    assert not wrong, f"{name}: (ours, diffusers') defaults differ: {wrong}"
+
+
+def test_build_applies_per_call_options():
+    """`build` = the model's config with the options laid over it; step
+    options go to the sampler; a key the sampler lacks names who takes it."""
+    got = S.build("euler", SD, {"use_karras_sigmas": True, "timestep_spacing": "trailing"})
+    want = S.from_config("euler", dict(SD, use_karras_sigmas=True, timestep_spacing="trailing"))
+    assert got.config == want.config and got.config["use_karras_sigmas"] is True
+    assert S.build("ddim", SD, {"eta": 0.25}).opts["eta"] == 0.25 and S.build("ddim", SD, {"eta": 0.25}).needs_key
+    assert S.build("pndm", SD, {"skip_prk_steps": False}).set_timesteps(10, SHAPE).num_evals == 19
+    with pytest.raises(ValueError, match=r"final_sigmas_type='zero' is not supported by the 'heun' sampler; "
+                                         r"samplers that accept final_sigmas_type: \['dpmpp_2m', 'euler', 'unipc'\]"):
+        S.build("heun", SD, {"final_sigmas_type": "zero"})
+    with pytest.raises(ValueError, match=r"eta=1.0 is not supported by the 'ddpm' sampler.*\['ddim'\]"):
+        S.build("ddpm", SD, {"eta": 1.0})
+    with pytest.raises(ValueError, match=r"DDIM eta=-0.5 must be a number >= 0"):
+        S.build("ddim", SD, {"eta": -0.5})
+    with pytest.raises(ValueError, match=r"no sampler here accepts 'karras'"):
+        S.build("euler", SD, {"karras": True})

@@ -17,6 +17,7 @@ from pathlib import Path
 from t2i_jax.bench import core
 from t2i_jax.bench import profile as profile_lib
 from t2i_jax.files import atomic_write
+from t2i_jax.sample import DefaultsHelpFormatter
 
 
 def _positive_int(name: str):
@@ -33,7 +34,7 @@ def _positive_int(name: str):
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m t2i_jax.bench", description=__doc__,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=DefaultsHelpFormatter)
     p.add_argument("--model", default="tiny", help=f"named config: {', '.join(sorted(core.MODELS))}")
     p.add_argument("--resolution", type=int, default=None,
                    help="image side in pixels, a multiple of 8 (default: native, 512 for sd15, 768 for sd21)")
@@ -60,11 +61,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="peak dense TFLOP/s per device for utilisation (default: datasheet table by device kind)")
     p.add_argument("--no-measure-peak", action="store_true", help="skip the dense matmul ceiling measurement")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random params and inputs")
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="after timing, trace --profile-iters more calls of each mode with jax.profiler into DIR/MODE "
                         "and report the device's top ops and busy fraction")
-    p.add_argument("--profile-iters", type=_positive_int("profile iters"), default=3)
+    p.add_argument("--profile-iters", type=_positive_int("profile iters"), default=3,
+                   help="calls traced per mode with --profile")
     p.add_argument("--json", default=None, help="write every figure to this JSON file (atomically)")
     return p
 

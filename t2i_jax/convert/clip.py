@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -156,17 +157,25 @@ def hf_config(module) -> dict[str, Any]:
     raise TypeError(f"not a CLIP module: {type(module).__name__}")
 
 
-def save_clip(module, params, out_dir: str | os.PathLike, dtype=None) -> Path:
+def save_clip(params, module, out_dir: str | os.PathLike, *, dtype=None) -> Path:
     """Writes `config.json` + `model.safetensors` that transformers' `from_pretrained` loads.
 
-    Keys keep the tower prefix (`text_model.`), the layout both transformers
-    4.x and 5.x read. `dtype` (e.g. np.float16) casts the saved tensors.
+    Arguments in the order of `convert.diffusers.save_unet`: the params, then
+    the module (its class picks the transformers architecture, its config the
+    fields), the folder. Keys keep the tower prefix (`text_model.`), the
+    layout both transformers 4.x and 5.x read. `dtype` (e.g. np.float16)
+    casts the saved tensors; `transformers_version` is
+    `core.target_version("transformers")`.
     """
+    if not isinstance(params, Mapping):
+        raise TypeError(f"save_clip takes (params, module, out_dir, *, dtype=None); its first argument is a "
+                        f"{type(params).__name__}, not a params tree: pass the params first")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = core.export_state_dict(params, dtype=dtype)
     core.write_safetensors(state, out / "model.safetensors", metadata={"format": "pt"})
+    config = {**hf_config(module), "transformers_version": core.target_version("transformers")}
     tmp = out / ".config.json.tmp"
-    tmp.write_text(json.dumps(hf_config(module), indent=2) + "\n")
+    tmp.write_text(json.dumps(config, indent=2) + "\n")
     os.replace(tmp, out / "config.json")
     return out

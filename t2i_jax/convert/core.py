@@ -388,6 +388,25 @@ def load_params(
     return traverse_util.unflatten_dict(flat), report
 
 
+# What exported folders were verified to load with (tests/test_unet.py,
+# test_vae.py, test_clip.py and the pipeline export tests read them back with
+# from_pretrained): named in config.json when the library is not installed.
+VERIFIED_VERSIONS = {"diffusers": "0.42.1", "transformers": "5.24.0"}
+
+
+def target_version(library: str) -> str:
+    """The `library` version ("diffusers" or "transformers") an exported
+    config.json names (`_diffusers_version`, `transformers_version`): the
+    installed one, whose from_pretrained the export is meant for, else the
+    version the format was last verified against (`VERIFIED_VERSIONS`)."""
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(library)
+    except importlib.metadata.PackageNotFoundError:
+        return VERIFIED_VERSIONS[library]
+
+
 def export_state_dict(params: Mapping, dtype: Any = None) -> StateDict:
     """Flax params -> canonical PyTorch-layout state dict (numpy)."""
     out = {}

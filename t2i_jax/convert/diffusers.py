@@ -9,6 +9,9 @@ some converters also stored as 1x1 convs.
     unet, params = load_unet("stable-diffusion-v1-5/stable-diffusion-v1-5")
     vae, vae_params = load_vae(folder, subfolder="vae")
     save_unet(params, unet.config, "out/unet")  # from_pretrained-able
+
+The savers (`save_unet`, `save_vae`, and `convert.clip.save_clip`) all take
+(params, config or module, out_dir, *, dtype=None).
 """
 
 from __future__ import annotations
@@ -168,6 +171,12 @@ def load_vae(path_or_id: str | os.PathLike, *, subfolder: str | None = "vae", va
 # --------------------------------------------------------------------------
 
 
+def _check_params_first(what: str, params) -> None:
+    if not isinstance(params, Mapping):
+        raise TypeError(f"save_{what} takes (params, config, out_dir, *, dtype=None); its first argument "
+                        f"is a {type(params).__name__}, not a params tree: pass the params first")
+
+
 def _save(params: Mapping, config_dict: dict, out_dir, dtype) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -175,19 +184,25 @@ def _save(params: Mapping, config_dict: dict, out_dir, dtype) -> Path:
         params = params["params"]
     state = core.export_state_dict(params, dtype=dtype)
     core.write_safetensors(state, out / WEIGHTS_NAME, metadata={"format": "pt"})
+    # diffusers writes its own version here; name the one this folder is for.
+    config_dict = {**config_dict, "_diffusers_version": core.target_version("diffusers")}
     tmp = out / f".{CONFIG_NAME}.tmp"
     tmp.write_text(json.dumps(config_dict, indent=2) + "\n")
     os.replace(tmp, out / CONFIG_NAME)
     return out
 
 
-def save_unet(params: Mapping, config: unet_lib.UNetConfig, out_dir: str | os.PathLike, dtype=None) -> Path:
+def save_unet(params: Mapping, config: unet_lib.UNetConfig, out_dir: str | os.PathLike, *, dtype=None) -> Path:
     """Writes `config.json` + `diffusion_pytorch_model.safetensors` that
     `diffusers.UNet2DConditionModel.from_pretrained(out_dir)` loads.
-    `dtype` (e.g. np.float16) casts the saved tensors."""
+    `dtype` (e.g. np.float16) casts the saved tensors; `_diffusers_version`
+    is `core.target_version("diffusers")`."""
+    _check_params_first("unet", params)
     return _save(params, config.to_diffusers(), out_dir, dtype)
 
 
-def save_vae(params: Mapping, config: vae_lib.VAEConfig, out_dir: str | os.PathLike, dtype=None) -> Path:
-    """Writes a folder `diffusers.AutoencoderKL.from_pretrained(out_dir)` loads."""
+def save_vae(params: Mapping, config: vae_lib.VAEConfig, out_dir: str | os.PathLike, *, dtype=None) -> Path:
+    """Writes a folder `diffusers.AutoencoderKL.from_pretrained(out_dir)` loads;
+    arguments as `save_unet`."""
+    _check_params_first("vae", params)
     return _save(params, config.to_diffusers(), out_dir, dtype)

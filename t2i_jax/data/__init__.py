@@ -5,7 +5,9 @@ Sources (random access, `source[i] -> {"image", "captions", "key", ...}`):
 (caption files + image folders), `TfdsSource` (tfds array_record datasets,
 adapters for coco_captions and celeb_a), `ShapesSource` (synthetic shapes).
 `make_loader` turns a source into a sharded, shuffled, batched, checkpointable
-grain DataLoader; `from_config` builds both from a config dict.
+grain DataLoader; `from_config` builds both from a config dict. Bad images
+are skipped and counted (`Loader.skipped_count()`); too many stop the run with
+`TooManyBadImages` (limits: `SkipLimit`).
 """
 
 from t2i_jax.data.loader import (
@@ -18,13 +20,40 @@ from t2i_jax.data.loader import (
     source_from_config,
 )
 from t2i_jax.data.shapes import COLORS, SHAPES, SIZES, ShapesSource, shapes_caption
-from t2i_jax.data.sources import CaptionSource, coco_captions, csv_source, flickr8k, flickr30k, jsonl_source
+from t2i_jax.data.sources import (
+    CaptionSource,
+    coco_captions,
+    csv_source,
+    flickr8k,
+    flickr30k,
+    jsonl_source,
+)
 from t2i_jax.data.tfds_source import TfdsSource, celeba_caption
-from t2i_jax.data.transforms import SkipLog, decode_image
+from t2i_jax.data.transforms import SkipLimit, SkipLog, TooManyBadImages, decode_image
 
 __all__ = [
-    "SOURCE_NAMES", "Loader", "from_config", "iterator_state", "make_loader", "set_iterator_state",
-    "source_from_config", "COLORS", "SHAPES", "SIZES", "ShapesSource", "shapes_caption", "CaptionSource",
-    "coco_captions", "csv_source", "flickr8k", "flickr30k", "jsonl_source", "TfdsSource", "celeba_caption",
-    "SkipLog", "decode_image",
+    "COLORS",
+    "SHAPES",
+    "SIZES",
+    "SOURCE_NAMES",
+    "CaptionSource",
+    "Loader",
+    "ShapesSource",
+    "SkipLimit",
+    "SkipLog",
+    "TfdsSource",
+    "TooManyBadImages",
+    "celeba_caption",
+    "coco_captions",
+    "csv_source",
+    "decode_image",
+    "flickr8k",
+    "flickr30k",
+    "from_config",
+    "iterator_state",
+    "jsonl_source",
+    "make_loader",
+    "set_iterator_state",
+    "shapes_caption",
+    "source_from_config",
 ]

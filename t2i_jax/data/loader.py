@@ -45,10 +45,25 @@ import jax
 from t2i_jax.data import shapes as shapes_lib
 from t2i_jax.data import sources
 from t2i_jax.data.tfds_source import TfdsSource
-from t2i_jax.data.transforms import DecodeImage, Delay, DropBad, Preprocess, SkipLog, Tokenize
+from t2i_jax.data.transforms import (
+    DecodeImage,
+    Delay,
+    DropBad,
+    Preprocess,
+    SkipLimit,
+    SkipLog,
+    Tokenize,
+)
 
-__all__ = ["Loader", "make_loader", "iterator_state", "set_iterator_state", "source_from_config", "from_config",
-           "SOURCE_NAMES"]
+__all__ = [
+    "SOURCE_NAMES",
+    "Loader",
+    "from_config",
+    "iterator_state",
+    "make_loader",
+    "set_iterator_state",
+    "source_from_config",
+]
 
 
 @dataclass
@@ -56,7 +71,7 @@ class Loader:
     """A grain DataLoader plus what the trainer needs to know about it.
 
     `iter(loader)` gives a fresh grain `DataLoaderIterator` (checkpointable);
-    `skips` counts images that failed to load.
+    `skips` counts images that failed to load (`skipped_count()` reads it).
     """
 
     grain_loader: grain.DataLoader
@@ -69,6 +84,12 @@ class Loader:
 
     def __iter__(self) -> grain.DataLoaderIterator:
         return iter(self.grain_loader)
+
+    def skipped_count(self) -> int:
+        """Records skipped so far because their image would not load, over all of this host's
+        iterators and worker processes. Host only and cheap (no device sync, no full re-read of
+        the skip file), so a trainer can log it at every log step."""
+        return self.skips.count
 
     def restore(self, state: bytes | str | Mapping) -> grain.DataLoaderIterator:
         """A fresh iterator continuing from `state` (bytes, JSON text or dict)."""
@@ -96,6 +117,9 @@ def make_loader(
     read_threads: int = 8,
     read_buffer: int = 64,
     delay_ms: float = 0.0,
+    first_good_within: int = SkipLimit.first_good_within,
+    max_bad_fraction: float = SkipLimit.max_bad_fraction,
+    bad_window: int = SkipLimit.bad_window,
 ) -> Loader:
     """Builds the grain pipeline decode -> drop bad -> crop/flip/scale + caption -> [tokenize] -> batch.
 
@@ -116,6 +140,11 @@ def make_loader(
       read_threads, read_buffer: threads and buffer for reading records from the source.
       delay_ms: benchmarks and tests: sleep this long per batch, as a slow source or decode
         would (to measure how well a trainer overlaps data loading with its steps).
+      first_good_within, max_bad_fraction, bad_window: when skipping bad images stops the run
+        with `TooManyBadImages` (see `transforms.SkipLimit`): none of the first
+        `first_good_within` records decodes (capped at the records per host, so a small
+        all-bad dataset also stops; 0: off), or more than `max_bad_fraction` of the last
+        `bad_window` bad (>= 1: off). Checked per worker process.
     """
     shard_index = jax.process_index() if shard_index is None else shard_index
     shard_count = jax.process_count() if shard_count is None else shard_count
@@ -130,6 +159,15 @@ def make_loader(
     if len(source) // shard_count < per_host:
         raise ValueError(f"{source!r} has {len(source)} records, {len(source) // shard_count} per host, fewer than "
                          f"one per-host batch of {per_host}; lower global_batch_size")
+    limit = SkipLimit(first_good_within=min(int(first_good_within), len(source) // shard_count),
+                      max_bad_fraction=float(max_bad_fraction), bad_window=int(bad_window))
+    if worker_count > 0:
+        from absl import flags
+
+        # grain's worker processes read absl flags; outside an absl app (a script, a notebook,
+        # pytest) they are unparsed and grain stops with UnparsedFlagAccessError.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
     if skips is None:
         if worker_count > 0:
             fd, path = tempfile.mkstemp(prefix="t2i_jax_skipped_", suffix=".tsv")
@@ -141,7 +179,7 @@ def make_loader(
                                                 drop_remainder=True)
     sampler = grain.samplers.IndexSampler(num_records=len(source), shard_options=shard_options, shuffle=shuffle,
                                           num_epochs=num_epochs, seed=seed)
-    ops = [DecodeImage(resolution), DropBad(skips), Preprocess(resolution, random_crop, random_flip)]
+    ops = [DecodeImage(resolution), DropBad(skips, limit), Preprocess(resolution, random_crop, random_flip)]
     if tokenizer is not None:
         ops.append(Tokenize(tokenizer))
     ops.append(grain.transforms.Batch(batch_size=per_host, drop_remainder=True))
@@ -184,6 +222,8 @@ _LOADER_KEYS = {
     "resolution": None, "global_batch_size": None, "seed": 0, "shuffle": True, "num_epochs": None,
     "random_crop": False, "random_flip": False, "worker_count": 0, "worker_buffer_size": 1,
     "read_threads": 8, "read_buffer": 64, "delay_ms": 0.0,
+    "first_good_within": SkipLimit.first_good_within, "max_bad_fraction": SkipLimit.max_bad_fraction,
+    "bad_window": SkipLimit.bad_window,
 }
 # Source-specific keys, with defaults.
 _SOURCE_KEYS = {
@@ -258,7 +298,8 @@ def from_config(cfg, *, tokenizer=None, shard_index: int | None = None, shard_co
 
     Keys: `name` (one of SOURCE_NAMES), `resolution`, `global_batch_size`, and optionally
     seed, shuffle, num_epochs, random_crop, random_flip, worker_count, worker_buffer_size,
-    read_threads, read_buffer, delay_ms; then per source:
+    read_threads, read_buffer, delay_ms, and the bad-image limit first_good_within (100),
+    max_bad_fraction (0.5), bad_window (1000) (see `make_loader`); then per source:
       shapes: split ("train" | "eval" | "holdout"), length (None: endless), holdout
         [(shape, colour), ...], source_seed;
       flickr8k, flickr30k: path (the dataset folder);
@@ -287,4 +328,7 @@ def from_config(cfg, *, tokenizer=None, shard_index: int | None = None, shard_co
         read_threads=lc["read_threads"],
         read_buffer=lc["read_buffer"],
         delay_ms=lc["delay_ms"],
+        first_good_within=lc["first_good_within"],
+        max_bad_fraction=lc["max_bad_fraction"],
+        bad_window=lc["bad_window"],
     )

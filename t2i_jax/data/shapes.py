@@ -25,7 +25,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-__all__ = ["COLORS", "SHAPES", "SIZES", "DEFAULT_HOLDOUT", "SPLITS", "ShapesSource", "shapes_caption", "render"]
+__all__ = ["COLORS", "DEFAULT_HOLDOUT", "SHAPES", "SIZES", "SPLITS", "ShapesSource", "render", "shapes_caption"]
 
 # name -> RGB. Chosen far apart in RGB so nearest-colour classification of
 # generated images is unambiguous.

@@ -24,19 +24,21 @@ Layouts handled:
 
 from __future__ import annotations
 
+import codecs
+import contextlib
 import csv
 import json
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 __all__ = [
     "CaptionSource",
+    "coco_captions",
+    "csv_source",
     "flickr8k",
     "flickr30k",
-    "coco_captions",
     "jsonl_source",
-    "csv_source",
 ]
 
 
@@ -90,6 +92,50 @@ def _require_dir(path: str, what: str, fix: str) -> None:
         raise FileNotFoundError(f"{what} {path} does not exist or is not a folder; {fix}")
 
 
+def _not_utf8(what: str, path: str, line_no: int, line: bytes, start: int, end: int, reason: str) -> ValueError:
+    """The error for bytes line[start:end] of line `line_no` not being UTF-8."""
+    return ValueError(
+        f"{what} {path} line {line_no} is not UTF-8: byte {start + 1} of the line is {line[start:end]!r} ({reason}), "
+        f"in {line[max(0, start - 20):end + 20]!r}. Re-encode the file as UTF-8, e.g. `iconv -f latin1 -t utf-8 "
+        f"{os.path.basename(path)} > fixed` if it is Latin-1 (Windows-1252: `-f cp1252`), and point the config at "
+        "the fixed file.")
+
+
+def _decode(data: bytes) -> str:
+    """UTF-8 bytes -> str, without a leading byte-order mark (Excel and Notepad write one).
+    Raises UnicodeDecodeError with offsets into `data` itself."""
+    bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return data[bom:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UnicodeDecodeError("utf-8", data, e.start + bom, e.end + bom, e.reason) from None
+
+
+def _text_lines(path: str, what: str) -> Iterator[tuple[int, str]]:
+    """(1-based line number, text with its newline) of a UTF-8 file (a BOM is dropped). A byte
+    that is not UTF-8 raises a ValueError naming the file, the line and the fix."""
+    with open(path, "rb") as f:
+        for line_no, line in enumerate(f, start=1):
+            try:
+                yield line_no, _decode(line) if line_no == 1 else line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise _not_utf8(what, path, line_no, line, e.start, e.end, e.reason) from None
+
+
+def _read_text(path: str, what: str) -> str:
+    """A whole UTF-8 file (a BOM is dropped); errors as `_text_lines`."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return _decode(data)
+    except UnicodeDecodeError as e:
+        first = data.rfind(b"\n", 0, e.start) + 1
+        last = data.find(b"\n", e.start)
+        line = data[first:len(data) if last < 0 else last]
+        raise _not_utf8(what, path, data.count(b"\n", 0, e.start) + 1, line, e.start - first, e.end - first,
+                        e.reason) from None
+
+
 def _group(pairs: Iterable[tuple[str, str]]) -> tuple[list[str], list[list[str]]]:
     """(image, caption) rows -> images in first-seen order and their captions."""
     captions: dict[str, list[str]] = {}
@@ -126,8 +172,9 @@ def csv_source(path: str | os.PathLike, *, images: str | os.PathLike | None = No
     _require_file(path, f"{name} captions file", "check the path")
     root = os.fspath(images) if images is not None else os.path.dirname(os.path.abspath(path))
     _require_dir(root, f"{name} image folder", "pass images= the folder the image paths are relative to")
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.reader(f)
+    # Decoded line by line so that a non-UTF-8 byte is reported with its line number.
+    with contextlib.closing(_text_lines(path, f"{name} captions file")) as lines:
+        reader = csv.reader(text for _, text in lines)
         header = [h.strip() for h in next(reader, [])]
         expected = [image_column, caption_column]
         if image_column not in header or caption_column not in header:
@@ -177,13 +224,14 @@ def flickr30k(root: str | os.PathLike) -> CaptionSource:
     image_root = os.path.join(root, "flickr30k_images")
     _require_dir(image_root, "Flickr30k image folder", layout)
     pairs = []
-    with open(path, encoding="utf-8") as f:
-        header = [h.strip() for h in f.readline().rstrip("\r\n").split("|")]
+    with contextlib.closing(_text_lines(path, "Flickr30k captions file")) as lines:
+        _, first = next(lines, (1, ""))
+        header = [h.strip() for h in first.rstrip("\r\n").split("|")]
         if header != _FLICKR30K_HEADER:
             raise ValueError(
                 f"captions file {path} has columns {header}; expected columns {_FLICKR30K_HEADER} "
                 "separated by '|' (the Kaggle Flickr30k results.csv).")
-        for line_no, line in enumerate(f, start=2):
+        for line_no, line in lines:
             line = line.rstrip("\r\n")
             if not line.strip():
                 continue
@@ -205,8 +253,7 @@ def coco_captions(annotations: str | os.PathLike, images: str | os.PathLike) -> 
     annotations, images = os.fspath(annotations), os.fspath(images)
     _require_file(annotations, "COCO captions file", "expected e.g. annotations/captions_train2017.json")
     _require_dir(images, "COCO image folder", "expected e.g. train2017/ holding the split's images")
-    with open(annotations, encoding="utf-8") as f:
-        data = json.load(f)
+    data = json.loads(_read_text(annotations, "COCO captions file"))
     missing = [k for k in ("images", "annotations") if k not in data]
     if missing:
         raise ValueError(f"COCO captions file {annotations} has keys {sorted(data)}; expected 'images' and "
@@ -234,8 +281,8 @@ def jsonl_source(path: str | os.PathLike, *, images: str | os.PathLike | None = 
     root = os.fspath(images) if images is not None else os.path.dirname(os.path.abspath(path))
     _require_dir(root, "JSONL image folder", "pass images= the folder the image paths are relative to")
     pairs = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
+    with contextlib.closing(_text_lines(path, "JSONL captions file")) as lines:
+        for line_no, line in lines:
             if not line.strip():
                 continue
             try:

@@ -3,7 +3,8 @@
 `tfds.data_source(name, split=..., data_dir=...)` gives random access to a
 prepared array_record dataset with numpy decoding. Images are requested
 undecoded (`tfds.decode.SkipDecoding`) so the pipeline decodes them like files
-and a corrupt one is skipped and counted instead of raising.
+and a corrupt one is skipped and counted instead of raising; a record that
+cannot be read or adapted at all is skipped and counted the same way.
 
 An adapter turns one tfds example into `{"image", "captions"}`; adapters exist
 for `coco_captions` and `celeb_a` (captions written from its 40 binary
@@ -17,7 +18,9 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
-__all__ = ["TfdsSource", "celeba_caption", "ADAPTERS"]
+from t2i_jax.data.transforms import ERROR_KEY
+
+__all__ = ["ADAPTERS", "TfdsSource", "celeba_caption"]
 
 
 def _text(x) -> str:
@@ -136,8 +139,15 @@ class TfdsSource:
 
     def __getitem__(self, index: int) -> dict:
         index = int(index)
-        record = dict(self._adapter(self._source[index]))
-        record["key"] = f"{self.name}/{self.split}/{index}"
+        key = f"{self.name}/{self.split}/{index}"
+        try:
+            record = dict(self._adapter(self._source[index]))
+        # A record that cannot be read or adapted (a corrupt array_record entry, a caption that is
+        # not UTF-8, a missing field) must cost that record, never the run: the pipeline's DropBad
+        # skips and counts this marker like an image that does not decode.
+        except Exception as e:  # noqa: BLE001
+            return {ERROR_KEY: f"{type(e).__name__}: {e}", "key": key}
+        record["key"] = key
         return record
 
     def __repr__(self) -> str:

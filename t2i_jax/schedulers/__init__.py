@@ -22,7 +22,9 @@ Usage (the same for every sampler)::
 * `state` (`SchedulerState`) is a pytree: `timesteps` (K,), per-evaluation
   constant `tables`, `history` buffers of multistep / two-stage samplers,
   `init_noise_sigma`, `start_coeffs`. `state.num_evals` = K is a static int,
-  the number of model evaluations (Heun: 2n - 1, PNDM: n + 1, others n).
+  the number of model evaluations, diffusers' `len(scheduler.timesteps)`
+  (Heun: 2n - 1; PNDM: n + 9 with its Runge-Kutta warm-up, diffusers'
+  default, n + 1 with `skip_prk_steps=True`; others n).
 * `step(state, model_output, i, sample, key=None) -> (next_sample, state)`
   handles every evaluation, including Heun's corrector stage and UniPC's
   corrector (applied at evaluation i with the output at i, before its
@@ -34,6 +36,10 @@ Usage (the same for every sampler)::
   `get_velocity(sched, x0, noise, t)` at integer timesteps `t`.
 * Sampler knobs that diffusers takes as step() arguments are options:
   `from_config("ddim", cfg, eta=0.3)`, `from_config("lms", cfg, lms_order=4)`.
+* Per-call settings over a model's config, config fields and options alike,
+  checked against what the sampler accepts:
+  `build("euler", cfg, {"use_karras_sigmas": True, "timestep_spacing": "trailing"})`,
+  `build("ddim", cfg, {"eta": 0.5})`.
 
 Each sampler reproduces the diffusers PyTorch scheduler named in its
 `diffusers_class` (tests/test_schedulers.py compares every intermediate
@@ -99,11 +105,54 @@ def from_config(name: str, config: Mapping[str, Any] | None = None, **options) -
     return SCHEDULERS[name](config, **options)
 
 
+def accepting(key: str) -> list[str]:
+    """Names of the samplers that take `key` as a per-call option of `build`."""
+    return sorted(n for n, cls in SCHEDULERS.items() if key in cls.defaults or key in cls.options)
+
+
+def build(name: str, config: Mapping[str, Any] | None = None,
+          scheduler_options: Mapping[str, Any] | None = None) -> Scheduler:
+    """Sampler `name` from a model's scheduler config with per-call overrides.
+
+    `scheduler_options` holds diffusers scheduler config keys that replace the
+    model's for this sampler (e.g. `use_karras_sigmas`, `timestep_spacing`,
+    `final_sigmas_type`, `skip_prk_steps`) and the sampler's step options
+    (DDIM's `eta`, as diffusers' pipeline `eta=` argument; LMS's
+    `lms_order`). Unlike a model's config, where fields of other schedulers
+    are ignored, an option this sampler does not take raises a ValueError
+    that names it and lists the samplers that do.
+    """
+    if name not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {name!r}; choose one of {sorted(SCHEDULERS)}")
+    cls = SCHEDULERS[name]
+    overrides, options = {}, {}
+    for key, value in (scheduler_options or {}).items():
+        if key in cls.options:
+            options[key] = value
+        elif key in cls.defaults or key in cls.inert:
+            overrides[key] = value  # inert fields: only their one value passes
+        else:
+            who = accepting(key)
+            why = ""
+            if key == "eta":
+                # diffusers' pipelines hand `eta` only to a step() that takes it.
+                why = (f" (diffusers' pipelines pass eta only to schedulers whose step() takes it, and "
+                       f"{cls.diffusers_class}'s does not)")
+            raise ValueError(
+                f"scheduler option {key}={value!r} is not supported by the {name!r} sampler{why}; "
+                + (f"samplers that accept {key}: {who}" if who else
+                   f"no sampler here accepts {key!r}; remove it")
+            )
+    return from_config(name, {**(config or {}), **overrides}, **options)
+
+
 __all__ = [
     "SCHEDULERS",
     "Scheduler",
     "SchedulerState",
+    "accepting",
     "add_noise",
+    "build",
     "from_config",
     "get_velocity",
     *[cls.__name__ for cls in SCHEDULERS.values()],

@@ -20,6 +20,13 @@ class DDIM(common.Scheduler):
     inert = dict(thresholding=False, rescale_betas_zero_snr=False)
     options = dict(eta=0.0, use_clipped_model_output=False)
 
+    def __init__(self, config=None, **options):
+        super().__init__(config, **options)
+        eta = self.opts["eta"]
+        if isinstance(eta, bool) or not isinstance(eta, (int, float, np.integer, np.floating)) \
+                or not np.isfinite(eta) or eta < 0:
+            raise ValueError(f"DDIM eta={eta!r} must be a number >= 0 (0: deterministic, 1: DDPM-like noise)")
+
     @property
     def needs_key(self):
         return self.opts["eta"] > 0

@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 
 from t2i_jax.schedulers import common, sigmas as S
-from t2i_jax.schedulers.common import F32
 
 
 class EulerAncestral(common.Scheduler):

@@ -6,6 +6,13 @@ Multi-host: run the same command on every host; `--distributed=auto` calls
 `jax.distributed.initialize()` when the environment (SLURM, TPU pod, MPI,
 JAX_COORDINATOR_ADDRESS) says this is one process of several.
 From Python: `t2i_jax.train.__main__.run(argv)` (a list, as on the command line).
+
+Exit status: 0 when the run reached its last step; 75 (EX_TEMPFAIL) when it was
+stopped early by SIGTERM or Ctrl-C (or train.preempt_at_step) after saving a
+checkpoint of the step it stopped at: rerun the same command to resume (a
+supervisor should requeue it); 1 when a non-finite loss stopped it, a
+checkpoint could not be saved or too many images were unreadable; 2 for a config error, including a resume whose
+config differs from the checkpoint's.
 """
 
 import importlib
@@ -16,6 +23,10 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from t2i_jax.train import OBJECTIVES
+
+# Exit status of a run stopped early (signal) after its checkpoint was saved: "try again", as
+# sysexits.h's EX_TEMPFAIL; distinct from success (0), failure (1) and usage errors (2).
+EXIT_STOPPED = 75
 
 def _define(fv: flags.FlagValues):
     """Defines the CLI's flags in `fv`; returns their holders (config, workdir, distributed)."""
@@ -56,7 +67,11 @@ def main(argv):
     """The `app.run` entry: the global flags are parsed."""
     del argv
     config, workdir, distributed = (h.value for h in _FLAGS)
-    _train(config, workdir, distributed)
+    result = _train(config, workdir, distributed)
+    if result["stopped"]:
+        logging.warning("stopped early at step %d; rerun the same command to resume (exit status %d)",
+                        result["step"], EXIT_STOPPED)
+        sys.exit(EXIT_STOPPED)
 
 
 def _train(config, workdir, distributed) -> dict:
@@ -70,11 +85,16 @@ def _train(config, workdir, distributed) -> dict:
     if objective not in OBJECTIVES:
         raise app.UsageError(f"config objective {objective!r} is not one of {list(OBJECTIVES)}")
     module = importlib.import_module(f"t2i_jax.train.{objective}")
+    from t2i_jax.data import TooManyBadImages
+    from t2i_jax.train.checkpoint import CheckpointSaveError, ConfigMismatchError
     try:
         result = module.train_and_evaluate(config, workdir)
-    except FloatingPointError as e:
+    except (FloatingPointError, CheckpointSaveError, TooManyBadImages) as e:
         logging.error("%s", e)
         sys.exit(1)
+    except ConfigMismatchError as e:
+        logging.error("%s", e)
+        sys.exit(2)
     logging.info("finished at step %d%s", result["step"],
                  f" (stopped: {result['stopped']})" if result["stopped"] else "")
     return result

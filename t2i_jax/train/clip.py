@@ -216,7 +216,7 @@ def make_objective(model, mesh) -> loop_lib.Objective:
 
 def export(model, params, tokenizer, out_dir: Path) -> None:
     """transformers folder: config.json + model.safetensors, tokenizer, preprocessor_config.json."""
-    clip_convert.save_clip(model, params, out_dir)
+    clip_convert.save_clip(params, model, out_dir)
     tokenizer.save_pretrained(out_dir)
     r = model.config.vision.image_size
     (out_dir / "preprocessor_config.json").write_text(json.dumps({
@@ -323,12 +323,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             results["before"] = json.loads(before_path.read_text())
 
     # --- loop --------------------------------------------------------------
-    writer = MetricWriter(workdir, enabled=is_main)
+    writer = MetricWriter(workdir, enabled=is_main, start=start)
     try:
         state, stopped, _ = loop_lib.fit(
             make_objective(model, mesh), config, tx=tx, schedule=schedule, mesh=mesh, ckpt=ckpt, writer=writer,
             is_main=is_main, state=state, state_shardings=shardings, frozen={}, frozen_shardings={}, data_iter=it,
-            start=start, total_steps=total_steps, skipped=lambda: loader.skips.count)
+            start=start, total_steps=total_steps, skipped=loader.skipped_count)
     finally:
         writer.close()
         ckpt.close()

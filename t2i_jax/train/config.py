@@ -25,6 +25,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.debug_nan_step = 0  # tests: feed a NaN batch at this step to exercise the NaN guard (0: off)
     c.train.prefetch = 2  # device batches prepared ahead of the running step (a background thread)
     c.train.stop_check_every = 10  # multi-process: combine stop signals every N steps (a collective)
+    c.train.allow_changes = ""  # resume: comma-separated config keys (globs) allowed to differ from the checkpoint's
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 1e-5

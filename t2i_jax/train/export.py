@@ -28,11 +28,11 @@ import numpy as np
 
 from t2i_jax.convert import clip as clip_convert
 from t2i_jax.convert import diffusers as diffusers_convert
+from t2i_jax.convert.core import target_version
 from t2i_jax.files import atomic_write
 
-__all__ = ["export_pipeline", "scheduler_json", "text_encoder_for_export", "DIFFUSERS_VERSION"]
+__all__ = ["export_pipeline", "scheduler_json", "text_encoder_for_export"]
 
-DIFFUSERS_VERSION = "0.30.0"  # what model_index.json claims; any diffusers since reads these files
 # Scheduler fields a diffusers PNDMScheduler config carries beyond the noise schedule.
 _PNDM_EXTRA = {"skip_prk_steps": True}
 
@@ -40,7 +40,7 @@ _PNDM_EXTRA = {"skip_prk_steps": True}
 def scheduler_json(scheduler_config: dict) -> dict:
     """A diffusers PNDMScheduler `scheduler_config.json` for a noise schedule (SD_SCHEDULER-like dict)."""
     cfg = {k: v for k, v in scheduler_config.items() if not k.startswith("_")}
-    return {"_class_name": "PNDMScheduler", "_diffusers_version": DIFFUSERS_VERSION, **_PNDM_EXTRA, **cfg}
+    return {"_class_name": "PNDMScheduler", "_diffusers_version": target_version("diffusers"), **_PNDM_EXTRA, **cfg}
 
 
 def text_encoder_for_export(module, params):
@@ -69,7 +69,7 @@ def export_pipeline(pipe, out_dir: str | os.PathLike, *, dtype=None) -> Path:
     diffusers_convert.save_unet(_np(params["unet"]), pipe.unet.config, out / "unet", dtype=dtype)
     diffusers_convert.save_vae(_np(params["vae"]), pipe.vae.config, out / "vae", dtype=dtype)
     te, te_params = text_encoder_for_export(pipe.text_encoder, _np(params["text_encoder"]))
-    clip_convert.save_clip(te, te_params, out / "text_encoder", dtype=dtype)
+    clip_convert.save_clip(te_params, te, out / "text_encoder", dtype=dtype)
     # The tokenizer must pad to what the text encoder's position table holds
     # (diffusers reads `model_max_length`), not to CLIP's usual 77.
     hf = copy.deepcopy(pipe.tokenizer.hf)
@@ -79,7 +79,7 @@ def export_pipeline(pipe, out_dir: str | os.PathLike, *, dtype=None) -> Path:
     _write_json(out / "scheduler" / "scheduler_config.json", scheduler_json(pipe.scheduler_config))
     index = {
         "_class_name": "StableDiffusionPipeline",
-        "_diffusers_version": DIFFUSERS_VERSION,
+        "_diffusers_version": target_version("diffusers"),
         "feature_extractor": [None, None],
         "image_encoder": [None, None],
         "requires_safety_checker": False,

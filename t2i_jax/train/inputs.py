@@ -12,7 +12,8 @@ log = logging.getLogger(__name__)
 
 # Keys of a data config that go to `data.make_loader` as they are.
 LOADER_KEYS = ("seed", "shuffle", "num_epochs", "random_crop", "random_flip", "worker_count",
-               "worker_buffer_size", "read_threads", "read_buffer", "delay_ms")
+               "worker_buffer_size", "read_threads", "read_buffer", "delay_ms", "first_good_within",
+               "max_bad_fraction", "bad_window")
 
 
 def loader_kwargs(dcfg: dict) -> dict:

@@ -539,7 +539,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         empty_context, skipped = cache["empty"], (lambda n=len(cache["skipped"]): n)
     else:
         loader = make_stream(config, source, dcfg, tokenizer)
-        it, empty_context, skipped = iter(loader), None, (lambda: loader.skips.count)
+        it, empty_context, skipped = iter(loader), None, loader.skipped_count
     run = setup_step(parts, config, mesh, cached=cached, total_steps=total_steps, empty_context=empty_context)
     shardings, init = run["shardings"], run["init"]
 
@@ -556,7 +556,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     parts["params"]["unet"] = None
 
     # --- loop --------------------------------------------------------------
-    writer = MetricWriter(workdir, enabled=is_main)
+    writer = MetricWriter(workdir, enabled=is_main, start=start)
     use_ema = config.ema_decay > 0 and config.eval.use_ema
     sample_writer = SampleWriter(parts, config)
     samples = None

@@ -378,6 +378,7 @@ class Loop:
         signal = StopSignal()
         stopped = None
         s_last = start
+        skipped_logged = 0
         try:
             with signal:
                 first = next(batches)
@@ -398,6 +399,8 @@ class Loop:
                     due = [fn for every, fn in self.evals if every and done % every == 0 and done != total]
                     signalled = signal.requested(collective=done % check_every == 0 or done == total)
                     stop = signalled or done == cfg.preempt_at_step
+                    if is_log or is_ckpt:
+                        self.ckpt.check()  # an earlier asynchronous save that failed (disk full) stops here
                     if is_log:
                         host = read_accumulator(acc)
                         self._check_finite(done, host)
@@ -408,6 +411,10 @@ class Loop:
                                "samples_per_sec_per_device": rate * self.config.batch_size / n_dev}
                         if self.skipped_images is not None:
                             row["skipped_images"] = float(self.skipped_images())
+                            if row["skipped_images"] > skipped_logged:
+                                skipped_logged = row["skipped_images"]
+                                log.warning("step %d: %d image(s) skipped so far (unreadable)", done,
+                                            skipped_logged)
                         self.writer.write(done, row)
                         if pbar is not None:
                             fmt = {"loss": "{:.4f}", "lr": "{:.2e}"}

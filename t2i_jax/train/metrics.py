@@ -107,6 +107,23 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def _trim_jsonl(path: Path, start: int) -> None:
+    """Drops the rows of steps after `start` (and a torn last line), rewriting the file atomically."""
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    keep = []
+    for line in lines:
+        try:
+            step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut by a kill mid-write
+        if step <= start:
+            keep.append(line if line.endswith("\n") else line + "\n")
+    if len(keep) != len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(keep), encoding="utf-8")
+        os.replace(tmp, path)
+
+
 class MetricWriter:
     """Writes scalars to `workdir/metrics.jsonl` and `workdir/tensorboard/` (process 0 only).
 
@@ -114,12 +131,18 @@ class MetricWriter:
     file stays valid JSON and the value stays visible.
     """
 
-    def __init__(self, workdir: str | os.PathLike, *, enabled: bool = True):
+    def __init__(self, workdir: str | os.PathLike, *, enabled: bool = True, start: int = 0):
+        """`start`: the step the run (re)starts from; rows of later steps in an existing
+        metrics.jsonl, written after the checkpoint a crashed run resumes from, are dropped
+        so the file holds each step once."""
         self.enabled = enabled
         if not enabled:
             return
         Path(workdir).mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(Path(workdir) / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115  open for the run
+        path = Path(workdir) / "metrics.jsonl"
+        if path.exists():
+            _trim_jsonl(path, start)
+        self._jsonl = open(path, "a", encoding="utf-8")  # noqa: SIM115  open for the run
         self._events = EventWriter(Path(workdir) / "tensorboard")
 
     def write(self, step: int, values: Mapping[str, float]) -> None:

@@ -298,14 +298,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             results["before"] = json.loads(before_path.read_text())
 
     # --- loop --------------------------------------------------------------
-    writer = MetricWriter(workdir, enabled=is_main)
+    writer = MetricWriter(workdir, enabled=is_main, start=start)
     if "before" in results and start == 0:
         writer.write(0, {"eval/psnr": results["before"]["psnr"]})
     try:
         state, stopped, _ = loop_lib.fit(
             make_objective(vae, disc, config), config, tx=tx, schedule=schedule, mesh=mesh, ckpt=ckpt,
             writer=writer, is_main=is_main, state=state, state_shardings=shardings, frozen={}, frozen_shardings={},
-            data_iter=it, start=start, total_steps=total_steps, skipped=lambda: loader.skips.count)
+            data_iter=it, start=start, total_steps=total_steps, skipped=loader.skipped_count)
     finally:
         ckpt.close()
     final_step = int(jax.device_get(state.step))
