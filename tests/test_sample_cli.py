@@ -275,12 +275,12 @@ def test_grid_is_this_runs_images_and_init_image_resumes_by_content(model_dir, t
 @pytest.fixture
 def no_model_load(monkeypatch):
     """Loading the model fails the test: these errors must come before it."""
-    import t2i_jax.models
+    import t2i_jax.convert.load
 
     def fail(*a, **k):
         raise AssertionError("the model was loaded before the error was found")
 
-    monkeypatch.setattr(t2i_jax.models, "load_components", fail)
+    monkeypatch.setattr(t2i_jax.convert.load, "load_components", fail)
 
 
 def _one_line_error(capsys, argv, *fragments):
