@@ -274,8 +274,8 @@ def _sampler_folder(path):
     common = {"model": "tiny", "scheduler": "ddim", "height": 64, "width": 64, "dtype": "fp32"}
     lines = []
     for i, (prompt, im) in enumerate(zip(prompts, images)):
-        job = sample.Job(prompt=prompt, negative_prompt="", seed=i, steps=2, guidance_scale=7.5)
-        name = sample.file_name(job, i, common)
+        job = sample.Job(prompt=prompt, negative_prompt="", seed=i, steps=2, guidance_scale=7.5, entry=i)
+        name = sample.file_name(job, common)
         meta = {**dataclasses.asdict(job), **common}
         sample.save_png(path / name, im, {"parameters": meta, "prompt": prompt, "software": "t2i_jax"})
         lines.append(json.dumps({"file": name, "key": job.key(common), **meta}))
@@ -299,7 +299,7 @@ def test_cli_scores_a_sampler_folder(tiny_clip, scorer, tmp_path, capsys):
                    "all": pytest.approx(5 / 6)}
     rows = result["adherence"]["per_image"]
     assert [r["correct"]["shape"] for r in rows] == [True] * 5 + [False]
-    assert rows[0]["file"].startswith("00000-") and rows[0]["file"].endswith(".png")
+    assert rows[0]["file"].startswith("0000-000-") and rows[0]["file"].endswith(".png")
     ref = scorer.scores(images, prompts)
     assert result["clip"]["clip_score"] == pytest.approx(ref.mean(), rel=1e-6)
     assert [r["score"] for r in result["clip"]["per_image"]] == pytest.approx(list(ref), rel=1e-6)

@@ -130,6 +130,14 @@ def test_metrics_hold_each_step_once_after_crash_and_resume(tmp_path):
     after = metrics_lib.read_jsonl(tmp_path / "metrics.jsonl")
     assert [row["step"] for row in after] == [1, 2, 3, 4, 5, 6]
     np.testing.assert_allclose(after[4]["loss"], before[4]["loss"], rtol=1e-6)  # step 5 made again, the same
+    # TensorBoard: the resumed run's file starts by purging the steps after 4 that the first one holds.
+    files = sorted((tmp_path / "tensorboard").glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime)
+    assert len(files) == 2
+    first, second = (metrics_lib.read_events(f) for f in files)
+    assert max(e["step"] for e in first if e["scalars"]) == 5
+    marks = [e for e in second if "session_log" in e]
+    assert marks and marks[0]["session_log"] == "START" and marks[0]["step"] == 4
+    assert [e["step"] for e in second if e["scalars"]] == [5, 6]
 
 
 # ---------------------------------------------------------------------------

@@ -36,7 +36,10 @@ class EventWriter:
     its `flush` does not wait for the queue.)
     """
 
-    def __init__(self, logdir: str | os.PathLike):
+    def __init__(self, logdir: str | os.PathLike, *, purge_step: int | None = None):
+        """`purge_step`: a resumed run's first step. The file then starts with a SessionLog START
+        event at that step, which tells TensorBoard to drop the events of later steps that earlier
+        files hold (written after the checkpoint a crashed run resumes from)."""
         # Imported here, not at the top: tensorboardX imports torch when torch
         # is installed (0.8 s, +180 MB of host memory), and only the process
         # that writes metrics needs it.
@@ -49,6 +52,12 @@ class EventWriter:
         before = set(logdir.glob(pattern))  # an earlier process with the same pid
         self._writer = EventsWriter(str(logdir / "events"), filename_suffix=suffix)
         (self.path,) = set(logdir.glob(pattern)) - before
+        if purge_step is not None:
+            from tensorboardX.proto import event_pb2
+
+            start = event_pb2.SessionLog(status=event_pb2.SessionLog.START)
+            self._writer.write_event(event_pb2.Event(wall_time=time.time(), step=int(purge_step), session_log=start))
+            self._writer.flush()
 
     def scalars(self, step: int, values: Mapping[str, float]) -> None:
         """One event holding all `values` (tag -> number) at `step`."""
@@ -68,7 +77,7 @@ class EventWriter:
 
 
 def read_events(path: str | os.PathLike) -> list[dict]:
-    """Parses an event file: [{"wall_time", "step", "file_version"?, "scalars": {tag: value}}].
+    """Parses an event file: [{"wall_time", "step", "file_version"?, "session_log"?, "scalars": {tag: value}}].
 
     Raises ValueError on a CRC mismatch or a truncated record.
     """
@@ -97,6 +106,8 @@ def read_events(path: str | os.PathLike) -> list[dict]:
                "scalars": {v.tag: v.simple_value for v in ev.summary.value if v.HasField("simple_value")}}
         if ev.file_version:
             out["file_version"] = ev.file_version
+        if ev.HasField("session_log"):
+            out["session_log"] = event_pb2.SessionLog.SessionStatus.Name(ev.session_log.status)
         events.append(out)
     return events
 
@@ -143,7 +154,7 @@ class MetricWriter:
         if path.exists():
             _trim_jsonl(path, start)
         self._jsonl = open(path, "a", encoding="utf-8")  # noqa: SIM115  open for the run
-        self._events = EventWriter(Path(workdir) / "tensorboard")
+        self._events = EventWriter(Path(workdir) / "tensorboard", purge_step=start if start > 0 else None)
 
     def write(self, step: int, values: Mapping[str, float]) -> None:
         """Logs `values` at `step` to both sinks, flushed."""
