@@ -41,6 +41,6 @@ setup(
     ],
     extras_require={
         "torch": TORCH,
-        "test": TORCH + ["pytest", "pytest-xdist"],
+        "test": TORCH + ["pytest", "pytest-xdist", "ruff"],
     },
 )

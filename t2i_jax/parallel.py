@@ -34,7 +34,8 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 __all__ = ["AXES", "BATCH_AXES", "make_mesh", "fsdp_spec", "partition_specs", "tree_shardings", "batch_sharding",
            "replicated", "host_to_global", "to_host", "initialize_distributed", "path_str", "DEFAULT_RULES"]

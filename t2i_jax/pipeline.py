@@ -5,10 +5,10 @@ The text encoder runs in one jitted call; the denoising loop (a
 classifier-free-guidance halves in one U-Net call) and the VAE decode run in
 another. The batch is split over every device of the package's
 `("data", "fsdp")` mesh (`t2i_jax.parallel`, the one the trainers use);
-parameters, the guidance scale and the scheduler state are replicated. Every jitted input and output has an explicit sharding, and the
-two guidance halves of an image are interleaved (rows 2b, 2b + 1) so that
-they sit on that image's device: the loop runs without any cross-device
-exchange.
+parameters, the guidance scale and the scheduler state are replicated. Every
+jitted input and output has an explicit sharding, and the two guidance halves
+of an image are interleaved (rows 2b, 2b + 1) so that they sit on that
+image's device: the loop runs without any cross-device exchange.
 
 Randomness is per image: image b's starting noise and any sampler noise come
 from `jax.random.key(seeds[b])` alone, so an image depends on its prompt, seed
@@ -24,12 +24,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from t2i_jax import parallel, schedulers
 from t2i_jax.models.bundle import StableDiffusion  # re-exported: the Sampler's input
 from t2i_jax.parallel import make_mesh  # re-exported: the Sampler's default mesh
-
 
 # --------------------------------------------------------------------------
 # Validation

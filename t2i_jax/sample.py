@@ -590,7 +590,8 @@ def run(args: argparse.Namespace) -> dict:
     context = pipe.tokenizer.max_length
     native = pipe.unet.config.sample_size * pipe.vae_scale
     about = (f"bundled shapes model ({BUNDLED_MODEL_NAME})" if args.model is None else pipe.source)
-    tip = "; for Stable Diffusion pass --model stable-diffusion-v1-5/stable-diffusion-v1-5" if args.model is None else ""
+    tip = ("; for Stable Diffusion pass --model stable-diffusion-v1-5/stable-diffusion-v1-5"
+           if args.model is None else "")
     print(f"model: {about}, {native} px, text context {context} tokens (start and end included), loaded in "
           f"{time.perf_counter() - t0:.1f}s{tip}", file=sys.stderr)
     height, width = args.height or native, args.width or native

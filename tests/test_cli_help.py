@@ -33,7 +33,7 @@ def _sample_help(capsys) -> str:
 def test_sample_help_shows_every_default_once_and_the_schedulers(capsys):
     text = _sample_help(capsys)
     options = _options(text)
-    for flag, line in options.items():
+    for line in options.values():
         assert line.count("default") <= 1, line
         assert "(default: None)" not in line and "(default: False)" not in line, line
         assert "(default: [])" not in line, line

@@ -93,7 +93,8 @@ def test_unknown_suffix(tmp_path):
 
 
 @pytest.mark.parametrize("path,ndim,key,kind", [
-    (("text_model", "encoder", "layers_11", "mlp", "fc1", "kernel"), 2, "text_model.encoder.layers.11.mlp.fc1.weight", "linear"),
+    (("text_model", "encoder", "layers_11", "mlp", "fc1", "kernel"), 2, "text_model.encoder.layers.11.mlp.fc1.weight",
+     "linear"),
     (("time_embedding", "linear_1", "kernel"), 2, "time_embedding.linear_1.weight", "linear"),
     (("down_blocks_0", "attentions_1", "transformer_blocks_0", "attn1", "to_out_0", "bias"), 1,
      "down_blocks.0.attentions.1.transformer_blocks.0.attn1.to_out.0.bias", "copy"),

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image, ImageFilter
 
 from t2i_jax.data.shapes import COLORS, SHAPES, SIZES, ShapesSource, render, shapes_caption
-from t2i_jax.eval import adherence
 from t2i_jax.eval import __main__ as cli
+from t2i_jax.eval import adherence
 from t2i_jax.eval.adherence import ShapesPrompt, analyze_image, evaluate, parse_caption
 
 # --------------------------------------------------------------------------

@@ -194,7 +194,8 @@ def _compare(name, cfg_id, pred, n, monkeypatch, strength=1.0, pin_begin=False, 
         assert float(state.init_noise_sigma) == pytest.approx(float(pt.init_noise_sigma), rel=1e-6)
     np.testing.assert_allclose(np.asarray(state.timesteps), pt.timesteps[begin:].numpy().astype(np.float32), rtol=1e-6)
     assert state.num_evals == len(pt.timesteps) - begin
-    noises = [np.asarray(S.common.normal_like(jax.random.fold_in(key, j), jnp.zeros(SHAPE))) for j in range(state.num_evals)]
+    noises = [np.asarray(S.common.normal_like(jax.random.fold_in(key, j), jnp.zeros(SHAPE)))
+              for j in range(state.num_evals)]
     ref = _torch_loop(name, pt, x_pt.astype(np.float32), base, noises, monkeypatch, begin, options.get("eta", 0.0))
     got = np.asarray(run(state, jnp.asarray(x_jax), jnp.asarray(base), key))
     errs = np.array([_rel(g, r) for g, r in zip(got, ref)])

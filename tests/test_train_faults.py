@@ -26,8 +26,8 @@ from t2i_jax.train import clip as clip_train  # noqa: E402
 from t2i_jax.train import metrics as metrics_lib  # noqa: E402
 from t2i_jax.train.__main__ import EXIT_STOPPED  # noqa: E402
 from t2i_jax.train.checkpoint import (  # noqa: E402
-    CheckpointSaveError,
     Checkpointer,
+    CheckpointSaveError,
     ConfigMismatchError,
     check_resume,
     config_changes,

@@ -19,7 +19,6 @@ from t2i_jax.train import ldm  # noqa: E402
 from t2i_jax.train import metrics as metrics_lib  # noqa: E402
 from t2i_jax.train.checkpoint import Checkpointer  # noqa: E402
 
-
 STEPS = 40  # every run has the same schedule (a compiled constant), so the compilation cache serves them all
 
 

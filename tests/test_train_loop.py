@@ -27,7 +27,6 @@ from t2i_jax.train import state as state_lib  # noqa: E402
 from t2i_jax.train import vae as vae_train  # noqa: E402
 from t2i_jax.train.checkpoint import Checkpointer  # noqa: E402
 
-
 pytestmark = pytest.mark.usefixtures("compilation_cache")  # conftest: one persistent cache per module
 
 
@@ -114,8 +113,8 @@ def test_no_host_reads_between_log_steps(make, tmp_path, monkeypatch):
         c.train.preempt_at_step = 3 if steps == 3 else 0
         if module is ldm:  # the latent cache skips and counts bad images (and the loop logs the count)
             real = ldm.make_source
-            monkeypatch.setattr(ldm, "make_source", lambda config: (_Planted(real(config)[0], PLANTED),
-                                                                    real(config)[1]))
+            monkeypatch.setattr(ldm, "make_source", lambda config, real=real: (_Planted(real(config)[0], PLANTED),
+                                                                               real(config)[1]))
         reads = HostReads(monkeypatch)
         r = module.train_and_evaluate(c, tmp_path / str(steps))
         assert r["step"] == steps

@@ -43,7 +43,9 @@ def parser() -> argparse.ArgumentParser:
                    help="global batch, split over all devices (default: one per device)")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
                    help="compute dtype (default: bf16 on GPU/TPU, fp32 on CPU); params stay fp32")
-    p.add_argument("--modes", default=",".join(core.MODES), help="comma-separated: unet, sample, train (the LDM trainer's step on cached latents), train_stream (the same on images and token ids)")
+    p.add_argument("--modes", default=",".join(core.MODES),
+                   help="comma-separated: unet, sample, train (the LDM trainer's step on cached latents), "
+                        "train_stream (the same on images and token ids)")
     p.add_argument("--attention", choices=list(core.ATTENTION), default="auto",
                    help="attention implementation: auto (cuDNN flash attention on NVIDIA GPUs for the head sizes "
                         "and dtypes it supports, XLA elsewhere), xla, or cudnn (everywhere; needs bf16)")
@@ -133,7 +135,8 @@ def table(report: dict) -> str:
                 f"{_fmt(f['utilisation'], '6.1%')} {_fmt(f['utilisation_of_measured_peak'], '8.1%')} "
                 f"{_fmt(f.get('compile_s'), '9.2f')} {_fmt(f.get('peak_bytes_in_use'), '8.2f', 2.0 ** -30)}")
         if "ratio_ours_over_diffusers_per_device" in res:
-            lines.append(f"{mode:12} ours/diffusers items/s per device: {res['ratio_ours_over_diffusers_per_device']:.3f}x "
+            ratio = res["ratio_ours_over_diffusers_per_device"]
+            lines.append(f"{mode:12} ours/diffusers items/s per device: {ratio:.3f}x "
                          f"(from medians {res['ratio_ours_over_diffusers_per_device_median']:.3f}x, "
                          f"minima {res['ratio_ours_over_diffusers_per_device_min']:.3f}x)")
     plan = report.get("attention")
@@ -158,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     report = {
         "command": "python -m t2i_jax.bench " + shlex.join(argv),
         "argv": argv,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "versions": versions(),
         "host": platform.node(),
         "cpu_count": os.cpu_count(),

@@ -31,7 +31,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from t2i_jax import parallel, pipeline, schedulers
 from t2i_jax.bench import devices as devices_lib
@@ -536,4 +537,5 @@ def run(s: BenchSettings, log: Callable[[str], None] = lambda m: None) -> dict:
                     theirs[f"ms_per_iter_{stat}"] / ours[f"ms_per_iter_{stat}"] * ours["items_per_iter"]
                     / r.num_devices / theirs["items_per_iter"])
     return {"settings": dataclasses.asdict(s) | {"modes": list(s.modes)}, "resolved": dataclasses.asdict(r),
-            "device": dev, "attention": attention_plan(s, r), "results": results, "reference_setup_s": setup_s, **({"torch": ref.info()} if ref is not None else {})}
+            "device": dev, "attention": attention_plan(s, r), "results": results, "reference_setup_s": setup_s,
+            **({"torch": ref.info()} if ref is not None else {})}

@@ -133,5 +133,6 @@ def format_summary(mode: str, impl: str, prof: dict, top: int = 10) -> list[str]
     lines = [head, f"  device {s['device']}: busy {s['busy_ms_per_iter']:.2f} of {s['span_ms_per_iter']:.2f} "
                    f"ms per iteration ({s['busy_fraction']:.1%})"]
     for row in s["top"][:top]:
-        lines.append(f"  {row['share']:6.1%} {row['ms_per_iter']:9.3f} ms {row['calls_per_iter']:7.1f}x  {row['op'][:90]}")
+        lines.append(f"  {row['share']:6.1%} {row['ms_per_iter']:9.3f} ms {row['calls_per_iter']:7.1f}x  "
+                     f"{row['op'][:90]}")
     return lines

@@ -48,9 +48,10 @@ sample to 1e-5 relative).
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
-from t2i_jax.schedulers.common import SchedulerState, Scheduler, add_noise, get_velocity  # noqa: F401
+from t2i_jax.schedulers.common import Scheduler, SchedulerState, add_noise, get_velocity  # noqa: F401
 from t2i_jax.schedulers.ddim import DDIM
 from t2i_jax.schedulers.ddpm import DDPM
 from t2i_jax.schedulers.dpmsolver import DPMSolverPP

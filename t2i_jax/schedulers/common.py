@@ -18,7 +18,8 @@ schedulers (which the tests compare against to 1e-5 relative).
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar, Mapping
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import flax.struct
 import jax
@@ -312,7 +313,8 @@ class Scheduler:
         """Whether `step` draws noise (then it needs `key`)."""
         return False
 
-    def set_timesteps(self, num_inference_steps: int, shape, *, strength: float = 1.0, dtype=jnp.float32) -> SchedulerState:
+    def set_timesteps(self, num_inference_steps: int, shape, *, strength: float = 1.0,
+                      dtype=jnp.float32) -> SchedulerState:
         """Precompute a run of `num_inference_steps` steps for samples of `shape`.
 
         `strength` < 1 starts img2img-style at a later timestep (diffusers'

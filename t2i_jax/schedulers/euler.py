@@ -3,7 +3,8 @@ EulerDiscreteScheduler."""
 
 from __future__ import annotations
 
-from t2i_jax.schedulers import common, sigmas as S
+from t2i_jax.schedulers import common
+from t2i_jax.schedulers import sigmas as S
 
 
 class Euler(common.Scheduler):

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from t2i_jax.schedulers import common, sigmas as S
+from t2i_jax.schedulers import common
+from t2i_jax.schedulers import sigmas as S
 
 
 class EulerAncestral(common.Scheduler):

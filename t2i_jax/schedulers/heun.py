@@ -6,7 +6,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from t2i_jax.schedulers import common, sigmas as S
+from t2i_jax.schedulers import common
+from t2i_jax.schedulers import sigmas as S
 from t2i_jax.schedulers.common import F32
 
 

@@ -302,6 +302,6 @@ class StopSignal:
             return mine
         if not collective:
             return False
-        from jax.experimental import multihost_utils
         import numpy as np
+        from jax.experimental import multihost_utils
         return bool(multihost_utils.process_allgather(np.int32(mine)).max())

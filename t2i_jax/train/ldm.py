@@ -380,7 +380,8 @@ def make_objective(parts, config, cached: bool, empty_ids: np.ndarray, empty_con
             f = vae.config.downsample_factor
             lat_shape = (b, batch["image"].shape[1] // f, batch["image"].shape[2] // f, vae.config.latent_channels)
         rnd = {"t": jax.random.randint(k_t, (b,), 0, num_t), "noise": jax.random.normal(k_noise, lat_shape),
-               "eps_z": jax.random.normal(k_z, lat_shape), "drop": jax.random.uniform(k_drop, (b,)) < dc.caption_dropout}
+               "eps_z": jax.random.normal(k_z, lat_shape),
+               "drop": jax.random.uniform(k_drop, (b,)) < dc.caption_dropout}
         if dc.noise_offset:
             rnd["noise"] = rnd["noise"] + dc.noise_offset * jax.random.normal(k_off, (b, 1, 1, lat_shape[-1]))
         return {**batch, **rnd}

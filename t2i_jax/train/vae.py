@@ -170,7 +170,8 @@ def make_optimizer(config, total_steps: int):
         return tx, schedule
     dcfg = {**ocfg, "lr": config.disc.lr or config.optim.lr, "grad_clip": config.disc.grad_clip}
     tx_disc, _ = state_lib.make_optimizer(ml_collections.ConfigDict(dcfg))
-    labels = lambda p: {k: jax.tree_util.tree_map(lambda _: k, v) for k, v in p.items()}  # noqa: E731
+    def labels(p):  # each top-level part's leaves labelled with its name
+        return {k: jax.tree_util.tree_map(lambda _, k=k: k, v) for k, v in p.items()}
     return optax.multi_transform({"vae": tx, "disc": tx_disc}, labels), schedule
 
 
