@@ -199,19 +199,26 @@ def _run_until_steps(cmd, env, metrics_path, n, sig):
     return proc.returncode, out.decode()
 
 
-def test_ctrl_c_saves_and_exits_with_the_stopped_status(tmp_path):
+def test_kill_9_then_ctrl_c_leave_each_step_once_and_a_checkpoint_of_the_last(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
     cmd = [sys.executable, "-m", "t2i_jax.train", "--config", "configs/clip_shapes.py", "--workdir", str(tmp_path),
            "--config.train.steps=100000", "--config.batch_size=16", "--config.train.log_every=1",
-           "--config.train.checkpoint_every=100000", "--config.eval.enabled=False", "--config.export=False",
-           "--config.progress=False"]
-    rc, out = _run_until_steps(cmd, env, tmp_path / "metrics.jsonl", 3, signal.SIGINT)
+           "--config.train.checkpoint_every=2", "--config.train.async_checkpoint=False",
+           "--config.eval.enabled=False", "--config.export=False", "--config.progress=False"]
+    metrics = tmp_path / "metrics.jsonl"
+    # A crash (SIGKILL: nothing runs after it) leaves rows after the last checkpoint.
+    rc, out = _run_until_steps(cmd, env, metrics, 5, signal.SIGKILL)
+    assert rc == -signal.SIGKILL, out[-3000:]
+    killed_at = len(metrics.read_text().splitlines())
+    # The same command resumes from the last checkpoint; Ctrl-C then saves and exits 75.
+    rc, out = _run_until_steps(cmd, env, metrics, killed_at + 2, signal.SIGINT)
     assert rc == EXIT_STOPPED == 75, out[-3000:]
     assert "Ctrl-C: saving a checkpoint" in out and "KeyboardInterrupt" not in out
-    last = metrics_lib.read_jsonl(tmp_path / "metrics.jsonl")[-1]["step"]
-    assert Checkpointer(tmp_path / "checkpoints").all_steps() == [last]
     assert f"rerun the same command to resume (exit status {EXIT_STOPPED})" in out
+    steps = [r["step"] for r in metrics_lib.read_jsonl(metrics)]
+    assert steps == list(range(1, steps[-1] + 1))  # each step once, the crashed run's extra rows dropped
+    assert Checkpointer(tmp_path / "checkpoints").latest_step() == steps[-1]
 
 
 # ---------------------------------------------------------------------------
