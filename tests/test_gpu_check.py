@@ -132,6 +132,7 @@ def _smoke_markdown_is_ready_for_benchmarks(smoke):
     assert "python -m t2i_jax.bench.gpu_check --smoke" in md
 
 
+@pytest.mark.slow  # 70 s on 2 cores: the whole GPU check at tiny size; its parts have fast tests below
 def test_smoke_run(tmp_path):
     # One test for the whole run: under pytest-xdist a module fixture would
     # run the smoke again in every worker that takes one of its tests.

@@ -164,6 +164,7 @@ def test_resume_equals_uninterrupted(tmp_path):
     np.testing.assert_allclose(_losses(tmp_path / "split"), _losses(tmp_path / "full"), rtol=1e-6)
 
 
+@pytest.mark.slow  # 75 s on 2 cores; the CLIP trainer's 8-device FSDP test stays in the fast suite
 def test_fsdp_on_8_devices_matches_one_device(tmp_path):
     assert jax.device_count() == 8
     one, eight = tiny_config(3), tiny_config(3)
