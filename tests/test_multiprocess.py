@@ -9,6 +9,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -60,6 +61,7 @@ def _final_state(workdir, like=None):
     return ckpt.manager.restore(STEPS, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
 
 
+@pytest.mark.slow  # 160 s on 2 cores (three compiles of the LDM step); the launcher's own tests stay fast
 def test_two_processes_match_one(tmp_path):
     workdir = tmp_path / "two"
     cmd = [sys.executable, "-m", "t2i_jax.train", "--config", "configs/shapes_ldm.py", "--workdir", str(workdir),

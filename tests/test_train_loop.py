@@ -201,6 +201,7 @@ def test_guard_skips_the_bad_step_and_every_one_after():
     assert np.all(np.isfinite(seen[5])) and not np.array_equal(seen[2], seen[1])
 
 
+@pytest.mark.slow  # 44 s on 2 cores (two VAE + discriminator steps compiled); CLIP's accumulation runs fast
 def test_grad_accum_two_halves_equal_one_batch():
     """The VAE objective (with its discriminator) over 2 micro-batches of 8 equals one batch of 16."""
     c = shapes_vae.get_config()
