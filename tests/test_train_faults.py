@@ -20,7 +20,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from configs import clip_shapes  # noqa: E402
+from test_train_clip import quick_config  # noqa: E402  (clip_shapes, small and quiet)
+
 from launch import local_multiprocess  # noqa: E402
 from t2i_jax.train import clip as clip_train  # noqa: E402
 from t2i_jax.train import metrics as metrics_lib  # noqa: E402
@@ -34,19 +35,6 @@ from t2i_jax.train.checkpoint import (  # noqa: E402
 )
 
 pytestmark = pytest.mark.usefixtures("compilation_cache")  # conftest: one persistent cache per module
-
-
-def quick_config(**train):
-    """clip_shapes, small and quiet (as tests/test_train_clip.py's)."""
-    c = clip_shapes.get_config()
-    c.batch_size = 16
-    c.progress = False
-    c.export = False
-    c.eval.enabled = False
-    c.train.log_every = 1
-    c.mesh.num_devices = 1
-    c.train.update(train)
-    return c
 
 
 @pytest.fixture(scope="module")

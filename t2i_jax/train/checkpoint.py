@@ -35,6 +35,7 @@ from typing import Any
 import grain
 import jax
 import orbax.checkpoint as ocp
+from flax import traverse_util
 
 __all__ = ["RESUMABLE", "CheckpointSaveError", "Checkpointer", "ConfigMismatchError", "StopSignal",
            "config_changes", "check_resume"]
@@ -65,21 +66,17 @@ class ConfigMismatchError(ValueError):
     """A resume whose config differs from the checkpoint's in keys that change the run."""
 
 
-def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
-    # Leaves by dotted path; an empty dict has none (so it equals an absent one).
-    if isinstance(tree, Mapping):
-        out = {}
-        for k, v in tree.items():
-            out.update(_flat(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: tree}
+def _as_dict(config) -> dict:
+    """A ConfigDict (or a dict) as plain JSON values."""
+    return json.loads(config.to_json_best_effort()) if hasattr(config, "to_json_best_effort") else config
 
 
 def config_changes(saved: Mapping, new: Mapping) -> list[tuple[str, Any, Any]]:
     """(dotted key, saved value, new value) for every leaf that differs, sorted by key; a key one
     side lacks has the value "<absent>". Both sides are compared as JSON (tuples equal lists)."""
-    a = _flat(json.loads(json.dumps(saved, default=str)))
-    b = _flat(json.loads(json.dumps(new, default=str)))
+    # Leaves by dotted path; an empty dict has none, so it equals an absent one.
+    a = traverse_util.flatten_dict(json.loads(json.dumps(saved, default=str)), sep=".")
+    b = traverse_util.flatten_dict(json.loads(json.dumps(new, default=str)), sep=".")
     return [(k, a.get(k, _ABSENT), b.get(k, _ABSENT)) for k in sorted(set(a) | set(b))
             if a.get(k, _ABSENT) != b.get(k, _ABSENT)]
 
@@ -152,7 +149,7 @@ class Checkpointer:
             return False
         self.check()
         self._last_saved = step
-        cfg = json.loads(config.to_json_best_effort()) if hasattr(config, "to_json_best_effort") else config
+        cfg = _as_dict(config)
         try:
             saved = self.manager.save(step, args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state),
@@ -222,7 +219,7 @@ class Checkpointer:
                 f"checkpoint step {step} in {self.directory} was written by {n} process(es); this run has {m}. "
                 f"The data loader's position is saved per process: resume with {n} process(es), or start a new "
                 f"run in another --workdir")
-        new = json.loads(config.to_json_best_effort()) if hasattr(config, "to_json_best_effort") else config
+        new = _as_dict(config)
         allow = new.get("train", {}).get("allow_changes", "")
         changes = check_resume(self.restore_config(step), new, step=step, directory=self.directory, allow=allow)
         for k, a, b in changes:
@@ -235,7 +232,7 @@ class Checkpointer:
             self.manager.wait_until_finished()
         except Exception as e:
             step, self._pending = self._pending, None
-            raise self._save_error(step if step is not None else -1, e) from e
+            raise self._save_error(self._last_saved if step is None else step, e) from e
         self.check()
         self._pending = None
 
@@ -262,18 +259,16 @@ class StopSignal:
         self.signals = tuple(signals)
         self._flag = threading.Event()
         self._previous = {}
-        self.received = None  # the name of the first signal received
 
     def _handle(self, signum, frame):
         del frame
-        name = signal.Signals(signum).name
-        self.received = self.received or name
         if signum == signal.SIGINT:
             signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C interrupts at once
             log.warning("Ctrl-C: saving a checkpoint after this step, then stopping (Ctrl-C again to abort "
                         "without saving)")
         else:
-            log.warning("received %s: saving a checkpoint after this step, then stopping", name)
+            log.warning("received %s: saving a checkpoint after this step, then stopping",
+                        signal.Signals(signum).name)
         self._flag.set()
 
     def __enter__(self):

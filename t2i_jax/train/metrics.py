@@ -21,6 +21,8 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
+from t2i_jax.files import atomic_write
+
 __all__ = ["EventWriter", "MetricWriter", "read_events", "read_jsonl"]
 
 # Writers opened by this process: part of the file name, so that two writers
@@ -130,9 +132,8 @@ def _trim_jsonl(path: Path, start: int) -> None:
         if step <= start:
             keep.append(line if line.endswith("\n") else line + "\n")
     if len(keep) != len(lines):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(keep), encoding="utf-8")
-        os.replace(tmp, path)
+        data = "".join(keep).encode("utf-8")
+        atomic_write(path, lambda f: f.write(data))
 
 
 class MetricWriter:

@@ -3,11 +3,11 @@ resume's config against the checkpoint's)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import jax
 
+from t2i_jax.files import atomic_write
 from t2i_jax.train.checkpoint import Checkpointer
 
 
@@ -28,7 +28,6 @@ def open_run(config, workdir) -> tuple[Path, bool, Checkpointer, int | None]:
             raise
     if is_main:
         workdir.mkdir(parents=True, exist_ok=True)
-        tmp = workdir / "config.json.tmp"
-        tmp.write_text(config.to_json_best_effort(indent=2) + "\n")
-        os.replace(tmp, workdir / "config.json")
+        text = (config.to_json_best_effort(indent=2) + "\n").encode()
+        atomic_write(workdir / "config.json", lambda f: f.write(text))
     return workdir, is_main, ckpt, latest
