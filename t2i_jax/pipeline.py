@@ -27,6 +27,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from t2i_jax import inpaint as inpaint_lib
 from t2i_jax import parallel, schedulers
 from t2i_jax.models.bundle import StableDiffusion  # re-exported: the Sampler's input
 from t2i_jax.parallel import make_mesh  # re-exported: the Sampler's default mesh
@@ -159,10 +160,11 @@ def _encode_text(text_encoder, params, ids):
 
 # Independent random streams per image, all derived from the image's seed.
 NOISE, SAMPLER, ENCODER = 0, 1, 2
+MASKED_ENCODER = 3  # inpainting: the masked image's VAE posterior sample
 
 
 def stream_keys(seeds, stream: int):
-    """One PRNG key per image for `stream` (NOISE, SAMPLER or ENCODER)."""
+    """One PRNG key per image for `stream` (NOISE, SAMPLER, ENCODER or MASKED_ENCODER)."""
     return jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), stream))(jnp.asarray(seeds, jnp.uint32))
 
 
@@ -184,8 +186,18 @@ def _from_latents(vae, x):
     return x / c.scaling_factor + (c.shift_factor or 0.0)
 
 
+def _encode_images(vae, params, images, eps, *, seeds, stream, dtype):
+    """Scaled latents of VAE posterior samples mean + std * eps of `images`
+    ([-1, 1] NHWC); `eps` None: the seeded noise of `stream`."""
+    posterior = vae.apply({"params": params}, images.astype(dtype), method=vae.encode)
+    mean = posterior.mean.astype(jnp.float32)
+    eps = seeded_normal(seeds, mean.shape[1:], stream) if eps is None else eps.astype(jnp.float32)
+    return _to_latents(vae, mean + posterior.std.astype(jnp.float32) * eps)
+
+
 def _denoise(unet, vae, sched, use_cfg, has_latents, img2img, return_latents, dtype, mesh,
-             params, cond, uncond, guidance_scale, seeds, latents, init_images, state):
+             params, cond, uncond, guidance_scale, seeds, latents, init_images, state, inpaint=None, *,
+             inpaint_mode=None):
     """The whole loop and the decode; the static arguments come first (partial'd).
 
     `latents`: the starting noise (txt2img) or the noise added to the init
@@ -193,6 +205,8 @@ def _denoise(unet, vae, sched, use_cfg, has_latents, img2img, return_latents, dt
     is that of the latents. `init_images`: None for txt2img; for img2img a
     dict with `images` ([-1, 1] NHWC) and `encoder_noise` (the VAE
     posterior's sampling noise, latent-shaped, or None for the seeded one).
+    `inpaint` (with the static `inpaint_mode`, an `inpaint.Mode`): None, or
+    the dict of `inpaint.host_inputs` plus `masked_encoder_noise`.
     `mesh`: the batch is split over all its devices; the sample, the
     scheduler's per-image history and both guidance halves of an image stay
     on that image's device throughout. Returns the images, and the final
@@ -200,15 +214,17 @@ def _denoise(unet, vae, sched, use_cfg, has_latents, img2img, return_latents, dt
     """
     step_keys = stream_keys(seeds, SAMPLER)
     noise = latents.astype(jnp.float32) if has_latents else seeded_normal(seeds, latents.shape[1:])
+    x0 = None
     if img2img:
-        posterior = vae.apply({"params": params["vae"]}, init_images["images"].astype(dtype), method=vae.encode)
-        mean = posterior.mean.astype(jnp.float32)
-        eps = init_images["encoder_noise"]
-        eps = seeded_normal(seeds, mean.shape[1:], ENCODER) if eps is None else eps.astype(jnp.float32)
-        z = mean + posterior.std.astype(jnp.float32) * eps
-        x = sched.add_noise_start(state, _to_latents(vae, z), noise)
+        x0 = _encode_images(vae, params["vae"], init_images["images"], init_images["encoder_noise"], seeds=seeds,
+                            stream=ENCODER, dtype=dtype)
+        x = sched.add_noise_start(state, x0, noise)
     else:
         x = noise * state.init_noise_sigma
+    if inpaint_mode is not None:
+        encode = functools.partial(_encode_images, vae, params["vae"], seeds=seeds, stream=MASKED_ENCODER,
+                                   dtype=dtype)
+        x, inpaint = inpaint_lib.loop_inputs(inpaint_mode, sched, state, encode, inpaint, x0, noise, x)
     x = _shard_batch_axis(x, mesh)
     state = state.replace(history=_shard_history(state.history, mesh, x.shape))
     context = (cfg_interleave(uncond, cond) if use_cfg else cond).astype(dtype)
@@ -216,7 +232,7 @@ def _denoise(unet, vae, sched, use_cfg, has_latents, img2img, return_latents, dt
 
     def body(i, carry):
         x, st = carry
-        xin = sched.scale_model_input(st, x, i).astype(dtype)
+        xin = inpaint_lib.model_input(inpaint, sched.scale_model_input(st, x, i).astype(dtype))
         if use_cfg:
             xin = _shard_batch_axis(cfg_interleave(xin, xin), mesh)
         t = jnp.broadcast_to(st.timesteps[i], (xin.shape[0],))
@@ -226,6 +242,7 @@ def _denoise(unet, vae, sched, use_cfg, has_latents, img2img, return_latents, dt
             out = out_u + guidance_scale * (out_c - out_u)
         keys = jax.vmap(lambda k: jax.random.fold_in(k, i))(step_keys)
         x, st = sched.step(st, out, i, x, key=keys)
+        x = inpaint_lib.blend(inpaint, x, i)
         # The carry leaves the body in the layout it entered with, so the
         # while loop never reshards it between steps.
         return _shard_batch_axis(x, mesh), st.replace(history=_shard_history(st.history, mesh, x.shape))
@@ -356,22 +373,26 @@ class Sampler:
         return self._schedulers[key]
 
     def loop(self, name: str, use_cfg: bool, has_latents: bool, img2img: bool, *,
-             scheduler_options: Mapping[str, Any] | None = None, return_latents: bool = False):
+             scheduler_options: Mapping[str, Any] | None = None, return_latents: bool = False,
+             inpaint: inpaint_lib.Mode | None = None):
         """The jitted denoise+decode function for these static choices (cached).
 
         Its arguments: (params, cond, uncond, guidance_scale, seeds, latents,
-        init_images, state), as `prepare` builds them; it returns the images,
+        init_images, state), as `prepare` builds them, and with an `inpaint`
+        mode a ninth, the inpainting inputs; it returns the images,
         or (images, final latents) when `return_latents`. Options that leave
         the sampler's effective config the same (e.g. a default passed
         explicitly) share one compiled function.
         """
         sched = self.scheduler(name, scheduler_options)
         key = (name, _frozen(sched.config), _frozen(sched.opts), use_cfg, has_latents, img2img,
-               bool(return_latents))
+               bool(return_latents), inpaint)
         if key not in self._loops:
             p = self.pipe
+            # Without inpainting the function keeps its eight arguments.
+            no_inpaint = {"inpaint": None} if inpaint is None else {}
             fn = functools.partial(_denoise, p.unet, p.vae, sched, use_cfg, has_latents, img2img,
-                                   bool(return_latents), self.dtype, self.mesh)
+                                   bool(return_latents), self.dtype, self.mesh, inpaint_mode=inpaint, **no_inpaint)
             repl, batch = _replicated(self.mesh), _batch_sharding(self.mesh)
             # Replicated: params, guidance scale and the scheduler state (its
             # per-image history buffers are split inside, see _denoise). Split
@@ -379,6 +400,8 @@ class Sampler:
             # encoder noise (None for txt2img: an empty pytree, any prefix
             # fits it), and the outputs.
             in_shardings = (repl, batch, batch, repl, batch, batch, batch, repl)
+            if inpaint is not None:
+                in_shardings += (batch,)  # masks, masked images, their encoder noise
             self._loops[key] = jax.jit(fn, in_shardings=in_shardings, out_shardings=batch)
         return self._loops[key]
 
@@ -394,7 +417,8 @@ class Sampler:
                 latents: np.ndarray | None = None, noise: np.ndarray | None = None,
                 encoder_noise: np.ndarray | None = None,
                 scheduler_options: Mapping[str, Any] | None = None,
-                return_latents: bool = False) -> tuple[Any, tuple]:
+                return_latents: bool = False, mask_images: np.ndarray | None = None,
+                masked_encoder_noise: np.ndarray | None = None) -> tuple[Any, tuple]:
         """The jitted loop of this call and its arguments, checked and placed on
         the mesh (the prompts already encoded): `fn(*args)` is the call's
         images (with `return_latents`, the pair (images, final latents) as
@@ -418,6 +442,16 @@ class Sampler:
             raise ValueError(f"scheduler_options must be a dict of diffusers scheduler settings, "
                              f"e.g. {{'use_karras_sigmas': True}}; got {type(scheduler_options).__name__}")
         img2img = init_images is not None
+        if mask_images is None and masked_encoder_noise is not None:
+            raise ValueError("masked_encoder_noise= is inpainting's; pass it with mask_images= and init_images=")
+        if mask_images is not None and not img2img:
+            raise ValueError("mask_images= need init_images=: inpainting repaints the white part of the mask "
+                             "over an init image; pass both")
+        vae_c, unet_c = self.pipe.latent_channels, self.pipe.unet.config.in_channels
+        mode = inpaint_lib.mode_for(unet_c, vae_c, strength) if mask_images is not None else None
+        if mode is None and unet_c != vae_c:
+            raise ValueError(f"this U-Net takes {unet_c} input channels (an inpainting model); pass init_images= "
+                             f"and mask_images= (CLI: --init-image and --mask)")
         if img2img and latents is not None:
             raise ValueError("latents= is txt2img's starting noise; for img2img pass the noise added to the "
                              "init latents as noise=")
@@ -446,14 +480,20 @@ class Sampler:
                 raise ValueError(f"init images have shape {init_images.shape}; expected {(n, height, width, 3)}")
             init = {"images": jax.device_put(init_images * 2.0 - 1.0, batch),
                     "encoder_noise": None if encoder_noise is None else latent_array("encoder_noise", encoder_noise)}
+        inp = None
+        if mode is not None:
+            masks = inpaint_lib.check_masks(mask_images, n, height, width)
+            inp = jax.device_put(inpaint_lib.host_inputs(mode, masks, init_images * 2.0 - 1.0, f), batch)
+            inp["masked_encoder_noise"] = None if masked_encoder_noise is None else \
+                latent_array("masked_encoder_noise", masked_encoder_noise)
         cond = self.encode(prompts)
         uncond = self.encode(negative_prompts or [""] * n) if use_cfg else cond
         fn = self.loop(scheduler, use_cfg, given is not None, img2img, scheduler_options=scheduler_options,
-                       return_latents=return_latents)
+                       return_latents=return_latents, inpaint=mode)
         args = (self.params, cond, uncond, jax.device_put(np.float32(guidance_scale), repl),
                 jax.device_put(np.asarray(seeds, np.uint32), batch), lat, init,
                 jax.device_put(state, repl))
-        return fn, args
+        return fn, args if mode is None else args + (inp,)
 
     def __call__(self, prompts: Sequence[str], *, seeds: Sequence[int],
                  negative_prompts: Sequence[str] | None = None, steps: int = 50,
@@ -462,7 +502,8 @@ class Sampler:
                  latents: np.ndarray | None = None, noise: np.ndarray | None = None,
                  encoder_noise: np.ndarray | None = None,
                  scheduler_options: Mapping[str, Any] | None = None,
-                 return_latents: bool = False):
+                 return_latents: bool = False, mask_images: np.ndarray | None = None,
+                 masked_encoder_noise: np.ndarray | None = None, keep_unmasked: bool = False):
         """Generates one image per prompt; returns float32 [n, H, W, 3] in [0, 1]
         (with `return_latents`, the pair (images, final latents)).
 
@@ -484,16 +525,33 @@ class Sampler:
         also returns the final latents (before the VAE decode, scaled as the
         U-Net sees them; diffusers' `output_type="latent"`), numpy
         [n, H/f, W/f, C]. The batch must divide by the device count (pad it).
+
+        Inpainting: `mask_images` (float [n, H, W] or [n, H, W, 1] in [0, 1],
+        white = repaint; binarised at 0.5 as diffusers does) with
+        `init_images`, as diffusers' StableDiffusionInpaintPipeline, for a
+        9-channel inpainting U-Net or an ordinary one (`t2i_jax.inpaint`).
+        `strength` 1.0 starts from pure noise (`noise` scaled by the
+        sampler's init_noise_sigma, diffusers' `latents=`); below 1 from the
+        init latents noised as img2img. `masked_encoder_noise` replaces the
+        seeded noise of the masked image's VAE posterior sample (9-channel
+        U-Nets; diffusers draws it from its generator after `noise`).
+        `keep_unmasked` pastes the init images back with `mask_images` as
+        alpha (`inpaint.composite`): where a mask is 0 the pixels are the
+        init image's exactly.
         """
         fn, args = self.prepare(prompts, seeds=seeds, negative_prompts=negative_prompts, steps=steps,
                                 guidance_scale=guidance_scale, scheduler=scheduler, height=height, width=width,
                                 init_images=init_images, strength=strength, latents=latents, noise=noise,
                                 encoder_noise=encoder_noise, scheduler_options=scheduler_options,
-                                return_latents=return_latents)
+                                return_latents=return_latents, mask_images=mask_images,
+                                masked_encoder_noise=masked_encoder_noise)
+        if keep_unmasked and mask_images is None:
+            raise ValueError("keep_unmasked=True needs mask_images= (and init_images=)")
         out = jax.device_get(fn(*args))
-        if return_latents:
-            return np.asarray(out[0]), np.asarray(out[1])
-        return np.asarray(out)
+        images = np.asarray(out[0] if return_latents else out)
+        if keep_unmasked:
+            images = inpaint_lib.composite(images, init_images, inpaint_lib.check_masks(mask_images, *images.shape[:3]))
+        return (images, np.asarray(out[1])) if return_latents else images
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:

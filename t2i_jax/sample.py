@@ -343,6 +343,28 @@ def read_init_image(path: str):
     return im, digest
 
 
+def read_mask_flags(args: argparse.Namespace, init_image):
+    """The --mask image (float [H, W] in [0, 1]) and a hash of its pixels, or
+    (None, None); the inpainting flags checked against each other and the
+    mask's size against the init image's, before the model loads."""
+    from t2i_jax import inpaint
+
+    if args.mask is None:
+        unused = [f for f, on in (("--mask-blur", args.mask_blur), ("--mask-padding", args.mask_padding),
+                                  ("--keep-unmasked", args.keep_unmasked)) if on]
+        if unused:
+            raise ValueError(f"{' and '.join(unused)} need --mask MASK (and --init-image IMG)")
+        return None, None
+    if init_image is None:
+        raise ValueError("--mask needs --init-image IMG: inpainting repaints the mask's white part of that image")
+    if args.mask_blur < 0 or args.mask_padding < 0:
+        raise ValueError(f"--mask-blur {args.mask_blur} and --mask-padding {args.mask_padding} must be >= 0 pixels")
+    mask = inpaint.read_mask(args.mask, init_image.size)
+    pixels = np.round(mask * 255).astype(np.uint8)
+    digest = hashlib.sha256(repr(pixels.shape).encode() + pixels.tobytes()).hexdigest()[:16]
+    return mask, digest
+
+
 # --------------------------------------------------------------------------
 # Output
 # --------------------------------------------------------------------------
@@ -490,7 +512,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--height", type=int, default=None, help="default: the model's native size")
     p.add_argument("--width", type=int, default=None, help="default: the model's native size")
     p.add_argument("--init-image", help="img2img: start from this image (resized to height x width)")
-    p.add_argument("--strength", type=float, default=0.8, help="img2img: how much to change, in (0, 1]")
+    p.add_argument("--strength", type=float, default=0.8,
+                   help="img2img and inpainting: how much to change, in (0, 1]; inpainting usually takes 1.0")
+    p.add_argument("--mask", help="inpainting (needs --init-image): repaint where this image is white, keep black; "
+                                  "the init image's size")
+    p.add_argument("--mask-blur", type=float, default=0, metavar="PX",
+                   help="inpainting: Gaussian blur radius for the mask, in pixels (softens the --keep-unmasked seam)")
+    p.add_argument("--mask-padding", type=int, default=0, metavar="PX",
+                   help="inpainting: grow the repainted area by this many pixels before the blur")
+    p.add_argument("--keep-unmasked", action="store_true",
+                   help="inpainting: paste the init image back outside the (blurred) mask; pixels where it is 0 "
+                        "are kept exactly")
     p.add_argument("--dtype", choices=["bf16", "fp32", "fp16"], default=None,
                    help="compute dtype (default: bf16 on GPU/TPU, fp32 on CPU); params stay as loaded")
     p.add_argument("--attention", choices=["auto", "xla", "cudnn"], default="auto",
@@ -543,7 +575,7 @@ def run(args: argparse.Namespace) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from t2i_jax import pipeline, schedulers
+    from t2i_jax import inpaint, pipeline, schedulers
     from t2i_jax.convert.load import load_components
 
     # ---- Checks, before anything is loaded, compiled or written.
@@ -573,6 +605,7 @@ def run(args: argparse.Namespace) -> dict:
         pipeline.check_settings(j.steps, j.guidance_scale)
     check_out_dir(args.out)
     init_image, init_hash = read_init_image(args.init_image) if args.init_image else (None, None)
+    mask, mask_hash = read_mask_flags(args, init_image)
     platform = jax.devices()[0].platform
     dtype_name = args.dtype or ("fp32" if platform == "cpu" else "bf16")
     check_attention(args.attention, dtype_name, platform)
@@ -625,6 +658,8 @@ def run(args: argparse.Namespace) -> dict:
         from PIL import Image
 
         init = np.asarray(init_image.resize((width, height), Image.LANCZOS), np.float32) / 255.0
+    if mask is not None:
+        mask = inpaint.prepare_mask(mask, blur=args.mask_blur, padding=args.mask_padding, size=(width, height))
 
     out = Path(args.out)
     manifest_path = out / "manifest.jsonl"
@@ -634,6 +669,9 @@ def run(args: argparse.Namespace) -> dict:
               "dtype": dtype_name, "init_image": init_hash, "strength": args.strength if args.init_image else None}
     if options:
         common["scheduler_options"] = options
+    if mask is not None:  # absent otherwise: the keys of earlier runs stay valid
+        common.update(mask=mask_hash, mask_blur=args.mask_blur, mask_padding=args.mask_padding,
+                      keep_unmasked=args.keep_unmasked)
     done = read_manifest(manifest_path)
     unique: dict[str, Job] = {}  # job key -> its first job (an entry repeated with its own seed repeats jobs)
     for j in jobs:
@@ -666,6 +704,8 @@ def run(args: argparse.Namespace) -> dict:
                 real = len(batch)
                 padded = list(batch) + [batch[-1]] * (bs - real)  # padding rows are computed and dropped
                 extra = {"scheduler_options": options} if options else {}
+                if mask is not None:
+                    extra["mask_images"] = np.repeat(mask[None], bs, axis=0)
                 t0 = time.perf_counter()
                 fn, fargs = sampler.prepare(
                     [j.prompt for j in padded], seeds=[j.seed for j in padded],
@@ -688,6 +728,8 @@ def run(args: argparse.Namespace) -> dict:
                     bar.set_description("sampling")
                     t0 = time.perf_counter()
                 images = np.asarray(jax.device_get(compiled[program](*fargs)))
+                if mask is not None and args.keep_unmasked:
+                    images = inpaint.composite(images, init[None], mask[None])
                 gen_time += time.perf_counter() - t0
                 images = pipeline.to_uint8(images[:real])
                 with _sigint_deferred():
@@ -697,6 +739,8 @@ def run(args: argparse.Namespace) -> dict:
                         key = j.key(common)
                         name = file_name(j, common)
                         meta = {**dataclasses.asdict(j), **common, "init_image_path": args.init_image}
+                        if mask is not None:
+                            meta["mask_path"] = args.mask
                         save_png(out / name, im, {"parameters": meta, "prompt": j.prompt, "software": "t2i_jax"})
                         manifest.write(json.dumps({"file": name, "key": key, **meta}) + "\n")
                         manifest.flush()

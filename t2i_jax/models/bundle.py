@@ -38,8 +38,9 @@ class StableDiffusion:
 
     @property
     def latent_channels(self) -> int:
-        """Channels of the U-Net's input latents (4 for SD)."""
-        return self.unet.config.in_channels
+        """Channels of the latents, the VAE's (4 for SD); an inpainting U-Net
+        takes 2 * C + 1 input channels (latents, mask, masked-image latents)."""
+        return self.vae.config.latent_channels
 
     @property
     def dtype(self):

@@ -358,6 +358,27 @@ class Scheduler:
         c = state.start_coeffs
         return (c[0] * x0 + c[1] * noise).astype(x0.dtype)
 
+    def noise_levels(self, state: SchedulerState) -> jax.Array:
+        """(K, 2) float32: row i holds (a_i, s_i) such that `a_i * x0 + s_i * noise`
+        is `x0` at the noise level of the sample evaluation i starts from, as
+        diffusers' `add_noise` computes it during a run (inpainting re-noises
+        the known latents to the next evaluation's level after every step).
+
+        Row 0 is `start_coeffs`. The sample's parametrisation decides the
+        formula: DPM-Solver and UniPC keep VP `alpha`, `sigma` tables (their
+        add_noise is alpha_t x0 + sigma_t noise); the sigma samplers (Euler,
+        Euler ancestral, Heun, LMS) a `sigma` table (x0 + sigma noise, Heun's
+        interleaved sigmas included); the DDPM family (DDPM, DDIM, PNDM)
+        noises to the timestep fed at i: sqrt(abar_t), sqrt(1 - abar_t).
+        """
+        tb = state.tables
+        if "alpha" in tb and "sigma" in tb:
+            return jnp.stack([tb["alpha"], tb["sigma"]], axis=-1)
+        if "sigma" in tb:
+            return jnp.stack([jnp.ones_like(tb["sigma"]), tb["sigma"]], axis=-1)
+        abar = jnp.asarray(self.alphas_cumprod)[state.timesteps.astype(jnp.int32)]
+        return jnp.stack([jnp.sqrt(abar), jnp.sqrt(1 - abar)], axis=-1)
+
     def step(self, state: SchedulerState, model_output: jax.Array, i, sample: jax.Array, key=None):
         """One model evaluation's update: returns `(next_sample, new_state)`."""
         raise NotImplementedError
