@@ -1,4 +1,4 @@
-"""Text -> latents -> image: txt2img and img2img, one jit per shape.
+"""Text -> latents -> image: txt2img, img2img and inpainting (`t2i_jax.inpaint`), one jit per shape.
 
 The text encoder runs in one jitted call; the denoising loop (a
 `lax.fori_loop` over the sampler's model evaluations, with both

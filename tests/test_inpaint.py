@@ -302,3 +302,30 @@ def test_cli_mask_size_error(tmp_path, capsys):
     assert sample.main(argv) == 2
     err = capsys.readouterr().err
     assert "--mask is 40x30 pixels but the init image is 48x32" in err, err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind,name,strength", [("9", "dpmpp_2m", 0.7), ("4", "euler_a", 1.0)])
+def test_eight_devices_match_one_and_no_collectives(models, kind, name, strength):
+    """Per-image masks and seeds (every noise seeded: start, posteriors,
+    euler_a's steps) split over 8 devices give the images of one device, one
+    image per call, and the loop body exchanges nothing between devices."""
+    from test_sampler_layout import while_body_collectives
+
+    pipe = models[kind][2].pipe
+    eight = pipeline.Sampler(pipe, mesh=pipeline.make_mesh(devices=jax.devices()[:8]))
+    one = models[kind][2]
+    prompts = ["a red circle", "a blue square", "a cat", "a dog"] * 2
+    seeds = list(range(20, 28))
+    rs = np.random.RandomState(0)
+    init = rs.rand(8, SIZE, SIZE, 3).astype(np.float32)
+    masks = np.stack([np.roll(_masks()[k % 2], 3 * k, axis=1) for k in range(8)])
+    kw = dict(steps=STEPS, guidance_scale=GUIDANCE, scheduler=name, height=SIZE, width=SIZE, strength=strength)
+    fn, args = eight.prepare(prompts, seeds=seeds, init_images=init, mask_images=masks, **kw)
+    bodies, counts = while_body_collectives(fn.lower(*args).compile().as_text())
+    assert not counts, f"collectives in the while bodies {bodies}: {dict(counts)}"
+    a = eight(prompts, seeds=seeds, init_images=init, mask_images=masks, **kw)
+    b = np.concatenate([one([p], seeds=[s], init_images=init[k:k + 1], mask_images=masks[k:k + 1], **kw)
+                        for k, (p, s) in enumerate(zip(prompts, seeds))])
+    np.testing.assert_allclose(a, b, atol=1e-4)
+    assert np.abs(a[0] - a[2]).max() > 0.05
