@@ -329,3 +329,25 @@ def test_eight_devices_match_one_and_no_collectives(models, kind, name, strength
                         for k, (p, s) in enumerate(zip(prompts, seeds))])
     np.testing.assert_allclose(a, b, atol=1e-4)
     assert np.abs(a[0] - a[2]).max() > 0.05
+
+
+def test_sd2_layout_inpainting_single_file_splits():
+    """An SD2-layout checkpoint (OpenCLIP text tower, linear projections) with
+    a 9-channel conv_in, as 512-inpainting-ema.safetensors: SD2, 9 inputs,
+    every U-Net tensor where diffusers has it."""
+    from diffusers import UNet2DConditionModel
+    from test_single_file import OPEN_CLIP, UNET, OpenCLIPText, assert_same, randomize, unet_to_original
+
+    from t2i_jax.convert import single_file as sf
+
+    torch.manual_seed(0)
+    unet = randomize(UNet2DConditionModel(**{**UNET["sd2"], "in_channels": 9}), 5)
+    orig = unet_to_original(unet.state_dict(), unet.config)
+    orig.update({"cond_stage_model.model." + k: v for k, v in randomize(OpenCLIPText(**OPEN_CLIP), 6)
+                 .state_dict().items()})
+    parts = sf.split_checkpoint({k: v.contiguous().numpy() for k, v in orig.items()})
+    assert parts["family"] == "sd2"
+    cfg = parts["unet"]["config"]
+    assert cfg["in_channels"] == 9 and cfg["out_channels"] == 4 and cfg["use_linear_projection"]
+    assert_same(parts["unet"]["state_dict"], unet.state_dict())
+    assert parts["scheduler"]["config"]["prediction_type"] == "epsilon"  # the 512 inpainting model's
