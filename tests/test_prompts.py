@@ -340,8 +340,12 @@ SEEDS = {SHORT: 0, LONG_A: 1000, LONG_B: 1000}
 
 @pytest.fixture(scope="module")
 def images(small):
-    _, _, sampler = small
+    """The three prompts' images under each syntax, in one batch of 8 on all 8
+    devices: the programs the CLI test's runs compile (its batches are 8 on 8
+    devices too), so it finds them in the compilation cache."""
+    sampler = pipeline.Sampler(small[2].pipe)
     batch = [LONG_A, LONG_B, SHORT]
+    batch += [SHORT] * (sampler.num_devices - len(batch))
     kw = dict(seeds=[SEEDS[p] for p in batch], steps=3, guidance_scale=7.5, scheduler="euler", height=SIZE,
               width=SIZE)
     with warnings.catch_warnings():
@@ -384,7 +388,7 @@ def test_cli_prompt_syntax_flag_metadata_warnings_and_chunk_groups(small, images
     short, meta = _pixels(out / entries[SHORT]["file"])
     assert meta["prompt_syntax"] == "a1111" and meta["seed"] == SEEDS[SHORT]
     # Batched apart from the 2-chunk prompt: the short prompt's image is the
-    # one it makes alone (8 devices here, 1 for the Sampler above).
+    # one it makes in a batch of 1-chunk prompts (other ones than here).
     assert np.abs(short - pipeline.to_uint8(images["none"][SHORT])).max() <= 1
     long_a, _ = _pixels(out / entries[LONG_A]["file"])
     assert np.abs(long_a - pipeline.to_uint8(images["a1111"][LONG_A])).max() <= 1
