@@ -425,6 +425,18 @@ class Sampler:
             return z  # nothing to weight: the plain encoding, one program fewer
         return self._weigh(z, jax.device_put(weights, batch))
 
+    def _encode_pair(self, prompts: list[str], negative_prompts: Sequence[str], use_cfg: bool,
+                     prompt_syntax: str) -> tuple[jax.Array, jax.Array]:
+        """(cond, uncond) embeddings; uncond is cond without guidance. Prompts
+        and negative prompts in the same number of chunks (empty ones added),
+        the most any of them needs."""
+        tok = self.pipe.tokenizer
+        chunked = prompt_lib.tokenize(tok, prompts, prompt_syntax)
+        negative = prompt_lib.tokenize(tok, negative_prompts, prompt_syntax) if use_cfg else []
+        k = max(len(ids) for ids, _ in chunked + negative)
+        cond = self._encode_chunks(*prompt_lib.stack(tok, chunked, k))
+        return cond, self._encode_chunks(*prompt_lib.stack(tok, negative, k)) if use_cfg else cond
+
     def prepare(self, prompts: Sequence[str], *, seeds: Sequence[int],
                 negative_prompts: Sequence[str] | None = None, steps: int = 50,
                 guidance_scale: float = 7.5, scheduler: str = "pndm", height: int = 512,
@@ -485,14 +497,7 @@ class Sampler:
                 raise ValueError(f"init images have shape {init_images.shape}; expected {(n, height, width, 3)}")
             init = {"images": jax.device_put(init_images * 2.0 - 1.0, batch),
                     "encoder_noise": None if encoder_noise is None else latent_array("encoder_noise", encoder_noise)}
-        # Prompt and negative prompt in the same number of chunks (empty ones
-        # added), the most any prompt of the batch needs.
-        tok = self.pipe.tokenizer
-        chunked = prompt_lib.tokenize(tok, prompts, prompt_syntax)
-        negative = prompt_lib.tokenize(tok, negative_prompts or [""] * n, prompt_syntax) if use_cfg else []
-        k = max(len(ids) for ids, _ in chunked + negative)
-        cond = self._encode_chunks(*prompt_lib.stack(tok, chunked, k))
-        uncond = self._encode_chunks(*prompt_lib.stack(tok, negative, k)) if use_cfg else cond
+        cond, uncond = self._encode_pair(prompts, negative_prompts or [""] * n, use_cfg, prompt_syntax)
         fn = self.loop(scheduler, use_cfg, given is not None, img2img, scheduler_options=scheduler_options,
                        return_latents=return_latents)
         args = (self.params, cond, uncond, jax.device_put(np.float32(guidance_scale), repl),

@@ -59,6 +59,7 @@ _TOKEN = re.compile(r"""
   | (?P<text>[^\\()\[\]:]+|:)
 """, re.X)
 _BREAK = re.compile(r"\s*\bBREAK\b\s*")
+_PAIRS = {")": ("(", ROUND), "]": ("[", SQUARE)}  # closer -> (its opener, its factor)
 
 
 def check_syntax(syntax: str) -> None:
@@ -98,8 +99,9 @@ def _scan(text: str):
                 raise ValueError(f"prompt {_short(text)!r}: weight {m['weight']!r} is not a number; write e.g. "
                                  f"(word:1.2), or \\( \\) for literal parentheses") from None
             scale(opened["("].pop(), w)
-        elif m["close"] is not None and opened["(" if m["close"] == ")" else "["]:
-            scale(opened["(" if m["close"] == ")" else "["].pop(), ROUND if m["close"] == ")" else SQUARE)
+        elif m["close"] is not None and opened[_PAIRS[m["close"]][0]]:
+            opener, factor = _PAIRS[m["close"]]
+            scale(opened[opener].pop(), factor)
         else:
             piece = m[0]
             if m["close"] is not None or m["weight"] is not None:

@@ -3,7 +3,9 @@
 Without --model, the bundled shapes model (t2i_jax/assets/shapes_model) is
 used. Its text encoder reads 16 tokens (start and end tokens included, about
 12 words); Stable Diffusion's reads 77. The context length is printed at
-start-up, and a prompt that does not fit is named in one warning line.
+start-up. A prompt that does not fit is encoded in chunks of the context
+(--prompt-syntax a1111, the default, which also reads (emphasis:1.2)); with
+--prompt-syntax none it is cut, and named in one warning line.
 
 Seeds: image i (0-based) of prompt entry e (0-based: the --prompt flags in
 order, then the lines of --prompts-file) gets seed `--seed + 1000 * e + i`,
