@@ -29,6 +29,7 @@ from jax.sharding import PartitionSpec as P
 
 from t2i_jax import inpaint as inpaint_lib
 from t2i_jax import parallel, schedulers
+from t2i_jax import prompts as prompt_lib
 from t2i_jax.models.bundle import StableDiffusion  # re-exported: the Sampler's input
 from t2i_jax.parallel import make_mesh  # re-exported: the Sampler's default mesh
 
@@ -156,6 +157,24 @@ def cfg_split(out: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 def _encode_text(text_encoder, params, ids):
     return text_encoder.apply({"params": params}, ids).last_hidden_state
+
+
+def _weight_chunks(z, weights):
+    """A1111 emphasis on encoded chunks, then each prompt's chunks joined:
+    z [n * k, L, D] (the text encoder's output, prompt b's chunks in rows
+    b * k ... b * k + k - 1), weights [n, k, L] -> [n, k * L, D].
+
+    Each chunk is scaled per token and rescaled to its own mean (see
+    `t2i_jax.prompts`); a chunk whose weights are all 1 passes as encoded,
+    bit for bit.
+    """
+    n, k, length = weights.shape
+    w = weights.reshape(n * k, length)
+    zf = z.astype(jnp.float32)
+    scaled = zf * w[..., None]
+    scaled = scaled * (zf.mean(axis=(1, 2), keepdims=True) / scaled.mean(axis=(1, 2), keepdims=True))
+    z = jnp.where(jnp.all(w == 1.0, axis=1)[:, None, None], z, scaled.astype(z.dtype))
+    return z.reshape(n, k * length, z.shape[-1])
 
 
 # Independent random streams per image, all derived from the image's seed.
@@ -296,6 +315,7 @@ class Sampler:
         # and no program decides a layout of its own.
         self._encode = jax.jit(functools.partial(_encode_text, pipe.text_encoder),
                                in_shardings=(repl, batch), out_shardings=batch)
+        self._weigh = jax.jit(_weight_chunks, in_shardings=(batch, batch), out_shardings=batch)
         self._cast = jax.jit(functools.partial(cast_kernels, dtype=self.dtype), out_shardings=repl)
         self._loops: dict = {}
         self._schedulers: dict = {}
@@ -405,10 +425,40 @@ class Sampler:
             self._loops[key] = jax.jit(fn, in_shardings=in_shardings, out_shardings=batch)
         return self._loops[key]
 
-    def encode(self, prompts: Sequence[str]) -> jax.Array:
-        """Prompt embeddings [n, 77, D], sharded over the batch."""
-        ids = self.pipe.tokenizer(list(prompts))
-        return self._encode(self.params["text_encoder"], jax.device_put(ids, _batch_sharding(self.mesh)))
+    def encode(self, prompts: Sequence[str], *, prompt_syntax: str = "a1111",
+               num_chunks: int | None = None) -> jax.Array:
+        """Prompt embeddings [n, k * L, D] (L the text context, 77 for SD),
+        sharded over the batch.
+
+        `prompt_syntax` "a1111": emphasis weights, and prompts longer than
+        L - 2 tokens in k chunks of L (`t2i_jax.prompts`); every prompt is
+        padded with empty chunks to the longest one's k, or to `num_chunks`.
+        "none": the prompts as written, cut to L (k = 1).
+        """
+        tok = self.pipe.tokenizer
+        return self._encode_chunks(*prompt_lib.stack(tok, prompt_lib.tokenize(tok, prompts, prompt_syntax),
+                                                     num_chunks))
+
+    def _encode_chunks(self, ids: np.ndarray, weights: np.ndarray) -> jax.Array:
+        """(ids, weights) [n, k, L] from `prompts.stack` -> embeddings [n, k * L, D]."""
+        n, k, length = ids.shape
+        batch = _batch_sharding(self.mesh)
+        z = self._encode(self.params["text_encoder"], jax.device_put(ids.reshape(n * k, length), batch))
+        if k == 1 and (weights == 1).all():
+            return z  # nothing to weight: the plain encoding, one program fewer
+        return self._weigh(z, jax.device_put(weights, batch))
+
+    def _encode_pair(self, prompts: list[str], negative_prompts: Sequence[str], use_cfg: bool,
+                     prompt_syntax: str) -> tuple[jax.Array, jax.Array]:
+        """(cond, uncond) embeddings; uncond is cond without guidance. Prompts
+        and negative prompts in the same number of chunks (empty ones added),
+        the most any of them needs."""
+        tok = self.pipe.tokenizer
+        chunked = prompt_lib.tokenize(tok, prompts, prompt_syntax)
+        negative = prompt_lib.tokenize(tok, negative_prompts, prompt_syntax) if use_cfg else []
+        k = max(len(ids) for ids, _ in chunked + negative)
+        cond = self._encode_chunks(*prompt_lib.stack(tok, chunked, k))
+        return cond, self._encode_chunks(*prompt_lib.stack(tok, negative, k)) if use_cfg else cond
 
     def prepare(self, prompts: Sequence[str], *, seeds: Sequence[int],
                 negative_prompts: Sequence[str] | None = None, steps: int = 50,
@@ -418,7 +468,8 @@ class Sampler:
                 encoder_noise: np.ndarray | None = None,
                 scheduler_options: Mapping[str, Any] | None = None,
                 return_latents: bool = False, mask_images: np.ndarray | None = None,
-                masked_encoder_noise: np.ndarray | None = None) -> tuple[Any, tuple]:
+                masked_encoder_noise: np.ndarray | None = None,
+                prompt_syntax: str = "a1111") -> tuple[Any, tuple]:
         """The jitted loop of this call and its arguments, checked and placed on
         the mesh (the prompts already encoded): `fn(*args)` is the call's
         images (with `return_latents`, the pair (images, final latents) as
@@ -427,6 +478,7 @@ class Sampler:
         """
         prompts = list(prompts)
         n = len(prompts)
+        prompt_lib.check_syntax(prompt_syntax)
         check_settings(steps, guidance_scale, strength if init_images is not None else None)
         f = self.pipe.vae_scale
         check_size("height", height, f)
@@ -486,8 +538,7 @@ class Sampler:
             inp = jax.device_put(inpaint_lib.host_inputs(mode, masks, init_images * 2.0 - 1.0, f), batch)
             inp["masked_encoder_noise"] = None if masked_encoder_noise is None else \
                 latent_array("masked_encoder_noise", masked_encoder_noise)
-        cond = self.encode(prompts)
-        uncond = self.encode(negative_prompts or [""] * n) if use_cfg else cond
+        cond, uncond = self._encode_pair(prompts, negative_prompts or [""] * n, use_cfg, prompt_syntax)
         fn = self.loop(scheduler, use_cfg, given is not None, img2img, scheduler_options=scheduler_options,
                        return_latents=return_latents, inpaint=mode)
         args = (self.params, cond, uncond, jax.device_put(np.float32(guidance_scale), repl),
@@ -503,7 +554,8 @@ class Sampler:
                  encoder_noise: np.ndarray | None = None,
                  scheduler_options: Mapping[str, Any] | None = None,
                  return_latents: bool = False, mask_images: np.ndarray | None = None,
-                 masked_encoder_noise: np.ndarray | None = None, keep_unmasked: bool = False):
+                 masked_encoder_noise: np.ndarray | None = None, keep_unmasked: bool = False,
+                 prompt_syntax: str = "a1111"):
         """Generates one image per prompt; returns float32 [n, H, W, 3] in [0, 1]
         (with `return_latents`, the pair (images, final latents)).
 
@@ -524,7 +576,14 @@ class Sampler:
         set compiles once, the same set again reuses it. `return_latents`
         also returns the final latents (before the VAE decode, scaled as the
         U-Net sees them; diffusers' `output_type="latent"`), numpy
-        [n, H/f, W/f, C]. The batch must divide by the device count (pad it).
+        [n, H/f, W/f, C]. `prompt_syntax` "a1111" (the default) reads
+        AUTOMATIC1111's emphasis, `(word:1.3)`, and encodes prompts longer
+        than the text context in chunks; "none" takes them as written and cuts
+        them (`t2i_jax.prompts`). Prompts of one call, and their negative
+        prompts, are padded to the same number of chunks: an image whose
+        prompt fits one chunk is only the same as when made alone if its
+        batch needs one chunk too (the CLI groups jobs by chunk count). The
+        batch must divide by the device count (pad it).
 
         Inpainting: `mask_images` (float [n, H, W] or [n, H, W, 1] in [0, 1],
         white = repaint; binarised at 0.5 as diffusers does) with
@@ -544,7 +603,8 @@ class Sampler:
                                 init_images=init_images, strength=strength, latents=latents, noise=noise,
                                 encoder_noise=encoder_noise, scheduler_options=scheduler_options,
                                 return_latents=return_latents, mask_images=mask_images,
-                                masked_encoder_noise=masked_encoder_noise)
+                                masked_encoder_noise=masked_encoder_noise,
+                                prompt_syntax=prompt_syntax)
         if keep_unmasked and mask_images is None:
             raise ValueError("keep_unmasked=True needs mask_images= (and init_images=)")
         out = jax.device_get(fn(*args))

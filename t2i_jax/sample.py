@@ -3,7 +3,9 @@
 Without --model, the bundled shapes model (t2i_jax/assets/shapes_model) is
 used. Its text encoder reads 16 tokens (start and end tokens included, about
 12 words); Stable Diffusion's reads 77. The context length is printed at
-start-up, and a prompt that does not fit is named in one warning line.
+start-up. A prompt that does not fit is encoded in chunks of the context
+(--prompt-syntax a1111, the default, which also reads (emphasis:1.2)); with
+--prompt-syntax none it is cut, and named in one warning line.
 
 Seeds: image i (0-based) of prompt entry e (0-based: the --prompt flags in
 order, then the lines of --prompts-file) gets seed `--seed + 1000 * e + i`,
@@ -270,12 +272,14 @@ def build_jobs(entries: Sequence[dict], *, negative_prompt: str, style: str | No
     return jobs, unstyled
 
 
-def batches(jobs: Sequence[Job], batch_size: int):
-    """Groups jobs that can share a compiled call (same steps and guidance)
-    into batches of at most `batch_size`, in first-seen order."""
+def batches(jobs: Sequence[Job], batch_size: int, chunks: Callable[[Job], int] | None = None):
+    """Groups jobs that can share a compiled call (same steps and guidance,
+    and the same `chunks(job)`: the number of text-context chunks its prompts
+    are encoded in, which a batch pads to its longest) into batches of at most
+    `batch_size`, in first-seen order."""
     groups: dict[tuple, list[Job]] = {}
     for j in jobs:
-        groups.setdefault((j.steps, j.guidance_scale), []).append(j)
+        groups.setdefault((j.steps, j.guidance_scale, chunks(j) if chunks else 1), []).append(j)
     for group in groups.values():
         for i in range(0, len(group), batch_size):
             yield group[i: i + batch_size]
@@ -489,6 +493,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompts-file", help="one prompt per line, or JSONL objects with prompt and optional "
                                           "negative_prompt, seed, steps, guidance (or guidance_scale)")
     p.add_argument("--negative-prompt", default="", help="negative prompt of every entry that names none")
+    p.add_argument("--prompt-syntax", choices=["a1111", "none"], default="a1111",
+                   help="a1111: AUTOMATIC1111's emphasis, (word) x1.1, [word] /1.1, (word:1.3), \\( for a literal "
+                        "parenthesis, BREAK to start a new chunk, and prompts longer than the text context encoded "
+                        "in chunks; none: prompts as written, cut to the context")
     p.add_argument("--style", help=f"prompt template preset: {', '.join(sorted(STYLES))}; applied only where the "
                                    "styled prompt fits the text encoder's context (never with the bundled model's "
                                    f"{context} tokens)")
@@ -576,6 +584,7 @@ def run(args: argparse.Namespace) -> dict:
     import jax.numpy as jnp
 
     from t2i_jax import inpaint, pipeline, schedulers
+    from t2i_jax import prompts as prompt_lib
     from t2i_jax.convert.load import load_components
 
     # ---- Checks, before anything is loaded, compiled or written.
@@ -645,7 +654,21 @@ def run(args: argparse.Namespace) -> dict:
         warn(f"--style {args.style} does not fit the text encoder's {context}-token context with "
              f"{len(unstyled)} of {len(entries)} prompt(s), e.g. {_short(unstyled[0])!r}; those are used "
              "without the style, so none of their words are cut")
-    too_long = list(dict.fromkeys(t for j in jobs for t in (j.prompt, j.negative_prompt) if count(t) > context))
+    syntax = args.prompt_syntax
+    texts = list(dict.fromkeys(t for j in jobs for t in (j.prompt, j.negative_prompt)))
+    too_long = [t for t in texts if count(t) > context] if syntax == "none" else []  # a1111: chunks, none cut
+    unbalanced = [m for m in map(prompt_lib.bracket_problems, texts) if m] if syntax == "a1111" else []
+    if unbalanced:
+        warn(unbalanced[0] + (f" (and {len(unbalanced) - 1} more prompt(s))" if len(unbalanced) > 1 else ""))
+    chunk_cache: dict[str, int] = {}
+
+    def chunks(job: Job) -> int:
+        """The chunks of the job's conditioning: its prompt's, or its negative prompt's if more (guided)."""
+        for t in (job.prompt, job.negative_prompt):
+            if t not in chunk_cache:
+                chunk_cache[t] = prompt_lib.num_chunks(pipe.tokenizer, t, syntax)
+        return max(chunk_cache[job.prompt], chunk_cache[job.negative_prompt] if job.guidance_scale > 1 else 1)
+
     if too_long:
         warn(f"{len(too_long)} prompt(s) are longer than the text encoder's {context}-token context and are "
              f"cut, e.g. {_short(too_long[0])!r} ({count(too_long[0])} tokens); shorten them to keep every word")
@@ -667,6 +690,7 @@ def run(args: argparse.Namespace) -> dict:
     # its pixels; its path only in the metadata.
     common = {"model": pipe.source, "scheduler": args.scheduler, "height": height, "width": width,
               "dtype": dtype_name, "init_image": init_hash, "strength": args.strength if args.init_image else None}
+    common["prompt_syntax"] = syntax  # (word:1.3) and long prompts read as A1111 does, or as written
     if options:
         common["scheduler_options"] = options
     if mask is not None:  # absent otherwise: the keys of earlier runs stay valid
@@ -690,7 +714,7 @@ def run(args: argparse.Namespace) -> dict:
     lat_shape = (bs, height // pipe.vae_scale, width // pipe.vae_scale, pipe.latent_channels)
     strength = args.strength if init is not None else 1.0
     evals = {s: sched.set_timesteps(s, lat_shape, strength=strength).num_evals for s in {j.steps for j in todo}}
-    all_batches = list(batches(todo, bs))
+    all_batches = list(batches(todo, bs, chunks))
     bar = tqdm(total=sum(evals[b[0].steps] for b in all_batches), unit="step", desc="sampling",
                file=sys.stderr, disable=not all_batches, dynamic_ncols=True)
     compiled: dict[tuple, object] = {}
@@ -700,6 +724,7 @@ def run(args: argparse.Namespace) -> dict:
         with warnings.catch_warnings():
             # Prompts that do not fit were named above, in one line.
             warnings.filterwarnings("ignore", message=r"prompt .* tokens with start and end", category=UserWarning)
+            warnings.filterwarnings("ignore", message=r"prompt .* has unbalanced brackets", category=UserWarning)
             for batch in all_batches:
                 real = len(batch)
                 padded = list(batch) + [batch[-1]] * (bs - real)  # padding rows are computed and dropped
@@ -712,8 +737,9 @@ def run(args: argparse.Namespace) -> dict:
                     negative_prompts=[j.negative_prompt for j in padded], steps=batch[0].steps,
                     guidance_scale=batch[0].guidance_scale, scheduler=args.scheduler, height=height,
                     width=width, strength=args.strength,
-                    init_images=None if init is None else np.repeat(init[None], bs, axis=0), **extra)
-                program = (batch[0].steps, batch[0].guidance_scale > 1.0)
+                    init_images=None if init is None else np.repeat(init[None], bs, axis=0),
+                    prompt_syntax=syntax, **extra)
+                program = (batch[0].steps, batch[0].guidance_scale > 1.0, fargs[1].shape)  # [n, chunks * L, D]
                 if program not in compiled:
                     bar.set_description("compiling (once per shape)")
                     t1 = time.perf_counter()

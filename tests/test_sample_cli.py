@@ -102,8 +102,8 @@ def test_generate_files_metadata_manifest_and_resume(model_dir, tmp_path, capsys
 def test_prompts_file_jsonl_styles_and_img2img(model_dir, tmp_path, capsys):
     prompts = tmp_path / "prompts.jsonl"
     # The tiny model reads 77 tokens: the anime template (16 tokens) fits "a
-    # dog", not a 70-word prompt, which is then used as written; 90 words
-    # are cut whatever the style.
+    # dog", not a 70-word prompt, which is then used as written; with
+    # --prompt-syntax none, 90 words are cut whatever the style.
     words = " ".join(["red"] * 70)
     prompts.write_text(
         json.dumps({"prompt": "a cat", "seed": 7, "steps": 2, "guidance": 1.0}) + "\n"
@@ -115,7 +115,7 @@ def test_prompts_file_jsonl_styles_and_img2img(model_dir, tmp_path, capsys):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert sample.main(_args(model_dir, out, "--prompts-file", str(prompts), "--style", "anime",
-                                 "--init-image", str(init), "--strength", "0.5")) == 0
+                                 "--init-image", str(init), "--strength", "0.5", "--prompt-syntax", "none")) == 0
     err = capsys.readouterr().err
     lines = [x for x in err.splitlines() if "warning" in x.lower()]
     assert len(lines) == 2, err
