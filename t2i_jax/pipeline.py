@@ -28,6 +28,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from t2i_jax import parallel, schedulers
+from t2i_jax.models import controlnet as controlnet_lib
 from t2i_jax.models.bundle import StableDiffusion  # re-exported: the Sampler's input
 from t2i_jax.parallel import make_mesh  # re-exported: the Sampler's default mesh
 
@@ -100,7 +101,7 @@ def _shard_history(history, mesh: Mesh, sample_shape: tuple):
 # The text encoder runs once per call, outside the loop, and sums its
 # embedding tables in fp32 by design (clip.CLIPTextEmbeddings); it keeps its
 # params as loaded.
-CAST_PARTS = ("unet", "vae")
+CAST_PARTS = ("unet", "vae", "controlnet")
 
 
 def _cast_dtype(x, dtype):
@@ -185,7 +186,7 @@ def _from_latents(vae, x):
 
 
 def _denoise(unet, vae, sched, use_cfg, has_latents, img2img, return_latents, dtype, mesh,
-             params, cond, uncond, guidance_scale, seeds, latents, init_images, state):
+             params, cond, uncond, guidance_scale, seeds, latents, init_images, state, control=None):
     """The whole loop and the decode; the static arguments come first (partial'd).
 
     `latents`: the starting noise (txt2img) or the noise added to the init
@@ -195,8 +196,10 @@ def _denoise(unet, vae, sched, use_cfg, has_latents, img2img, return_latents, dt
     posterior's sampling noise, latent-shaped, or None for the seeded one).
     `mesh`: the batch is split over all its devices; the sample, the
     scheduler's per-image history and both guidance halves of an image stay
-    on that image's device throughout. Returns the images, and the final
-    latents too when `return_latents`.
+    on that image's device throughout. `control`: None, or a
+    `controlnet.Control` (control images, scales, per-evaluation keep flags;
+    its nets run with `params["controlnet"]` at every evaluation, inside the
+    loop). Returns the images, and the final latents too when `return_latents`.
     """
     step_keys = stream_keys(seeds, SAMPLER)
     noise = latents.astype(jnp.float32) if has_latents else seeded_normal(seeds, latents.shape[1:])
@@ -216,11 +219,14 @@ def _denoise(unet, vae, sched, use_cfg, has_latents, img2img, return_latents, dt
 
     def body(i, carry):
         x, st = carry
-        xin = sched.scale_model_input(st, x, i).astype(dtype)
+        xin = x1 = sched.scale_model_input(st, x, i).astype(dtype)
         if use_cfg:
             xin = _shard_batch_axis(cfg_interleave(xin, xin), mesh)
         t = jnp.broadcast_to(st.timesteps[i], (xin.shape[0],))
-        out = unet.apply({"params": params["unet"]}, xin, t, context).astype(jnp.float32)
+        res = {} if control is None else controlnet_lib.run_controlnets(
+            control, params["controlnet"], x1, xin, t, context, i, use_cfg=use_cfg, interleave=cfg_interleave,
+            split=cfg_split)
+        out = unet.apply({"params": params["unet"]}, xin, t, context, **res).astype(jnp.float32)
         if use_cfg:
             out_u, out_c = cfg_split(_shard_batch_axis(out, mesh))
             out = out_u + guidance_scale * (out_c - out_u)
@@ -260,15 +266,27 @@ class Sampler:
     """
 
     def __init__(self, pipe: StableDiffusion, *, mesh: Mesh | None = None, dtype=None,
-                 attention_impl: str | None = None, cast_params: bool = True):
+                 attention_impl: str | None = None, cast_params: bool = True,
+                 controlnets: Sequence[tuple[Any, Any]] = ()):
         """`dtype` (e.g. jnp.bfloat16) and `attention_impl` replace the
         modules' compute dtype and attention (`StableDiffusion.with_compute`);
         None keeps the ones `pipe` was built with. `cast_params` keeps a copy
         of the U-Net and VAE params with their kernels in the compute dtype
         when it differs from theirs (fp32 params, bf16 compute): the loop then
         reads half the bytes per step and casts nothing; False keeps the
-        params as loaded, cast by the modules at every step."""
+        params as loaded, cast by the modules at every step.
+
+        `controlnets`: (ControlNetModel, params) pairs (`convert.controlnet.
+        load_controlnet`), checked against the U-Net (text width, residual
+        shapes, control image size) and held as the params part
+        "controlnet" (a list, replicated and cast like the U-Net's); a call
+        given `control_images` runs all of them."""
         pipe = pipe.with_compute(dtype, attention_impl)
+        for k, (net, _) in enumerate(controlnets):
+            controlnet_lib.check_fits(net.config, pipe.unet.config, pipe.vae_scale, name=f"ControlNet {k}")
+        # The nets compute like the U-Net (the dtype and attention it now has).
+        self.controlnets = tuple(net.clone(dtype=pipe.unet.dtype, attention_impl=pipe.unet.attention_impl)
+                                 for net, _ in controlnets)
         self.pipe = pipe
         self.mesh = mesh or make_mesh()
         self.dtype = pipe.dtype
@@ -284,6 +302,8 @@ class Sampler:
         self._schedulers: dict = {}
         self.params: dict = {}
         self._place(pipe.params)
+        if controlnets:
+            self._place({"controlnet": [p for _, p in controlnets]})
 
     @property
     def num_devices(self) -> int:
@@ -356,18 +376,21 @@ class Sampler:
         return self._schedulers[key]
 
     def loop(self, name: str, use_cfg: bool, has_latents: bool, img2img: bool, *,
-             scheduler_options: Mapping[str, Any] | None = None, return_latents: bool = False):
+             scheduler_options: Mapping[str, Any] | None = None, return_latents: bool = False,
+             guess_mode: bool | None = None):
         """The jitted denoise+decode function for these static choices (cached).
 
         Its arguments: (params, cond, uncond, guidance_scale, seeds, latents,
         init_images, state), as `prepare` builds them; it returns the images,
         or (images, final latents) when `return_latents`. Options that leave
         the sampler's effective config the same (e.g. a default passed
-        explicitly) share one compiled function.
+        explicitly) share one compiled function. `guess_mode`: None for a
+        call without ControlNets, else the program runs all of the Sampler's
+        ControlNets and takes a `controlnet.Control` as a last argument.
         """
         sched = self.scheduler(name, scheduler_options)
         key = (name, _frozen(sched.config), _frozen(sched.opts), use_cfg, has_latents, img2img,
-               bool(return_latents))
+               bool(return_latents), guess_mode)
         if key not in self._loops:
             p = self.pipe
             fn = functools.partial(_denoise, p.unet, p.vae, sched, use_cfg, has_latents, img2img,
@@ -379,6 +402,8 @@ class Sampler:
             # encoder noise (None for txt2img: an empty pytree, any prefix
             # fits it), and the outputs.
             in_shardings = (repl, batch, batch, repl, batch, batch, batch, repl)
+            if guess_mode is not None:  # control images split, scales and keep flags replicated
+                in_shardings += (controlnet_lib.Control(batch, repl, repl, self.controlnets, guess_mode),)
             self._loops[key] = jax.jit(fn, in_shardings=in_shardings, out_shardings=batch)
         return self._loops[key]
 
@@ -394,7 +419,10 @@ class Sampler:
                 latents: np.ndarray | None = None, noise: np.ndarray | None = None,
                 encoder_noise: np.ndarray | None = None,
                 scheduler_options: Mapping[str, Any] | None = None,
-                return_latents: bool = False) -> tuple[Any, tuple]:
+                return_latents: bool = False, control_images: Sequence[np.ndarray] | None = None,
+                control_scales: float | Sequence[float] = 1.0,
+                control_guidance_start: float | Sequence[float] = 0.0,
+                control_guidance_end: float | Sequence[float] = 1.0, guess_mode: bool = False) -> tuple[Any, tuple]:
         """The jitted loop of this call and its arguments, checked and placed on
         the mesh (the prompts already encoded): `fn(*args)` is the call's
         images (with `return_latents`, the pair (images, final latents) as
@@ -446,14 +474,64 @@ class Sampler:
                 raise ValueError(f"init images have shape {init_images.shape}; expected {(n, height, width, 3)}")
             init = {"images": jax.device_put(init_images * 2.0 - 1.0, batch),
                     "encoder_noise": None if encoder_noise is None else latent_array("encoder_noise", encoder_noise)}
+        control = self._control(control_images, control_scales, control_guidance_start, control_guidance_end,
+                                guess_mode, n, height, width, state.num_evals)
         cond = self.encode(prompts)
         uncond = self.encode(negative_prompts or [""] * n) if use_cfg else cond
         fn = self.loop(scheduler, use_cfg, given is not None, img2img, scheduler_options=scheduler_options,
-                       return_latents=return_latents)
+                       return_latents=return_latents, guess_mode=None if control is None else control.guess_mode)
         args = (self.params, cond, uncond, jax.device_put(np.float32(guidance_scale), repl),
                 jax.device_put(np.asarray(seeds, np.uint32), batch), lat, init,
                 jax.device_put(state, repl))
-        return fn, args
+        return fn, args + (() if control is None else (control,))
+
+    def _control(self, images, scales, starts, ends, guess_mode, n, height, width, num_evals):
+        """The call's `controlnet.Control` (placed on the mesh), or None
+        without control images; checks them with diffusers' rules."""
+        if images is None:
+            if guess_mode:
+                raise ValueError("guess_mode=True needs control_images (it is a ControlNet setting)")
+            return None
+        nets = self.controlnets
+        if not nets:
+            raise ValueError("control_images were given, but this Sampler has no ControlNets; build it with "
+                             "Sampler(pipe, controlnets=[convert.controlnet.load_controlnet(...)])")
+        images = [images] if isinstance(images, np.ndarray) or hasattr(images, "shape") else list(images)
+        if len(images) != len(nets):
+            raise ValueError(f"got {len(images)} control images for {len(nets)} ControlNets; pass one per "
+                             "ControlNet, in the order the Sampler holds them")
+
+        def per_net(name, v):
+            v = [float(v)] * len(nets) if np.ndim(v) == 0 else [float(x) for x in v]
+            if len(v) != len(nets):
+                raise ValueError(f"{name} has {len(v)} values for {len(nets)} ControlNets; pass one, or one per net")
+            return v
+
+        scales, starts = per_net("control_scales", scales), per_net("control_guidance_start", starts)
+        ends = per_net("control_guidance_end", ends)
+        for k, (s, e) in enumerate(zip(starts, ends)):
+            if not 0.0 <= s < e <= 1.0:
+                raise ValueError(f"ControlNet {k}: control guidance start {s} and end {e} must satisfy "
+                                 "0 <= start < end <= 1 (fractions of the sampling steps), e.g. 0.0 and 1.0")
+        placed = []
+        for k, (net, im) in enumerate(zip(nets, images)):
+            im = np.asarray(im, np.float32)
+            im = im[None] if im.ndim == 3 else im
+            c = net.config.conditioning_channels
+            if im.ndim != 4 or im.shape[-1] != c or im.shape[0] not in (1, n):
+                raise ValueError(f"control image {k} has shape {im.shape}; expected [{n} or 1, {height}, {width}, "
+                                 f"{c}] (float in [0, 1], one per prompt or one for all)")
+            if im.shape[1:3] != (height, width):
+                raise ValueError(f"control image {k} is {im.shape[1]}x{im.shape[2]} (height x width), but this call "
+                                 f"makes {height}x{width} images; resize it to {height}x{width} (the CLI does)")
+            placed.append(jax.device_put(np.ascontiguousarray(np.broadcast_to(im, (n,) + im.shape[1:])),
+                                         _batch_sharding(self.mesh)))
+        repl = _replicated(self.mesh)
+        # diffusers reads guess mode from its first net when one pools its residuals.
+        guess = bool(guess_mode or nets[0].config.global_pool_conditions)
+        return controlnet_lib.Control(tuple(placed), jax.device_put(np.asarray(scales, np.float32), repl),
+                                      jax.device_put(controlnet_lib.keep_mask(num_evals, starts, ends), repl),
+                                      nets, guess)
 
     def __call__(self, prompts: Sequence[str], *, seeds: Sequence[int],
                  negative_prompts: Sequence[str] | None = None, steps: int = 50,
@@ -462,7 +540,10 @@ class Sampler:
                  latents: np.ndarray | None = None, noise: np.ndarray | None = None,
                  encoder_noise: np.ndarray | None = None,
                  scheduler_options: Mapping[str, Any] | None = None,
-                 return_latents: bool = False):
+                 return_latents: bool = False, control_images: Sequence[np.ndarray] | None = None,
+                 control_scales: float | Sequence[float] = 1.0,
+                 control_guidance_start: float | Sequence[float] = 0.0,
+                 control_guidance_end: float | Sequence[float] = 1.0, guess_mode: bool = False):
         """Generates one image per prompt; returns float32 [n, H, W, 3] in [0, 1]
         (with `return_latents`, the pair (images, final latents)).
 
@@ -484,12 +565,22 @@ class Sampler:
         also returns the final latents (before the VAE decode, scaled as the
         U-Net sees them; diffusers' `output_type="latent"`), numpy
         [n, H/f, W/f, C]. The batch must divide by the device count (pad it).
+
+        ControlNet (a Sampler built with `controlnets=`): `control_images`,
+        one per net, float [n or 1, H, W, C] in [0, 1] (diffusers' control
+        image, not normalised to [-1, 1]); `control_scales` (diffusers'
+        `controlnet_conditioning_scale`), `control_guidance_start`/`_end`
+        (fractions of the evaluations the net acts in) each one value or one
+        per net; `guess_mode` runs the nets on the conditional half only,
+        with residuals weighted 0.1 .. 1.0 from the top block down.
         """
         fn, args = self.prepare(prompts, seeds=seeds, negative_prompts=negative_prompts, steps=steps,
                                 guidance_scale=guidance_scale, scheduler=scheduler, height=height, width=width,
                                 init_images=init_images, strength=strength, latents=latents, noise=noise,
                                 encoder_noise=encoder_noise, scheduler_options=scheduler_options,
-                                return_latents=return_latents)
+                                return_latents=return_latents, control_images=control_images,
+                                control_scales=control_scales, control_guidance_start=control_guidance_start,
+                                control_guidance_end=control_guidance_end, guess_mode=guess_mode)
         out = jax.device_get(fn(*args))
         if return_latents:
             return np.asarray(out[0]), np.asarray(out[1])

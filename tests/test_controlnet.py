@@ -1,0 +1,251 @@
+"""ControlNet: the Flax ControlNetModel against diffusers', its converters
+(diffusers folders, original single files), and sampling with one or two
+ControlNets against diffusers' StableDiffusionControlNetPipeline."""
+
+import diffusers
+import jax
+import numpy as np
+import pytest
+import torch
+from test_pipeline import PROMPTS, SIZE, build_tiny_pipeline
+
+from t2i_jax import pipeline
+from t2i_jax.convert import core
+from t2i_jax.convert.controlnet import load_controlnet, save_controlnet
+from t2i_jax.convert.load import load_components
+from t2i_jax.models import controlnet as controlnet_lib
+
+# The tiny VAE downsamples by 2, so the control image encoder has one stride-2 conv.
+EMBED = (8, 16)
+
+
+def build_controlnet(unet, seed):
+    """A ControlNetModel copied from `unet`, every weight (zero convs included) random,
+    so that every residual is non-zero."""
+    torch.manual_seed(seed)
+    net = diffusers.ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=EMBED)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if name.startswith(("controlnet_", "controlnet_cond_embedding")):
+                p.copy_(torch.randn_like(p) * 0.2)
+    return net.eval()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny-cn")
+    build_tiny_pipeline(root / "sd")
+    # From disk, as test_pipeline: the saved scheduler config is what users get.
+    ref = diffusers.StableDiffusionPipeline.from_pretrained(root / "sd", safety_checker=None,
+                                                            requires_safety_checker=False)
+    nets = [build_controlnet(ref.unet, seed) for seed in (1, 2)]
+    for k, net in enumerate(nets):
+        net.save_pretrained(root / f"cn{k}")
+    loaded = [load_controlnet(str(root / f"cn{k}")) for k in range(2)]
+    return {"root": root, "ref": ref, "nets": nets, "loaded": loaded, "pipe": load_components(str(root / "sd"))}
+
+
+def _control_image(seed, n=1):
+    return np.random.RandomState(seed).rand(n, SIZE, SIZE, 3).astype(np.float32)
+
+
+def _torch(x):
+    return torch.tensor(np.asarray(x).transpose(0, 3, 1, 2))
+
+
+def _residual_error(net, module, params, guess_mode=False, scale=0.7):
+    rs = np.random.RandomState(0)
+    x = rs.randn(2, SIZE // 2, SIZE // 2, 4).astype(np.float32)
+    ctx = rs.randn(2, 7, 32).astype(np.float32)
+    img = _control_image(3, 2)
+    t = np.array([999, 421])
+    with torch.no_grad():
+        d_ref, m_ref = net(_torch(x), torch.tensor(t), torch.tensor(ctx), _torch(img), conditioning_scale=scale,
+                           guess_mode=guess_mode, return_dict=False)
+    d, m = module.apply({"params": params}, x, t, ctx, img, scale, guess_mode=guess_mode)
+    refs = [r.numpy().transpose(0, 2, 3, 1) for r in (*d_ref, m_ref)]
+    assert len(d) == len(d_ref) and all(np.abs(r).mean() > 1e-3 for r in refs)
+    return max(np.linalg.norm(np.asarray(a) - r) / np.linalg.norm(r) for a, r in zip((*d, m), refs))
+
+
+@pytest.mark.parametrize("guess_mode", [False, True])
+def test_residuals_match_diffusers(tiny, guess_mode):
+    module, params = tiny["loaded"][0]
+    assert _residual_error(tiny["nets"][0], module, params, guess_mode) < 1e-5
+
+
+def test_unet_with_residuals_matches_diffusers(tiny):
+    # The U-Net adds the residuals where diffusers does.
+    pipe = tiny["pipe"]
+    rs = np.random.RandomState(1)
+    x = rs.randn(1, SIZE // 2, SIZE // 2, 4).astype(np.float32)
+    ctx = rs.randn(1, 7, 32).astype(np.float32)
+    module, params = tiny["loaded"][0]
+    down, mid = module.apply({"params": params}, x, 500, ctx, _control_image(4), 1.3)
+    ours = pipe.unet.apply({"params": pipe.params["unet"]}, x, 500, ctx, down_block_additional_residuals=down,
+                           mid_block_additional_residual=mid)
+    with torch.no_grad():
+        ref, plain = (tiny["ref"].unet(_torch(x), 500, torch.tensor(ctx), **kw).sample.numpy().transpose(0, 2, 3, 1)
+                      for kw in (dict(down_block_additional_residuals=[_torch(np.asarray(d)) for d in down],
+                                      mid_block_additional_residual=_torch(np.asarray(mid))), {}))
+    assert np.linalg.norm(ours - ref) / np.linalg.norm(ref) < 1e-5
+    assert np.linalg.norm(plain - ref) / np.linalg.norm(ref) > 1e-2  # the residuals matter
+
+
+def test_save_controlnet_round_trip(tiny, tmp_path):
+    module, params = tiny["loaded"][1]
+    save_controlnet(params, module.config, tmp_path / "out")
+    back = diffusers.ControlNetModel.from_pretrained(tmp_path / "out")
+    assert _residual_error(back, module, params) < 1e-5
+
+
+# Original (lllyasviel) key layout of the tiny net, written by hand: LDM input
+# blocks (level 0: two resnets and a downsampler; level 1: two resnet +
+# attention pairs), the hint Sequential (convs at 0, 2, 4, 6), zero convs.
+_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+           "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+_PREFIXES = {
+    "conv_in.": "input_blocks.0.0.", "time_embedding.linear_1.": "time_embed.0.",
+    "time_embedding.linear_2.": "time_embed.2.",
+    "down_blocks.0.resnets.0.": "input_blocks.1.0.", "down_blocks.0.resnets.1.": "input_blocks.2.0.",
+    "down_blocks.0.downsamplers.0.conv.": "input_blocks.3.0.op.",
+    "down_blocks.1.resnets.0.": "input_blocks.4.0.", "down_blocks.1.attentions.0.": "input_blocks.4.1.",
+    "down_blocks.1.resnets.1.": "input_blocks.5.0.", "down_blocks.1.attentions.1.": "input_blocks.5.1.",
+    "mid_block.resnets.0.": "middle_block.0.", "mid_block.attentions.0.": "middle_block.1.",
+    "mid_block.resnets.1.": "middle_block.2.",
+    "controlnet_cond_embedding.conv_in.": "input_hint_block.0.",
+    "controlnet_cond_embedding.blocks.0.": "input_hint_block.2.",
+    "controlnet_cond_embedding.blocks.1.": "input_hint_block.4.",
+    "controlnet_cond_embedding.conv_out.": "input_hint_block.6.",
+    "controlnet_mid_block.": "middle_block_out.0.",
+    **{f"controlnet_down_blocks.{i}.": f"zero_convs.{i}.0." for i in range(6)},
+}
+
+
+def _original_layout(state):
+    out = {}
+    for key, value in state.items():
+        prefix = max((p for p in _PREFIXES if key.startswith(p)), key=len)
+        rest = key[len(prefix):]
+        if "resnets" in prefix:
+            name, leaf = rest.split(".")
+            rest = f"{_RESNET[name]}.{leaf}"
+        out[_PREFIXES[prefix] + rest] = value.numpy()
+    return out
+
+
+@pytest.mark.parametrize("prefix", ["", "control_model."])
+def test_single_file_matches_diffusers(tiny, tmp_path, prefix):
+    net = tiny["nets"][0]
+    state = {prefix + k: v for k, v in _original_layout(net.state_dict()).items()}
+    if prefix:  # the v1.0 files also carry the SD model; it is skipped
+        state["model.diffusion_model.out.2.weight"] = np.zeros((4, 32, 3, 3), np.float32)
+    path = tmp_path / "control_tiny.safetensors"
+    core.write_safetensors(state, path)
+    overrides = {"attention_head_dim": 4, "norm_num_groups": 16}
+    module, params = load_controlnet(str(path), config=overrides)
+    assert module.config.conditioning_embedding_out_channels == EMBED
+    assert _residual_error(net, module, params) < 1e-5
+    # Strict: a stray key is named.
+    core.write_safetensors({**state, prefix + "zero_convs.9.0.weight": np.zeros((1,), np.float32)}, path)
+    with pytest.raises(core.ConversionError, match=r"zero_convs\.9\.0\.weight"):
+        load_controlnet(str(path), config=overrides)
+
+
+# --------------------------------------------------------------------------
+# Sampling against StableDiffusionControlNetPipeline
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sampler(tiny):
+    return pipeline.Sampler(tiny["pipe"], mesh=pipeline.make_mesh(devices=jax.devices()[:1]),
+                            controlnets=tiny["loaded"])
+
+
+@pytest.fixture(scope="module")
+def sampler1(tiny):
+    return pipeline.Sampler(tiny["pipe"], mesh=pipeline.make_mesh(devices=jax.devices()[:1]),
+                            controlnets=tiny["loaded"][:1])
+
+
+def _reference(tiny, nets, images, steps, scheduler=diffusers.EulerDiscreteScheduler, **kw):
+    r = tiny["ref"]
+    controlnet = nets[0] if len(nets) == 1 else diffusers.MultiControlNetModel(nets)
+    ref = diffusers.StableDiffusionControlNetPipeline(
+        vae=r.vae, text_encoder=r.text_encoder, tokenizer=r.tokenizer, unet=r.unet, controlnet=controlnet,
+        scheduler=scheduler.from_config(r.scheduler.config), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    image = [_torch(im) for im in images] if len(nets) > 1 else _torch(images[0])
+    return ref(PROMPTS, image=image, num_inference_steps=steps, height=SIZE, width=SIZE, output_type="np",
+               **kw).images
+
+
+def _latents():
+    return np.random.RandomState(7).randn(len(PROMPTS), SIZE // 2, SIZE // 2, 4).astype(np.float32)
+
+
+SCHEDULERS = {"euler": diffusers.EulerDiscreteScheduler, "heun": diffusers.HeunDiscreteScheduler,
+              "dpmpp_2m": diffusers.DPMSolverMultistepScheduler}
+CASES = [
+    # (nets, scheduler, diffusers kwargs, our kwargs). Heun evaluates the U-Net
+    # 2 * steps - 1 times; diffusers' keep flags count those evaluations (its
+    # loop over `timesteps`), and so do ours.
+    pytest.param(1, "heun", dict(control_guidance_start=0.2, control_guidance_end=0.8),
+                 dict(control_guidance_start=0.2, control_guidance_end=0.8), id="one-heun-start-end"),
+    pytest.param(2, "euler", dict(controlnet_conditioning_scale=[0.7, 1.3], control_guidance_start=[0.0, 0.4],
+                                  control_guidance_end=[0.7, 1.0]),
+                 dict(control_scales=[0.7, 1.3], control_guidance_start=[0.0, 0.4], control_guidance_end=[0.7, 1.0]),
+                 id="two-scaled-start-end"),
+    pytest.param(1, "dpmpp_2m", dict(controlnet_conditioning_scale=0.8, guess_mode=True),
+                 dict(control_scales=0.8, guess_mode=True), id="one-guess-mode", marks=pytest.mark.slow),
+    pytest.param(2, "euler", dict(guess_mode=True, guidance_scale=1.0), dict(guess_mode=True, guidance_scale=1.0),
+                 id="two-guess-mode-no-cfg", marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize(("n", "scheduler", "ref_kw", "our_kw"), CASES)
+def test_sampling_matches_diffusers(tiny, sampler, sampler1, n, scheduler, ref_kw, our_kw):
+    images = [_control_image(10 + k, len(PROMPTS)) for k in range(n)]
+    latents = _latents()
+    kw = dict(guidance_scale=6.0)
+    out = _reference(tiny, tiny["nets"][:n], images, 3, scheduler=SCHEDULERS[scheduler],
+                     negative_prompt=["blurry", ""], latents=_torch(latents), **{**kw, **ref_kw})
+    s = sampler1 if n == 1 else sampler
+    kw = dict(seeds=[0, 1], negative_prompts=["blurry", ""], steps=3, scheduler=scheduler, height=SIZE, width=SIZE,
+              latents=latents, control_images=images, **{**kw, **our_kw})
+    ours = s(PROMPTS, **kw)
+    # Scales are inputs of the compiled loop: zero scales rerun it with no control.
+    plain = s(PROMPTS, **{**kw, "control_scales": 0.0})
+    assert ((out > 0.02) & (out < 0.98)).mean() > 0.5
+    assert np.abs(ours - out).max() <= 1 / 255
+    assert np.abs(plain - out).max() > 10 / 255  # the ControlNets changed the images
+
+
+def test_keep_mask_matches_diffusers_indexing():
+    # diffusers: keep[i] = 1 - (i / N < start or (i + 1) / N > end) over its
+    # loop index i, N = len(timesteps) (Heun: 2 * steps - 1 evaluations).
+    keep = controlnet_lib.keep_mask(7, [0.2, 0.0], [0.8, 0.5])
+    assert keep[:, 0].tolist() == [0, 0, 1, 1, 1, 0, 0]
+    assert keep[:, 1].tolist() == [1, 1, 1, 0, 0, 0, 0]
+
+
+def test_bad_inputs_are_named(tiny, sampler, sampler1):
+    kw = dict(seeds=[0, 1], steps=2, scheduler="euler", height=SIZE, width=SIZE)
+    with pytest.raises(ValueError, match=r"control image 0 is 48x32 \(height x width\).*32x32 images; resize"):
+        sampler1.prepare(PROMPTS, control_images=[np.zeros((1, 48, 32, 3), np.float32)], **kw)
+    with pytest.raises(ValueError, match="got 1 control images for 2 ControlNets"):
+        sampler.prepare(PROMPTS, control_images=[_control_image(0)], **kw)
+    with pytest.raises(ValueError, match="start 0.9 and end 0.5"):
+        sampler1.prepare(PROMPTS, control_images=[_control_image(0)], control_guidance_start=0.9,
+                         control_guidance_end=0.5, **kw)
+    plain = pipeline.Sampler(tiny["pipe"], mesh=sampler.mesh)
+    with pytest.raises(ValueError, match="has no ControlNets"):
+        plain.prepare(PROMPTS, control_images=[_control_image(0)], **kw)
+    # A ControlNet for another text encoder width (SD2's 1024 vs this model's 32).
+    module, params = tiny["loaded"][0]
+    wide = controlnet_lib.ControlNetModel(
+        controlnet_lib.ControlNetConfig(**{**module.config.__dict__, "cross_attention_dim": 48}))
+    with pytest.raises(ValueError, match="ControlNet 0 has cross_attention_dim 48, the model's U-Net 32"):
+        pipeline.Sampler(tiny["pipe"], mesh=sampler.mesh, controlnets=[(wide, params)])
