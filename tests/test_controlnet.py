@@ -53,6 +53,12 @@ def _torch(x):
     return torch.tensor(np.asarray(x).transpose(0, 3, 1, 2))
 
 
+# One jit for every apply of the file (modules of equal configs are equal, so
+# they share a compile); op-by-op dispatch of whole nets costs more.
+_apply = jax.jit(lambda module, params, *args, **kw: module.apply({"params": params}, *args, **kw),
+                 static_argnums=0, static_argnames="guess_mode")
+
+
 def _residual_error(net, module, params, guess_mode=False, scale=0.7):
     rs = np.random.RandomState(0)
     x = rs.randn(2, SIZE // 2, SIZE // 2, 4).astype(np.float32)
@@ -62,7 +68,7 @@ def _residual_error(net, module, params, guess_mode=False, scale=0.7):
     with torch.no_grad():
         d_ref, m_ref = net(_torch(x), torch.tensor(t), torch.tensor(ctx), _torch(img), conditioning_scale=scale,
                            guess_mode=guess_mode, return_dict=False)
-    d, m = module.apply({"params": params}, x, t, ctx, img, scale, guess_mode=guess_mode)
+    d, m = _apply(module, params, x, t, ctx, img, scale, guess_mode=guess_mode)
     refs = [r.numpy().transpose(0, 2, 3, 1) for r in (*d_ref, m_ref)]
     assert len(d) == len(d_ref) and all(np.abs(r).mean() > 1e-3 for r in refs)
     return max(np.linalg.norm(np.asarray(a) - r) / np.linalg.norm(r) for a, r in zip((*d, m), refs))
@@ -74,6 +80,7 @@ def test_residuals_match_diffusers(tiny, guess_mode):
     assert _residual_error(tiny["nets"][0], module, params, guess_mode) < 1e-5
 
 
+@pytest.mark.slow  # the sampling tests cover it at 1/255; this one compiles the whole U-Net again
 def test_unet_with_residuals_matches_diffusers(tiny):
     # The U-Net adds the residuals where diffusers does.
     pipe = tiny["pipe"]
@@ -81,9 +88,9 @@ def test_unet_with_residuals_matches_diffusers(tiny):
     x = rs.randn(1, SIZE // 2, SIZE // 2, 4).astype(np.float32)
     ctx = rs.randn(1, 7, 32).astype(np.float32)
     module, params = tiny["loaded"][0]
-    down, mid = module.apply({"params": params}, x, 500, ctx, _control_image(4), 1.3)
-    ours = pipe.unet.apply({"params": pipe.params["unet"]}, x, 500, ctx, down_block_additional_residuals=down,
-                           mid_block_additional_residual=mid)
+    down, mid = _apply(module, params, x, 500, ctx, _control_image(4), 1.3)
+    ours = _apply(pipe.unet, pipe.params["unet"], x, 500, ctx, down_block_additional_residuals=down,
+                  mid_block_additional_residual=mid)
     with torch.no_grad():
         ref, plain = (tiny["ref"].unet(_torch(x), 500, torch.tensor(ctx), **kw).sample.numpy().transpose(0, 2, 3, 1)
                       for kw in (dict(down_block_additional_residuals=[_torch(np.asarray(d)) for d in down],
