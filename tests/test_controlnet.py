@@ -2,6 +2,8 @@
 (diffusers folders, original single files), and sampling with one or two
 ControlNets against diffusers' StableDiffusionControlNetPipeline."""
 
+import json
+
 import diffusers
 import jax
 import numpy as np
@@ -189,8 +191,10 @@ def _reference(tiny, nets, images, steps, scheduler=diffusers.EulerDiscreteSched
                **kw).images
 
 
-def _latents():
-    return np.random.RandomState(7).randn(len(PROMPTS), SIZE // 2, SIZE // 2, 4).astype(np.float32)
+def _latents(seeds):
+    # Our seeded starting noise, handed to diffusers: our calls then run the
+    # program the CLI runs (no latents input).
+    return np.asarray(pipeline.seeded_normal(seeds, (SIZE // 2, SIZE // 2, 4)))
 
 
 SCHEDULERS = {"euler": diffusers.EulerDiscreteScheduler, "heun": diffusers.HeunDiscreteScheduler,
@@ -213,15 +217,16 @@ CASES = [
 
 
 @pytest.mark.parametrize(("n", "scheduler", "ref_kw", "our_kw"), CASES)
-def test_sampling_matches_diffusers(tiny, sampler, sampler1, n, scheduler, ref_kw, our_kw):
+def test_sampling_matches_diffusers(tiny, sampler, sampler1, compilation_cache, n, scheduler, ref_kw, our_kw):
     images = [_control_image(10 + k, len(PROMPTS)) for k in range(n)]
-    latents = _latents()
+    seeds = [0, 1000]
+    latents = _latents(seeds)
     kw = dict(guidance_scale=6.0)
     out = _reference(tiny, tiny["nets"][:n], images, 3, scheduler=SCHEDULERS[scheduler],
                      negative_prompt=["blurry", ""], latents=_torch(latents), **{**kw, **ref_kw})
     s = sampler1 if n == 1 else sampler
-    kw = dict(seeds=[0, 1], negative_prompts=["blurry", ""], steps=3, scheduler=scheduler, height=SIZE, width=SIZE,
-              latents=latents, control_images=images, **{**kw, **our_kw})
+    kw = dict(seeds=seeds, negative_prompts=["blurry", ""], steps=3, scheduler=scheduler, height=SIZE, width=SIZE,
+              control_images=images, **{**kw, **our_kw})
     ours = s(PROMPTS, **kw)
     # Scales are inputs of the compiled loop: zero scales rerun it with no control.
     plain = s(PROMPTS, **{**kw, "control_scales": 0.0})
@@ -256,3 +261,41 @@ def test_bad_inputs_are_named(tiny, sampler, sampler1):
         controlnet_lib.ControlNetConfig(**{**module.config.__dict__, "cross_attention_dim": 48}))
     with pytest.raises(ValueError, match="ControlNet 0 has cross_attention_dim 48, the model's U-Net 32"):
         pipeline.Sampler(tiny["pipe"], mesh=sampler.mesh, controlnets=[(wide, params)])
+
+
+def test_cli_end_to_end(tiny, sampler1, tmp_path, monkeypatch, compilation_cache):
+    from PIL import Image
+
+    from t2i_jax import sample
+
+    # One device: the CLI's batch is then one image (it pads to the device count).
+    make_mesh = pipeline.make_mesh
+    monkeypatch.setattr(pipeline, "make_mesh", lambda devices=None: make_mesh(devices=jax.devices()[:1]))
+    hint = (np.random.RandomState(5).rand(40, 24, 3) * 255).astype(np.uint8)  # resized to 32x32
+    Image.fromarray(hint).save(tmp_path / "hint.png")
+    out = tmp_path / "out"
+    # The program of the Heun sampling test above (two prompts, 3 steps, one
+    # net, guidance): the CLI reads its compile from the module's cache.
+    argv = ["--model", str(tiny["root"] / "sd"), "--out", str(out), "--height", str(SIZE), "--width", str(SIZE),
+            "--steps", "3", "--scheduler", "heun", "--guidance-scale", "6", "--batch-size", "2",
+            "--no-compilation-cache", "--prompt", PROMPTS[0], "--prompt", PROMPTS[1],
+            "--controlnet", str(tiny["root"] / "cn0"), "--control-image", str(tmp_path / "hint.png"),
+            "--control-scale", "0.7", "--control-guidance-end", "0.9"]
+    resized = np.asarray(Image.fromarray(hint).resize((SIZE, SIZE), Image.LANCZOS), np.float32)[None] / 255.0
+    want = pipeline.to_uint8(sampler1(PROMPTS, seeds=[0, 1000], steps=3, scheduler="heun", guidance_scale=6.0,
+                                      height=SIZE, width=SIZE, control_images=[resized], control_scales=0.7,
+                                      control_guidance_end=0.9))
+    assert sample.main(argv) == 0
+    entries = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    got = np.stack([np.asarray(Image.open(out / e["file"])) for e in entries])
+    assert np.abs(got.astype(int) - want).max() <= 1
+    entry = entries[0]
+    cn = entry["controlnet"]
+    assert cn["models"] == [str(tiny["root"] / "cn0")] and len(cn["images"][0]) == 16
+    assert cn["control_scales"] == [0.7] and cn["control_guidance_end"] == [0.9] and cn["guess_mode"] is False
+    assert entry["control_image_paths"] == [str(tmp_path / "hint.png")]
+    # Flags that do not add up are named before anything loads.
+    for extra, message in [(["--control-image", str(tmp_path / "hint.png")], "1 --controlnet but 2 --control-image"),
+                           (["--control-scale", "1", "--control-scale", "2"], "--control-scale given 3 times")]:
+        with pytest.raises(ValueError, match=message):
+            sample.run(sample.parse_args(argv + extra))
