@@ -299,3 +299,30 @@ def test_cli_end_to_end(tiny, sampler1, tmp_path, monkeypatch, compilation_cache
                            (["--control-scale", "1", "--control-scale", "2"], "--control-scale given 3 times")]:
         with pytest.raises(ValueError, match=message):
             sample.run(sample.parse_args(argv + extra))
+
+
+@pytest.mark.slow  # compiles the loop for 8 devices (and runs it on 1 for the images)
+@pytest.mark.parametrize("guess_mode", [False, True])
+def test_eight_devices_no_collectives_same_images(tiny, sampler, guess_mode):
+    """Batch 8 over 8 devices, two ControlNets, guidance: each device runs its
+    images' nets and U-Net alone (guess mode's conditional-half slicing
+    included), and the images are the 1-device ones."""
+    from test_sampler_layout import while_body_collectives, while_body_computations
+
+    eight = pipeline.Sampler(tiny["pipe"], mesh=pipeline.make_mesh(devices=jax.devices()[:8]),
+                             controlnets=tiny["loaded"])
+    prompts = [PROMPTS[k % 2] for k in range(8)]
+    images = [_control_image(20 + k, 8) for k in range(2)]
+    kw = dict(seeds=list(range(8)), steps=2, guidance_scale=5.0, scheduler="euler", height=SIZE, width=SIZE,
+              control_images=images, control_scales=[0.6, 1.2], control_guidance_start=[0.0, 0.5],
+              guess_mode=guess_mode)
+    fn, args = eight.prepare(prompts, **kw)
+    compiled = fn.lower(*args).compile()
+    text = compiled.as_text()
+    bodies, counts = while_body_collectives(text)
+    _, reached = while_body_computations(text)
+    assert any(" convolution(" in line for lines in reached.values() for line in lines), bodies
+    assert not counts, f"collectives in the while bodies {bodies}: {dict(counts)}"
+    a = np.asarray(compiled(*args))
+    b = sampler(prompts, **kw)
+    assert np.abs(a - b).max() < 1e-4

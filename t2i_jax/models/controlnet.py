@@ -304,8 +304,9 @@ def run_controlnets(control: Control, params: Sequence, sample, xin, t, context,
     diffusers. `interleave`/`split` are the pipeline's guidance layout helpers.
     """
     guess = control.guess_mode and use_cfg
-    x_in, ctx = (sample.astype(xin.dtype), split(context)[1]) if guess else (xin, context)
-    tt = t[: x_in.shape[0]] if guess else t
+    # The conditional rows by the guidance layout (not a slice of the first n
+    # rows, which would live on other devices once the batch is split).
+    x_in, tt, ctx = (sample.astype(xin.dtype), split(t)[1], split(context)[1]) if guess else (xin, t, context)
     down, mid = None, None
     for k, (net, p, image) in enumerate(zip(control.nets, params, control.images)):
         img = interleave(image, image) if use_cfg and not guess else image
