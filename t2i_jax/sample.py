@@ -666,9 +666,12 @@ def run(args: argparse.Namespace) -> dict:
 
     if args.controlnet:
         from t2i_jax.convert.controlnet import load_controlnet
+        from t2i_jax.models.controlnet import check_fits as controlnet_check_fits
 
         print(f"loading {len(args.controlnet)} ControlNet(s) ...", file=sys.stderr, flush=True)
     nets = [load_controlnet(m) for m in args.controlnet]
+    for m, (net, _) in zip(args.controlnet, nets):
+        controlnet_check_fits(net.config, pipe.unet.config, pipe.vae_scale, name=f"--controlnet {m}")
     sampler = pipeline.Sampler(pipe, dtype=dtype, attention_impl=args.attention, controlnets=nets)
     ndev = sampler.num_devices
     bs = -(-(args.batch_size or ndev) // ndev) * ndev

@@ -106,6 +106,15 @@ def test_save_controlnet_round_trip(tiny, tmp_path):
     save_controlnet(params, module.config, tmp_path / "out")
     back = diffusers.ControlNetModel.from_pretrained(tmp_path / "out")
     assert _residual_error(back, module, params) < 1e-5
+    # An fp16 variant folder, as the hub's `*.fp16.safetensors`.
+    save_controlnet(params, module.config, tmp_path / "half", dtype=np.float16)
+    weights = tmp_path / "half" / "diffusion_pytorch_model.safetensors"
+    weights.rename(weights.with_suffix(".fp16.safetensors"))
+    _, half = load_controlnet(str(tmp_path / "half"), variant="fp16")
+    assert 1e-6 < _residual_error(back, module, half) < 1e-2
+    # A folder of another model is named as such.
+    with pytest.raises(ValueError, match="describes a UNet2DConditionModel, not a ControlNetModel"):
+        load_controlnet(str(tiny["root"] / "sd" / "unet"))
 
 
 # Original (lllyasviel) key layout of the tiny net, written by hand: LDM input
@@ -326,3 +335,36 @@ def test_eight_devices_no_collectives_same_images(tiny, sampler, guess_mode):
     a = np.asarray(compiled(*args))
     b = sampler(prompts, **kw)
     assert np.abs(a - b).max() < 1e-4
+
+
+@pytest.mark.slow
+def test_img2img_matches_diffusers(tiny, sampler, monkeypatch):
+    """ControlNet img2img against StableDiffusionControlNetImg2ImgPipeline: its
+    keep flags count the evaluations left after `strength`, as ours do."""
+    import diffusers.models.autoencoders.vae as vae_mod
+    import diffusers.pipelines.controlnet.pipeline_controlnet_img2img as i2i_mod
+
+    seeds = [5, 9]
+    lat = (SIZE // 2, SIZE // 2, 4)
+    enc_noise = np.asarray(pipeline.seeded_normal(seeds, lat, pipeline.ENCODER)).transpose(0, 3, 1, 2)
+    noise = np.asarray(pipeline.seeded_normal(seeds, lat, pipeline.NOISE)).transpose(0, 3, 1, 2)
+    monkeypatch.setattr(vae_mod, "randn_tensor", lambda shape, **kw: torch.tensor(enc_noise))
+    monkeypatch.setattr(i2i_mod, "randn_tensor", lambda shape, **kw: torch.tensor(noise))
+    r = tiny["ref"]
+    ref = diffusers.StableDiffusionControlNetImg2ImgPipeline(
+        vae=r.vae, text_encoder=r.text_encoder, tokenizer=r.tokenizer, unet=r.unet,
+        controlnet=diffusers.MultiControlNetModel(tiny["nets"]),
+        scheduler=diffusers.DPMSolverMultistepScheduler.from_config(r.scheduler.config), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    init = np.random.RandomState(3).rand(2, SIZE, SIZE, 3).astype(np.float32)
+    images = [_control_image(30 + k, 2) for k in range(2)]
+    kw = dict(controlnet_conditioning_scale=[1.1, 0.5], control_guidance_start=[0.0, 0.3],
+              control_guidance_end=[0.6, 1.0])
+    out = ref(PROMPTS, image=_torch(init), control_image=[_torch(im) for im in images], strength=0.7,
+              num_inference_steps=6, guidance_scale=5.0, height=SIZE, width=SIZE, output_type="np", **kw).images
+    ours = sampler(PROMPTS, seeds=seeds, steps=6, guidance_scale=5.0, scheduler="dpmpp_2m", height=SIZE, width=SIZE,
+                   init_images=init, strength=0.7, control_images=images, control_scales=[1.1, 0.5],
+                   control_guidance_start=[0.0, 0.3], control_guidance_end=[0.6, 1.0])
+    assert ((out > 0.02) & (out < 0.98)).mean() > 0.5
+    assert np.abs(ours - out).max() <= 1 / 255
