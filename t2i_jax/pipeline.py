@@ -101,7 +101,10 @@ def _shard_history(history, mesh: Mesh, sample_shape: tuple):
 # The text encoder runs once per call, outside the loop, and sums its
 # embedding tables in fp32 by design (clip.CLIPTextEmbeddings); it keeps its
 # params as loaded.
-CAST_PARTS = ("unet", "vae", "controlnet")
+CAST_PARTS = ("unet", "vae")
+# Besides a model's parts, the Sampler holds its ControlNets' params (a list,
+# run in the loop like the U-Net's), cast the same way.
+_SAMPLER_CAST_PARTS = CAST_PARTS + ("controlnet",)
 
 
 def _cast_dtype(x, dtype):
@@ -320,7 +323,7 @@ class Sampler:
             # copied; a trainer that donates its params to its next step would
             # then delete the Sampler's.
             tree = jax.device_put(tree, repl, may_alias=False if copy else None)
-            if self.cast_params and part in CAST_PARTS and _needs_cast(tree, self.dtype):
+            if self.cast_params and part in _SAMPLER_CAST_PARTS and _needs_cast(tree, self.dtype):
                 # One part at a time: at most one part is held twice (as
                 # loaded and cast) while this runs.
                 tree = self._cast(tree)
@@ -344,7 +347,7 @@ class Sampler:
                              f"pass a subset of {sorted(self.params)}")
         checked = {}
         for part, tree in params.items():
-            cast = self.cast_params and part in CAST_PARTS
+            cast = self.cast_params and part in _SAMPLER_CAST_PARTS
             old = jax.tree_util.tree_flatten_with_path(self.params[part])
             new = jax.tree_util.tree_flatten_with_path(tree)
             old_paths = [jax.tree_util.keystr(p) for p, _ in old[0]]

@@ -368,3 +368,15 @@ def test_img2img_matches_diffusers(tiny, sampler, monkeypatch):
                    control_guidance_start=[0.0, 0.3], control_guidance_end=[0.6, 1.0])
     assert ((out > 0.02) & (out < 0.98)).mean() > 0.5
     assert np.abs(ours - out).max() <= 1 / 255
+
+
+def test_bf16_sampler_casts_controlnet_params(tiny, sampler):
+    import jax.numpy as jnp
+
+    s = pipeline.Sampler(tiny["pipe"], mesh=sampler.mesh, dtype=jnp.bfloat16, controlnets=tiny["loaded"])
+    assert [net.dtype for net in s.controlnets] == [jnp.bfloat16] * 2
+    for tree in s.params["controlnet"]:
+        for leaf in jax.tree.leaves(tree):
+            assert leaf.dtype == (jnp.bfloat16 if leaf.ndim >= 2 else jnp.float32), leaf.shape
+    # The loaded params are left as they were.
+    assert {x.dtype for x in jax.tree.leaves(tiny["loaded"][0][1])} == {np.dtype(np.float32)}

@@ -202,7 +202,7 @@ def load_controlnet(path_or_id: str | os.PathLike, *, variant: str | None = None
     if _is_single_file(s):
         path = _local_file(s)
         raw, state, origin = convert_single_file(core.read_checkpoint(path), config, str(path))
-        source = str(path)
+        source, config_source = str(path), f"{path} (inferred ControlNet config)"
     else:
         if config:
             raise ValueError("config overrides apply to single-file ControlNets; a diffusers folder brings its "
@@ -215,9 +215,8 @@ def load_controlnet(path_or_id: str | os.PathLike, *, variant: str | None = None
         except json.JSONDecodeError as e:
             raise ValueError(f"{path} is not valid JSON: {e}") from e
         state, origin = core.apply_rules(diffusers_convert.read_weights(folder, variant), DIFFUSERS_RULES)
-        source = str(folder)
-    cfg = controlnet_lib.ControlNetConfig.from_diffusers(raw, source if not _is_single_file(s)
-                                                         else f"{source} (inferred ControlNet config)")
+        source, config_source = str(folder), str(path)
+    cfg = controlnet_lib.ControlNetConfig.from_diffusers(raw, config_source)
     module = controlnet_lib.ControlNetModel(cfg, dtype=dtype, attention_impl=attention_impl)
     expected = jax.eval_shape(module.init, jax.random.key(0), *controlnet_lib.dummy_inputs(cfg))["params"]
     params, report = core.load_params(state, expected, source=source, origin=origin, dtype=param_dtype,
