@@ -117,45 +117,60 @@ def test_save_controlnet_round_trip(tiny, tmp_path):
         load_controlnet(str(tiny["root"] / "sd" / "unet"))
 
 
-# Original (lllyasviel) key layout of the tiny net, written by hand: LDM input
-# blocks (level 0: two resnets and a downsampler; level 1: two resnet +
-# attention pairs), the hint Sequential (convs at 0, 2, 4, 6), zero convs.
+# The original (lllyasviel) key layout, written from the LDM numbering: per
+# level, layers_per_block (resnet, attention) input blocks and a downsampler
+# (not at the last level); the hint Sequential's convs at 0, 2, 4, ...; one
+# zero conv per input block. Checked against diffusers' own converter below.
 _RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
            "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
-_PREFIXES = {
-    "conv_in.": "input_blocks.0.0.", "time_embedding.linear_1.": "time_embed.0.",
-    "time_embedding.linear_2.": "time_embed.2.",
-    "down_blocks.0.resnets.0.": "input_blocks.1.0.", "down_blocks.0.resnets.1.": "input_blocks.2.0.",
-    "down_blocks.0.downsamplers.0.conv.": "input_blocks.3.0.op.",
-    "down_blocks.1.resnets.0.": "input_blocks.4.0.", "down_blocks.1.attentions.0.": "input_blocks.4.1.",
-    "down_blocks.1.resnets.1.": "input_blocks.5.0.", "down_blocks.1.attentions.1.": "input_blocks.5.1.",
-    "mid_block.resnets.0.": "middle_block.0.", "mid_block.attentions.0.": "middle_block.1.",
-    "mid_block.resnets.1.": "middle_block.2.",
-    "controlnet_cond_embedding.conv_in.": "input_hint_block.0.",
-    "controlnet_cond_embedding.blocks.0.": "input_hint_block.2.",
-    "controlnet_cond_embedding.blocks.1.": "input_hint_block.4.",
-    "controlnet_cond_embedding.conv_out.": "input_hint_block.6.",
-    "controlnet_mid_block.": "middle_block_out.0.",
-    **{f"controlnet_down_blocks.{i}.": f"zero_convs.{i}.0." for i in range(6)},
-}
 
 
-def _original_layout(state):
+def _original_prefixes(levels, lpb, hint_blocks):
+    table = {"conv_in.": "input_blocks.0.0.", "time_embedding.linear_1.": "time_embed.0.",
+             "time_embedding.linear_2.": "time_embed.2.", "mid_block.resnets.0.": "middle_block.0.",
+             "mid_block.attentions.0.": "middle_block.1.", "mid_block.resnets.1.": "middle_block.2.",
+             "controlnet_cond_embedding.conv_in.": "input_hint_block.0.",
+             "controlnet_cond_embedding.conv_out.": f"input_hint_block.{2 * hint_blocks + 2}.",
+             "controlnet_mid_block.": "middle_block_out.0."}
+    for b in range(levels):
+        for j in range(lpb):
+            i = 1 + b * (lpb + 1) + j
+            table[f"down_blocks.{b}.resnets.{j}."] = f"input_blocks.{i}.0."
+            table[f"down_blocks.{b}.attentions.{j}."] = f"input_blocks.{i}.1."
+        table[f"down_blocks.{b}.downsamplers.0.conv."] = f"input_blocks.{1 + b * (lpb + 1) + lpb}.0.op."
+    table.update({f"controlnet_cond_embedding.blocks.{k}.": f"input_hint_block.{2 * k + 2}."
+                  for k in range(hint_blocks)})
+    table.update({f"controlnet_down_blocks.{i}.": f"zero_convs.{i}.0." for i in range(levels * (lpb + 1))})
+    return table
+
+
+def _original_layout(net):
+    c = net.config
+    prefixes = _original_prefixes(len(c.block_out_channels), c.layers_per_block,
+                                  2 * len(c.conditioning_embedding_out_channels) - 2)
     out = {}
-    for key, value in state.items():
-        prefix = max((p for p in _PREFIXES if key.startswith(p)), key=len)
+    for key, value in net.state_dict().items():
+        prefix = max((p for p in prefixes if key.startswith(p)), key=len)
         rest = key[len(prefix):]
         if "resnets" in prefix:
             name, leaf = rest.split(".")
             rest = f"{_RESNET[name]}.{leaf}"
-        out[_PREFIXES[prefix] + rest] = value.numpy()
+        out[prefixes[prefix] + rest] = value.numpy()
+    if len(c.conditioning_embedding_out_channels) == 4:
+        # The layout is the one diffusers' single-file converter reads (which
+        # knows only SD's 4-level hint encoder: conv_out at 14).
+        from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
+
+        back = convert_controlnet_checkpoint(dict(out), dict(c))
+        assert sorted(back) == sorted(net.state_dict()) and all(
+            np.array_equal(back[k], v.numpy()) for k, v in net.state_dict().items())
     return out
 
 
 @pytest.mark.parametrize("prefix", ["", "control_model."])
 def test_single_file_matches_diffusers(tiny, tmp_path, prefix):
     net = tiny["nets"][0]
-    state = {prefix + k: v for k, v in _original_layout(net.state_dict()).items()}
+    state = {prefix + k: v for k, v in _original_layout(net).items()}
     if prefix:  # the v1.0 files also carry the SD model; it is skipped
         state["model.diffusion_model.out.2.weight"] = np.zeros((4, 32, 3, 3), np.float32)
     path = tmp_path / "control_tiny.safetensors"
@@ -168,6 +183,26 @@ def test_single_file_matches_diffusers(tiny, tmp_path, prefix):
     core.write_safetensors({**state, prefix + "zero_convs.9.0.weight": np.zeros((1,), np.float32)}, path)
     with pytest.raises(core.ConversionError, match=r"zero_convs\.9\.0\.weight"):
         load_controlnet(str(path), config=overrides)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2"])
+def test_single_file_sd_layouts(tmp_path, family):
+    """The SD 1.5 / 2.1 ControlNet layout (4 levels, 2 layers per block, the
+    8-conv hint encoder, SD's heads and 32 groups, inferred with no override),
+    narrow: the params equal those of the diffusers folder, exactly."""
+    sd2 = family == "sd2"
+    torch.manual_seed(0)
+    net = diffusers.ControlNetModel(block_out_channels=(32, 64, 64, 64), cross_attention_dim=1024 if sd2 else 768,
+                                    attention_head_dim=(1, 1, 1, 1) if sd2 else 8, use_linear_projection=sd2)
+    net.save_pretrained(tmp_path / "folder")
+    core.write_safetensors({"control_model." + k: v for k, v in _original_layout(net).items()},
+                           tmp_path / "control.safetensors")
+    a, pa = load_controlnet(str(tmp_path / "control.safetensors"))
+    b, pb = load_controlnet(str(tmp_path / "folder"))
+    assert a.config == b.config
+    flat_a, flat_b = (jax.tree_util.tree_flatten_with_path(p)[0] for p in (pa, pb))
+    assert len(flat_a) == len(flat_b) > 100
+    assert all(ka == kb and np.array_equal(x, y) for (ka, x), (kb, y) in zip(flat_a, flat_b))
 
 
 # --------------------------------------------------------------------------
