@@ -493,16 +493,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--width", type=int, default=None, help="default: the model's native size")
     p.add_argument("--init-image", help="img2img: start from this image (resized to height x width)")
     p.add_argument("--strength", type=float, default=0.8, help="img2img: how much to change, in (0, 1]")
-    p.add_argument("--controlnet", action="append", default=[] metavar="MODEL",
+    p.add_argument("--controlnet", action="append", default=[], metavar="MODEL",
                    help="ControlNet: diffusers folder, hub id (e.g. lllyasviel/control_v11p_sd15_canny) or original "
                         "single file (.pth/.safetensors); repeatable, one --control-image each")
-    p.add_argument("--control-image", action="append", default=[] metavar="IMG",
+    p.add_argument("--control-image", action="append", default=[], metavar="IMG",
                    help="control image of the matching --controlnet (resized to height x width, RGB in [0, 1])")
-    p.add_argument("--control-scale", action="append", type=float, default=[] metavar="S",
+    p.add_argument("--control-scale", action="append", type=float, default=[], metavar="S",
                    help="ControlNet residual scale: once for all nets or once per net (default 1.0)")
-    p.add_argument("--control-guidance-start", action="append", type=float, default=[] metavar="F",
+    p.add_argument("--control-guidance-start", action="append", type=float, default=[], metavar="F",
                    help="fraction of the steps where the ControlNet starts acting: once or once per net (default 0)")
-    p.add_argument("--control-guidance-end", action="append", type=float, default=[] metavar="F",
+    p.add_argument("--control-guidance-end", action="append", type=float, default=[], metavar="F",
                    help="fraction of the steps where the ControlNet stops acting: once or once per net (default 1)")
     p.add_argument("--guess-mode", action="store_true",
                    help="ControlNet guess mode: the nets see only the prompt half, residuals weighted 0.1..1")
