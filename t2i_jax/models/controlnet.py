@@ -106,13 +106,12 @@ class ControlNetConfig:
 
     def unet_config(self) -> UNetConfig:
         """The UNetConfig whose down path and middle block this ControlNet copies."""
-        n = len(self.block_out_channels)
         heads = self.attention_head_dim if self.num_attention_heads is None else self.num_attention_heads
         up = tuple("CrossAttnUpBlock2D" if t == "CrossAttnDownBlock2D" else "UpBlock2D"
                    for t in reversed(self.down_block_types))
         return UNetConfig(
             in_channels=self.in_channels, flip_sin_to_cos=self.flip_sin_to_cos, freq_shift=self.freq_shift,
-            down_block_types=self.down_block_types, up_block_types=up[:n], block_out_channels=self.block_out_channels,
+            down_block_types=self.down_block_types, up_block_types=up, block_out_channels=self.block_out_channels,
             layers_per_block=self.layers_per_block, downsample_padding=self.downsample_padding,
             mid_block_scale_factor=self.mid_block_scale_factor, norm_num_groups=self.norm_num_groups,
             norm_eps=self.norm_eps, cross_attention_dim=self.cross_attention_dim,
