@@ -30,6 +30,7 @@ from jax.sharding import PartitionSpec as P
 from t2i_jax import inpaint as inpaint_lib
 from t2i_jax import parallel, schedulers
 from t2i_jax import prompts as prompt_lib
+from t2i_jax.models import controlnet as controlnet_lib
 from t2i_jax.models.bundle import StableDiffusion  # re-exported: the Sampler's input
 from t2i_jax.parallel import make_mesh  # re-exported: the Sampler's default mesh
 
@@ -103,6 +104,9 @@ def _shard_history(history, mesh: Mesh, sample_shape: tuple):
 # embedding tables in fp32 by design (clip.CLIPTextEmbeddings); it keeps its
 # params as loaded.
 CAST_PARTS = ("unet", "vae")
+# Besides a model's parts, the Sampler holds its ControlNets' params (a list,
+# run in the loop like the U-Net's), cast the same way.
+_SAMPLER_CAST_PARTS = CAST_PARTS + ("controlnet",)
 
 
 def _cast_dtype(x, dtype):
@@ -215,8 +219,8 @@ def _encode_images(vae, params, images, eps, *, seeds, stream, dtype):
 
 
 def _denoise(unet, vae, sched, use_cfg, has_latents, img2img, return_latents, dtype, mesh,
-             params, cond, uncond, guidance_scale, seeds, latents, init_images, state, inpaint=None, *,
-             inpaint_mode=None):
+             params, cond, uncond, guidance_scale, seeds, latents, init_images, state, inpaint=None,
+             control=None, *, inpaint_mode=None):
     """The whole loop and the decode; the static arguments come first (partial'd).
 
     `latents`: the starting noise (txt2img) or the noise added to the init
@@ -228,8 +232,10 @@ def _denoise(unet, vae, sched, use_cfg, has_latents, img2img, return_latents, dt
     the dict of `inpaint.host_inputs` plus `masked_encoder_noise`.
     `mesh`: the batch is split over all its devices; the sample, the
     scheduler's per-image history and both guidance halves of an image stay
-    on that image's device throughout. Returns the images, and the final
-    latents too when `return_latents`.
+    on that image's device throughout. `control`: None, or a
+    `controlnet.Control` (control images, scales, per-evaluation keep flags;
+    its nets run with `params["controlnet"]` at every evaluation, inside the
+    loop). Returns the images, and the final latents too when `return_latents`.
     """
     step_keys = stream_keys(seeds, SAMPLER)
     noise = latents.astype(jnp.float32) if has_latents else seeded_normal(seeds, latents.shape[1:])
@@ -251,11 +257,15 @@ def _denoise(unet, vae, sched, use_cfg, has_latents, img2img, return_latents, dt
 
     def body(i, carry):
         x, st = carry
-        xin = inpaint_lib.model_input(inpaint, sched.scale_model_input(st, x, i).astype(dtype))
+        x1 = sched.scale_model_input(st, x, i).astype(dtype)  # what a ControlNet reads
+        xin = inpaint_lib.model_input(inpaint, x1)
         if use_cfg:
             xin = _shard_batch_axis(cfg_interleave(xin, xin), mesh)
         t = jnp.broadcast_to(st.timesteps[i], (xin.shape[0],))
-        out = unet.apply({"params": params["unet"]}, xin, t, context).astype(jnp.float32)
+        res = {} if control is None else controlnet_lib.run_controlnets(
+            control, params["controlnet"], x1, xin, t, context, i, use_cfg=use_cfg, interleave=cfg_interleave,
+            split=cfg_split)
+        out = unet.apply({"params": params["unet"]}, xin, t, context, **res).astype(jnp.float32)
         if use_cfg:
             out_u, out_c = cfg_split(_shard_batch_axis(out, mesh))
             out = out_u + guidance_scale * (out_c - out_u)
@@ -270,6 +280,19 @@ def _denoise(unet, vae, sched, use_cfg, has_latents, img2img, return_latents, dt
     images = vae.apply({"params": params["vae"]}, _from_latents(vae, x).astype(dtype), method=vae.decode)
     images = jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
     return (images, x) if return_latents else images
+
+
+def _with_extras(denoise, has_inpaint: bool, has_control: bool):
+    """`denoise` (the partial'd `_denoise`) taking the eight common arguments
+    and then only the extras this program has, in the order (inpaint inputs,
+    `controlnet.Control`): a plain txt2img/img2img loop keeps eight."""
+    def fn(*args):
+        common, extra = args[:8], list(args[8:])
+        inpaint = extra.pop(0) if has_inpaint else None
+        control = extra.pop(0) if has_control else None
+        return denoise(*common, inpaint, control)
+
+    return fn
 
 
 def _frozen(value):
@@ -296,15 +319,28 @@ class Sampler:
     """
 
     def __init__(self, pipe: StableDiffusion, *, mesh: Mesh | None = None, dtype=None,
-                 attention_impl: str | None = None, cast_params: bool = True):
+                 attention_impl: str | None = None, cast_params: bool = True,
+                 controlnets: Sequence[tuple[Any, Any]] = ()):
         """`dtype` (e.g. jnp.bfloat16) and `attention_impl` replace the
         modules' compute dtype and attention (`StableDiffusion.with_compute`);
         None keeps the ones `pipe` was built with. `cast_params` keeps a copy
         of the U-Net and VAE params with their kernels in the compute dtype
         when it differs from theirs (fp32 params, bf16 compute): the loop then
         reads half the bytes per step and casts nothing; False keeps the
-        params as loaded, cast by the modules at every step."""
+        params as loaded, cast by the modules at every step.
+
+        `controlnets`: (ControlNetModel, params) pairs (`convert.controlnet.
+        load_controlnet`), checked against the U-Net (text width, residual
+        shapes, control image size) and held as the params part
+        "controlnet" (a list, replicated and cast like the U-Net's); a call
+        given `control_images` runs all of them."""
         pipe = pipe.with_compute(dtype, attention_impl)
+        for k, (net, _) in enumerate(controlnets):
+            controlnet_lib.check_fits(net.config, pipe.unet.config, pipe.vae_scale, name=f"ControlNet {k}",
+                                      latent_channels=pipe.latent_channels)
+        # The nets compute like the U-Net (the dtype and attention it now has).
+        self.controlnets = tuple(net.clone(dtype=pipe.unet.dtype, attention_impl=pipe.unet.attention_impl)
+                                 for net, _ in controlnets)
         self.pipe = pipe
         self.mesh = mesh or make_mesh()
         self.dtype = pipe.dtype
@@ -321,6 +357,8 @@ class Sampler:
         self._schedulers: dict = {}
         self.params: dict = {}
         self._place(pipe.params)
+        if controlnets:
+            self._place({"controlnet": [p for _, p in controlnets]})
 
     @property
     def num_devices(self) -> int:
@@ -337,7 +375,7 @@ class Sampler:
             # copied; a trainer that donates its params to its next step would
             # then delete the Sampler's.
             tree = jax.device_put(tree, repl, may_alias=False if copy else None)
-            if self.cast_params and part in CAST_PARTS and _needs_cast(tree, self.dtype):
+            if self.cast_params and part in _SAMPLER_CAST_PARTS and _needs_cast(tree, self.dtype):
                 # One part at a time: at most one part is held twice (as
                 # loaded and cast) while this runs.
                 tree = self._cast(tree)
@@ -361,7 +399,7 @@ class Sampler:
                              f"pass a subset of {sorted(self.params)}")
         checked = {}
         for part, tree in params.items():
-            cast = self.cast_params and part in CAST_PARTS
+            cast = self.cast_params and part in _SAMPLER_CAST_PARTS
             old = jax.tree_util.tree_flatten_with_path(self.params[part])
             new = jax.tree_util.tree_flatten_with_path(tree)
             old_paths = [jax.tree_util.keystr(p) for p, _ in old[0]]
@@ -394,25 +432,27 @@ class Sampler:
 
     def loop(self, name: str, use_cfg: bool, has_latents: bool, img2img: bool, *,
              scheduler_options: Mapping[str, Any] | None = None, return_latents: bool = False,
-             inpaint: inpaint_lib.Mode | None = None):
+             inpaint: inpaint_lib.Mode | None = None, guess_mode: bool | None = None):
         """The jitted denoise+decode function for these static choices (cached).
 
         Its arguments: (params, cond, uncond, guidance_scale, seeds, latents,
-        init_images, state), as `prepare` builds them, and with an `inpaint`
-        mode a ninth, the inpainting inputs; it returns the images,
+        init_images, state), as `prepare` builds them, then the inpainting
+        inputs with an `inpaint` mode and the `controlnet.Control` with a
+        `guess_mode` (see `_with_extras`); it returns the images,
         or (images, final latents) when `return_latents`. Options that leave
         the sampler's effective config the same (e.g. a default passed
-        explicitly) share one compiled function.
+        explicitly) share one compiled function. `guess_mode`: None for a
+        call without ControlNets, else the program runs all of the Sampler's
+        ControlNets and takes a `controlnet.Control` as a last argument.
         """
         sched = self.scheduler(name, scheduler_options)
         key = (name, _frozen(sched.config), _frozen(sched.opts), use_cfg, has_latents, img2img,
-               bool(return_latents), inpaint)
+               bool(return_latents), inpaint, guess_mode)
         if key not in self._loops:
             p = self.pipe
-            # Without inpainting the function keeps its eight arguments.
-            no_inpaint = {"inpaint": None} if inpaint is None else {}
-            fn = functools.partial(_denoise, p.unet, p.vae, sched, use_cfg, has_latents, img2img,
-                                   bool(return_latents), self.dtype, self.mesh, inpaint_mode=inpaint, **no_inpaint)
+            fn = _with_extras(functools.partial(_denoise, p.unet, p.vae, sched, use_cfg, has_latents, img2img,
+                                                bool(return_latents), self.dtype, self.mesh, inpaint_mode=inpaint),
+                              inpaint is not None, guess_mode is not None)
             repl, batch = _replicated(self.mesh), _batch_sharding(self.mesh)
             # Replicated: params, guidance scale and the scheduler state (its
             # per-image history buffers are split inside, see _denoise). Split
@@ -422,6 +462,8 @@ class Sampler:
             in_shardings = (repl, batch, batch, repl, batch, batch, batch, repl)
             if inpaint is not None:
                 in_shardings += (batch,)  # masks, masked images, their encoder noise
+            if guess_mode is not None:  # control images split, scales and keep flags replicated
+                in_shardings += (controlnet_lib.Control(batch, repl, repl, self.controlnets, guess_mode),)
             self._loops[key] = jax.jit(fn, in_shardings=in_shardings, out_shardings=batch)
         return self._loops[key]
 
@@ -469,7 +511,11 @@ class Sampler:
                 scheduler_options: Mapping[str, Any] | None = None,
                 return_latents: bool = False, mask_images: np.ndarray | None = None,
                 masked_encoder_noise: np.ndarray | None = None,
-                prompt_syntax: str = "a1111") -> tuple[Any, tuple]:
+                prompt_syntax: str = "a1111", control_images: Sequence[np.ndarray] | None = None,
+                control_scales: float | Sequence[float] = 1.0,
+                control_guidance_start: float | Sequence[float] = 0.0,
+                control_guidance_end: float | Sequence[float] = 1.0, guess_mode: bool = False
+                ) -> tuple[Any, tuple]:
         """The jitted loop of this call and its arguments, checked and placed on
         the mesh (the prompts already encoded): `fn(*args)` is the call's
         images (with `return_latents`, the pair (images, final latents) as
@@ -538,13 +584,64 @@ class Sampler:
             inp = jax.device_put(inpaint_lib.host_inputs(mode, masks, init_images * 2.0 - 1.0, f), batch)
             inp["masked_encoder_noise"] = None if masked_encoder_noise is None else \
                 latent_array("masked_encoder_noise", masked_encoder_noise)
+        control = self._control(control_images, control_scales, control_guidance_start, control_guidance_end,
+                                guess_mode, n, height, width, state.num_evals)
         cond, uncond = self._encode_pair(prompts, negative_prompts or [""] * n, use_cfg, prompt_syntax)
         fn = self.loop(scheduler, use_cfg, given is not None, img2img, scheduler_options=scheduler_options,
-                       return_latents=return_latents, inpaint=mode)
+                       return_latents=return_latents, inpaint=mode,
+                       guess_mode=None if control is None else control.guess_mode)
         args = (self.params, cond, uncond, jax.device_put(np.float32(guidance_scale), repl),
                 jax.device_put(np.asarray(seeds, np.uint32), batch), lat, init,
                 jax.device_put(state, repl))
-        return fn, args if mode is None else args + (inp,)
+        return fn, args + (() if mode is None else (inp,)) + (() if control is None else (control,))
+
+    def _control(self, images, scales, starts, ends, guess_mode, n, height, width, num_evals):
+        """The call's `controlnet.Control` (placed on the mesh), or None
+        without control images; checks them with diffusers' rules."""
+        if images is None:
+            if guess_mode:
+                raise ValueError("guess_mode=True needs control_images (it is a ControlNet setting)")
+            return None
+        nets = self.controlnets
+        if not nets:
+            raise ValueError("control_images were given, but this Sampler has no ControlNets; build it with "
+                             "Sampler(pipe, controlnets=[convert.controlnet.load_controlnet(...)])")
+        images = [images] if isinstance(images, np.ndarray) or hasattr(images, "shape") else list(images)
+        if len(images) != len(nets):
+            raise ValueError(f"got {len(images)} control images for {len(nets)} ControlNets; pass one per "
+                             "ControlNet, in the order the Sampler holds them")
+
+        def per_net(name, v):
+            v = [float(v)] * len(nets) if np.ndim(v) == 0 else [float(x) for x in v]
+            if len(v) != len(nets):
+                raise ValueError(f"{name} has {len(v)} values for {len(nets)} ControlNets; pass one, or one per net")
+            return v
+
+        scales, starts = per_net("control_scales", scales), per_net("control_guidance_start", starts)
+        ends = per_net("control_guidance_end", ends)
+        for k, (s, e) in enumerate(zip(starts, ends)):
+            if not 0.0 <= s < e <= 1.0:
+                raise ValueError(f"ControlNet {k}: control guidance start {s} and end {e} must satisfy "
+                                 "0 <= start < end <= 1 (fractions of the sampling steps), e.g. 0.0 and 1.0")
+        placed = []
+        for k, (net, im) in enumerate(zip(nets, images)):
+            im = np.asarray(im, np.float32)
+            im = im[None] if im.ndim == 3 else im
+            c = net.config.conditioning_channels
+            if im.ndim != 4 or im.shape[-1] != c or im.shape[0] not in (1, n):
+                raise ValueError(f"control image {k} has shape {im.shape}; expected [{n} or 1, {height}, {width}, "
+                                 f"{c}] (float in [0, 1], one per prompt or one for all)")
+            if im.shape[1:3] != (height, width):
+                raise ValueError(f"control image {k} is {im.shape[1]}x{im.shape[2]} (height x width), but this call "
+                                 f"makes {height}x{width} images; resize it to {height}x{width} (the CLI does)")
+            placed.append(jax.device_put(np.ascontiguousarray(np.broadcast_to(im, (n,) + im.shape[1:])),
+                                         _batch_sharding(self.mesh)))
+        repl = _replicated(self.mesh)
+        # diffusers reads guess mode from its first net when one pools its residuals.
+        guess = bool(guess_mode or nets[0].config.global_pool_conditions)
+        return controlnet_lib.Control(tuple(placed), jax.device_put(np.asarray(scales, np.float32), repl),
+                                      jax.device_put(controlnet_lib.keep_mask(num_evals, starts, ends), repl),
+                                      nets, guess)
 
     def __call__(self, prompts: Sequence[str], *, seeds: Sequence[int],
                  negative_prompts: Sequence[str] | None = None, steps: int = 50,
@@ -555,7 +652,10 @@ class Sampler:
                  scheduler_options: Mapping[str, Any] | None = None,
                  return_latents: bool = False, mask_images: np.ndarray | None = None,
                  masked_encoder_noise: np.ndarray | None = None, keep_unmasked: bool = False,
-                 prompt_syntax: str = "a1111"):
+                 prompt_syntax: str = "a1111", control_images: Sequence[np.ndarray] | None = None,
+                 control_scales: float | Sequence[float] = 1.0,
+                 control_guidance_start: float | Sequence[float] = 0.0,
+                 control_guidance_end: float | Sequence[float] = 1.0, guess_mode: bool = False):
         """Generates one image per prompt; returns float32 [n, H, W, 3] in [0, 1]
         (with `return_latents`, the pair (images, final latents)).
 
@@ -597,6 +697,14 @@ class Sampler:
         `keep_unmasked` pastes the init images back with `mask_images` as
         alpha (`inpaint.composite`): where a mask is 0 the pixels are the
         init image's exactly.
+
+        ControlNet (a Sampler built with `controlnets=`): `control_images`,
+        one per net, float [n or 1, H, W, C] in [0, 1] (diffusers' control
+        image, not normalised to [-1, 1]); `control_scales` (diffusers'
+        `controlnet_conditioning_scale`), `control_guidance_start`/`_end`
+        (fractions of the evaluations the net acts in) each one value or one
+        per net; `guess_mode` runs the nets on the conditional half only,
+        with residuals weighted 0.1 .. 1.0 from the top block down.
         """
         fn, args = self.prepare(prompts, seeds=seeds, negative_prompts=negative_prompts, steps=steps,
                                 guidance_scale=guidance_scale, scheduler=scheduler, height=height, width=width,
@@ -604,7 +712,9 @@ class Sampler:
                                 encoder_noise=encoder_noise, scheduler_options=scheduler_options,
                                 return_latents=return_latents, mask_images=mask_images,
                                 masked_encoder_noise=masked_encoder_noise,
-                                prompt_syntax=prompt_syntax)
+                                prompt_syntax=prompt_syntax, control_images=control_images,
+                                control_scales=control_scales, control_guidance_start=control_guidance_start,
+                                control_guidance_end=control_guidance_end, guess_mode=guess_mode)
         if keep_unmasked and mask_images is None:
             raise ValueError("keep_unmasked=True needs mask_images= (and init_images=)")
         out = jax.device_get(fn(*args))

@@ -326,22 +326,24 @@ def check_attention(attention: str, dtype_name: str, platform: str) -> None:
                          "or --attention auto (cuDNN where it applies)")
 
 
-def read_init_image(path: str):
-    """The init image as an RGB PIL image and a hash of its pixels (the
-    resume key: the same picture under another name or re-saved losslessly
-    is the same input; an edited file under the same name is not)."""
+def read_init_image(path: str, flag: str = "--init-image"):
+    """The init image (or the image of another `flag`) as an RGB PIL image and
+    a hash of its pixels (the resume key: the same picture under another name
+    or re-saved losslessly is the same input; an edited file under the same
+    name is not)."""
     from PIL import Image, UnidentifiedImageError
 
     p = Path(path)
+    what = flag.lstrip("-").replace("-", " ")
     if p.is_dir():
-        raise ValueError(f"--init-image {path} is a folder; pass a PNG or JPEG file")
+        raise ValueError(f"{flag} {path} is a folder; pass a PNG or JPEG file")
     if not p.exists():
-        raise FileNotFoundError(f"init image not found: {path}")
+        raise FileNotFoundError(f"{what} not found: {path}")
     try:
         with Image.open(p) as im:
             im = im.convert("RGB")
     except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise ValueError(f"cannot read init image {path}: {e}; pass a PNG or JPEG file") from e
+        raise ValueError(f"cannot read {what} {path}: {e}; pass a PNG or JPEG file") from e
     pixels = np.asarray(im)
     digest = hashlib.sha256(repr(pixels.shape).encode() + pixels.tobytes()).hexdigest()[:16]
     return im, digest
@@ -531,6 +533,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keep-unmasked", action="store_true",
                    help="inpainting: paste the init image back outside the (blurred) mask; pixels where it is 0 "
                         "are kept exactly")
+    p.add_argument("--controlnet", action="append", default=[], metavar="MODEL",
+                   help="ControlNet: diffusers folder, hub id (e.g. lllyasviel/control_v11p_sd15_canny) or original "
+                        "single file (.pth/.safetensors); repeatable, one --control-image each")
+    p.add_argument("--control-image", action="append", default=[], metavar="IMG",
+                   help="control image of the matching --controlnet (resized to height x width, RGB in [0, 1])")
+    p.add_argument("--control-scale", action="append", type=float, default=[], metavar="S",
+                   help="ControlNet residual scale: once for all nets or once per net (default 1.0)")
+    p.add_argument("--control-guidance-start", action="append", type=float, default=[], metavar="F",
+                   help="fraction of the steps where the ControlNet starts acting: once or once per net (default 0)")
+    p.add_argument("--control-guidance-end", action="append", type=float, default=[], metavar="F",
+                   help="fraction of the steps where the ControlNet stops acting: once or once per net (default 1)")
+    p.add_argument("--guess-mode", action="store_true",
+                   help="ControlNet guess mode: the nets see only the prompt half, residuals weighted 0.1..1")
     p.add_argument("--dtype", choices=["bf16", "fp32", "fp16"], default=None,
                    help="compute dtype (default: bf16 on GPU/TPU, fp32 on CPU); params stay as loaded")
     p.add_argument("--attention", choices=["auto", "xla", "cudnn"], default="auto",
@@ -574,6 +589,36 @@ def _entries(args: argparse.Namespace) -> list[dict]:
     return entries
 
 
+def control_settings(args: argparse.Namespace) -> dict:
+    """The Sampler's ControlNet keyword arguments from the flags (no images
+    yet), checked before anything loads; {} without --controlnet."""
+    nets = len(args.controlnet)
+    per_net = {"--control-scale": args.control_scale, "--control-guidance-start": args.control_guidance_start,
+               "--control-guidance-end": args.control_guidance_end}
+    if not nets:
+        given = [f for f, v in {**per_net, "--control-image": args.control_image}.items() if v]
+        if given or args.guess_mode:
+            raise ValueError(f"{', '.join(given + ['--guess-mode'] * args.guess_mode)} given without --controlnet; "
+                             "pass --controlnet MODEL --control-image IMG")
+        return {}
+    if len(args.control_image) != nets:
+        raise ValueError(f"{nets} --controlnet but {len(args.control_image)} --control-image; pass one control "
+                         "image per ControlNet, in the same order")
+    for flag, values in per_net.items():
+        if len(values) not in (0, 1, nets):
+            raise ValueError(f"{flag} given {len(values)} times for {nets} ControlNets; give it once (all nets) "
+                             "or once per --controlnet")
+    out = {"control_scales": args.control_scale or [1.0], "control_guidance_start": args.control_guidance_start
+           or [0.0], "control_guidance_end": args.control_guidance_end or [1.0], "guess_mode": args.guess_mode}
+    for key in ("control_scales", "control_guidance_start", "control_guidance_end"):
+        out[key] = out[key] * nets if len(out[key]) == 1 else out[key]
+    for k, (s, e) in enumerate(zip(out["control_guidance_start"], out["control_guidance_end"])):
+        if not 0.0 <= s < e <= 1.0:
+            raise ValueError(f"ControlNet {k}: --control-guidance-start {s} and --control-guidance-end {e} must "
+                             "satisfy 0 <= start < end <= 1, e.g. 0 and 1")
+    return out
+
+
 def run(args: argparse.Namespace) -> dict:
     """Generates the images of `args`; returns a summary dict (counts, timings).
 
@@ -615,6 +660,8 @@ def run(args: argparse.Namespace) -> dict:
     check_out_dir(args.out)
     init_image, init_hash = read_init_image(args.init_image) if args.init_image else (None, None)
     mask, mask_hash = read_mask_flags(args, init_image)
+    control = control_settings(args)
+    control_images = [read_init_image(path, "--control-image") for path in args.control_image]
     platform = jax.devices()[0].platform
     dtype_name = args.dtype or ("fp32" if platform == "cpu" else "bf16")
     check_attention(args.attention, dtype_name, platform)
@@ -673,7 +720,16 @@ def run(args: argparse.Namespace) -> dict:
         warn(f"{len(too_long)} prompt(s) are longer than the text encoder's {context}-token context and are "
              f"cut, e.g. {_short(too_long[0])!r} ({count(too_long[0])} tokens); shorten them to keep every word")
 
-    sampler = pipeline.Sampler(pipe, dtype=dtype, attention_impl=args.attention)
+    if args.controlnet:
+        from t2i_jax.convert.controlnet import load_controlnet
+        from t2i_jax.models.controlnet import check_fits as controlnet_check_fits
+
+        print(f"loading {len(args.controlnet)} ControlNet(s) ...", file=sys.stderr, flush=True)
+    nets = [load_controlnet(m) for m in args.controlnet]
+    for m, (net, _) in zip(args.controlnet, nets):
+        controlnet_check_fits(net.config, pipe.unet.config, pipe.vae_scale, name=f"--controlnet {m}",
+                               latent_channels=pipe.latent_channels)
+    sampler = pipeline.Sampler(pipe, dtype=dtype, attention_impl=args.attention, controlnets=nets)
     ndev = sampler.num_devices
     bs = -(-(args.batch_size or ndev) // ndev) * ndev
     init = None
@@ -683,6 +739,12 @@ def run(args: argparse.Namespace) -> dict:
         init = np.asarray(init_image.resize((width, height), Image.LANCZOS), np.float32) / 255.0
     if mask is not None:
         mask = inpaint.prepare_mask(mask, blur=args.mask_blur, padding=args.mask_padding, size=(width, height))
+    if control_images:
+        from PIL import Image
+
+        # Resized as diffusers' control image processor does (Lanczos), [0, 1], no normalisation.
+        control["control_images"] = [np.asarray(im.resize((width, height), Image.LANCZOS), np.float32)[None] / 255.0
+                                     for im, _ in control_images]
 
     out = Path(args.out)
     manifest_path = out / "manifest.jsonl"
@@ -696,6 +758,9 @@ def run(args: argparse.Namespace) -> dict:
     if mask is not None:  # absent otherwise: the keys of earlier runs stay valid
         common.update(mask=mask_hash, mask_blur=args.mask_blur, mask_padding=args.mask_padding,
                       keep_unmasked=args.keep_unmasked)
+    if control:
+        common["controlnet"] = {"models": args.controlnet, "images": [h for _, h in control_images],
+                                **{k: v for k, v in control.items() if k != "control_images"}}
     done = read_manifest(manifest_path)
     unique: dict[str, Job] = {}  # job key -> its first job (an entry repeated with its own seed repeats jobs)
     for j in jobs:
@@ -731,6 +796,7 @@ def run(args: argparse.Namespace) -> dict:
                 extra = {"scheduler_options": options} if options else {}
                 if mask is not None:
                     extra["mask_images"] = np.repeat(mask[None], bs, axis=0)
+                extra.update(control)
                 t0 = time.perf_counter()
                 fn, fargs = sampler.prepare(
                     [j.prompt for j in padded], seeds=[j.seed for j in padded],
@@ -767,6 +833,8 @@ def run(args: argparse.Namespace) -> dict:
                         meta = {**dataclasses.asdict(j), **common, "init_image_path": args.init_image}
                         if mask is not None:
                             meta["mask_path"] = args.mask
+                        if control:
+                            meta["control_image_paths"] = args.control_image
                         save_png(out / name, im, {"parameters": meta, "prompt": j.prompt, "software": "t2i_jax"})
                         manifest.write(json.dumps({"file": name, "key": key, **meta}) + "\n")
                         manifest.flush()

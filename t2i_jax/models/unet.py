@@ -316,9 +316,15 @@ class UNet2DConditionModel(nn.Module):
     remat: bool = False
 
     @nn.compact
-    def __call__(self, sample, timesteps, encoder_hidden_states, *, train: bool = False):
+    def __call__(self, sample, timesteps, encoder_hidden_states, *, train: bool = False,
+                 down_block_additional_residuals=None, mid_block_additional_residual=None):
         """sample [B, H, W, in_channels]; timesteps scalar or [B]; encoder_hidden_states
         [B, L, cross_attention_dim]. Returns [B, H, W, out_channels] in fp32.
+
+        `down_block_additional_residuals` (one per skip connection, conv_in's
+        first) and `mid_block_additional_residual` are a ControlNet's outputs,
+        added to the skips and to the middle block's output as diffusers adds
+        them; None (the default) leaves the U-Net as it is.
 
         `train` is accepted for the house signature; SD U-Nets use no dropout.
         """
@@ -355,10 +361,17 @@ class UNet2DConditionModel(nn.Module):
                             cross_attention=kind == "CrossAttnDownBlock2D", name=f"down_blocks_{i}",
                             **common)(x, temb, context)
             skips += s
+        if down_block_additional_residuals is not None:
+            if len(down_block_additional_residuals) != len(skips):
+                raise ValueError(f"got {len(down_block_additional_residuals)} down-block residuals for the "
+                                 f"U-Net's {len(skips)} skip connections")
+            skips = tuple(s + r.astype(s.dtype) for s, r in zip(skips, down_block_additional_residuals))
 
         if cfg.mid_block_type is not None:
             x = mid_cls(cfg.block_out_channels[-1], 1, heads=heads[-1], transformer_layers=tlayers[-1],
                         output_scale_factor=cfg.mid_block_scale_factor, name="mid_block", **common)(x, temb, context)
+        if mid_block_additional_residual is not None:
+            x = x + mid_block_additional_residual.astype(x.dtype)
 
         rev = lambda v: tuple(reversed(v))  # noqa: E731
         for i, kind in enumerate(cfg.up_block_types):
