@@ -415,3 +415,38 @@ def test_bf16_sampler_casts_controlnet_params(tiny, sampler):
             assert leaf.dtype == (jnp.bfloat16 if leaf.ndim >= 2 else jnp.float32), leaf.shape
     # The loaded params are left as they were.
     assert {x.dtype for x in jax.tree.leaves(tiny["loaded"][0][1])} == {np.dtype(np.float32)}
+
+
+def test_with_inpainting_matches_diffusers(tiny, sampler1, monkeypatch):
+    """A ControlNet steering a 4-channel model's inpainting against
+    StableDiffusionControlNetInpaintPipeline: both extras of the loop at once.
+    diffusers draws the init image's posterior noise, the start noise, then
+    the masked image's posterior noise from its generator."""
+    import diffusers.models.autoencoders.vae as vae_mod
+    import diffusers.pipelines.controlnet.pipeline_controlnet_inpaint as inp_mod
+
+    seeds = [4, 8]
+    lat = (SIZE // 2, SIZE // 2, 4)
+    enc, masked_enc = (np.asarray(pipeline.seeded_normal(seeds, lat, s)) for s in (pipeline.ENCODER,
+                                                                                   pipeline.MASKED_ENCODER))
+    noise = np.asarray(pipeline.seeded_normal(seeds, lat, pipeline.NOISE))
+    posterior = iter([enc, masked_enc])
+    monkeypatch.setattr(vae_mod, "randn_tensor", lambda shape, **kw: _torch(next(posterior)))
+    monkeypatch.setattr(inp_mod, "randn_tensor", lambda shape, **kw: _torch(noise))
+    r = tiny["ref"]
+    ref = diffusers.StableDiffusionControlNetInpaintPipeline(
+        vae=r.vae, text_encoder=r.text_encoder, tokenizer=r.tokenizer, unet=r.unet, controlnet=tiny["nets"][0],
+        scheduler=diffusers.EulerDiscreteScheduler.from_config(r.scheduler.config), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    init = np.random.RandomState(5).rand(2, SIZE, SIZE, 3).astype(np.float32)
+    yy, xx = np.mgrid[:SIZE, :SIZE]
+    masks = np.stack([(xx >= 8) & (xx < 24), yy < 14]).astype(np.float32)
+    control = _control_image(40, 2)
+    out = ref(PROMPTS, image=_torch(init), mask_image=torch.tensor(masks[:, None]), control_image=_torch(control),
+              strength=0.75, num_inference_steps=4, guidance_scale=5.0, controlnet_conditioning_scale=0.8,
+              height=SIZE, width=SIZE, output_type="np").images
+    ours = sampler1(PROMPTS, seeds=seeds, steps=4, guidance_scale=5.0, scheduler="euler", height=SIZE, width=SIZE,
+                    init_images=init, strength=0.75, mask_images=masks, control_images=[control], control_scales=0.8)
+    assert ((out > 0.02) & (out < 0.98)).mean() > 0.5
+    assert np.abs(ours - out).max() <= 1 / 255
