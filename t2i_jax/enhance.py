@@ -84,8 +84,8 @@ def process_logits(logits, seen, *, temperature, top_k, top_p, repetition_penalt
     return jnp.where(logits >= cutoff, logits, -jnp.inf)
 
 
-def _generate(module: gpt2.GPT2LMHeadModel, eos_id: int, pad_id: int, on_trace, params, ids, mask, seeds,
-              temperature, top_k, top_p, repetition_penalty, *, max_new_tokens: int, do_sample: bool):
+def _generate(module: gpt2.GPT2LMHeadModel, on_trace, params, ids, mask, seeds, eos_id, pad_id, temperature,
+              top_k, top_p, repetition_penalty, *, max_new_tokens: int, do_sample: bool):
     """New tokens [B, max_new_tokens] (pad_id after a row's EOS) and the number of decode steps run."""
     on_trace()  # Python side effect: runs once per trace, so tests can count compilations
     b, p = ids.shape
@@ -130,17 +130,17 @@ def _generate(module: gpt2.GPT2LMHeadModel, eos_id: int, pad_id: int, on_trace, 
 
 
 class Generator:
-    """The jitted KV-cache generator for one GPT-2 module; `traces` counts compilations."""
+    """The jitted KV-cache generator for one GPT-2 module; `traces` counts compilations. `eos_token_id`
+    (None: never stop early) and `pad_token_id` are read at each call and traced: changing them does not
+    recompile."""
 
     def __init__(self, module: gpt2.GPT2LMHeadModel, *, eos_token_id: int | None, pad_token_id: int):
         self.module = module
         self.eos_token_id = eos_token_id
         self.pad_token_id = pad_token_id
         self.traces = 0
-        # eos -1 never matches a token: rows then run the whole budget.
-        fn = functools.partial(_generate, module, -1 if eos_token_id is None else eos_token_id, pad_token_id,
-                               self._count)
-        self._fn = jax.jit(fn, static_argnames=("max_new_tokens", "do_sample"))
+        self._fn = jax.jit(functools.partial(_generate, module, self._count),
+                           static_argnames=("max_new_tokens", "do_sample"))
 
     def _count(self):
         self.traces += 1
@@ -150,6 +150,8 @@ class Generator:
         Returns (tokens [B, max_new_tokens] numpy, decode steps run)."""
         tokens, steps = self._fn(
             params, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32), jnp.asarray(seeds, jnp.uint32),
+            # EOS -1 never matches a token: rows then run the whole budget.
+            jnp.int32(-1 if self.eos_token_id is None else self.eos_token_id), jnp.int32(self.pad_token_id),
             jnp.float32(settings.temperature or 1.0), jnp.int32(settings.top_k), jnp.float32(settings.top_p),
             jnp.float32(settings.repetition_penalty), max_new_tokens=settings.max_new_tokens,
             do_sample=settings.temperature > 0)

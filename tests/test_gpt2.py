@@ -44,11 +44,13 @@ def tiny():
     cfg = gpt2.GPT2Config.from_hf(hf.config.to_dict())
     params, report = convert_gpt2.convert_state(state, cfg)
     assert report.ok and report.loaded == 4 + 12 * cfg.n_layer  # wte, wpe, ln_f x2; 12 tensors per block
-    return hf, gpt2.GPT2LMHeadModel(cfg), params
+    module = gpt2.GPT2LMHeadModel(cfg)
+    # One generator for the module's tests: its programs are shared (fewer compilations, a faster suite).
+    return hf, module, params, enhance.Generator(module, eos_token_id=None, pad_token_id=EOS)
 
 
 def test_logits_match_transformers_with_padding(tiny):
-    hf, module, params = tiny
+    hf, module, params, _ = tiny
     ids, mask = left_padded([10, 6, 3], 10)
     positions = np.maximum(mask.cumsum(-1) - 1, 0)
     with torch.no_grad():
@@ -78,7 +80,7 @@ def test_untied_head_and_inverse_layer_scaling():
 
 
 def test_greedy_matches_transformers_generate_token_for_token(tiny):
-    hf, module, params = tiny
+    hf, _, params, gen = tiny
     ids, mask = left_padded([5, 9, 2, 7], 16)
     kw = dict(attention_mask=torch.tensor(mask), max_new_tokens=40, do_sample=False, pad_token_id=EOS)
     with torch.no_grad():
@@ -87,7 +89,7 @@ def test_greedy_matches_transformers_generate_token_for_token(tiny):
         eos = int(free[0, 12])
         ref = hf.generate(torch.tensor(ids), eos_token_id=eos, **kw).numpy()[:, 16:]
     assert (ref == EOS).any(), "the chosen EOS should end a row early"
-    gen = enhance.Generator(module, eos_token_id=eos, pad_token_id=EOS)
+    gen.eos_token_id = eos
     greedy = enhance.GenerationSettings(max_new_tokens=40, temperature=0, repetition_penalty=1.0)
     tokens, steps = gen(params, ids, mask, np.arange(4), greedy)
     np.testing.assert_array_equal(tokens[:, :ref.shape[1]], ref)
@@ -95,8 +97,8 @@ def test_greedy_matches_transformers_generate_token_for_token(tiny):
     # Repetition penalty (greedy): the same tokens as transformers' processor.
     with torch.no_grad():
         ref = hf.generate(torch.tensor(ids), eos_token_id=None, repetition_penalty=1.7, **kw).numpy()[:, 16:]
-    gen = enhance.Generator(module, eos_token_id=None, pad_token_id=EOS)
-    tokens, _ = gen(params, ids, mask, np.arange(4), greedy.__class__(40, 0, repetition_penalty=1.7))
+    gen.eos_token_id = None
+    tokens, _ = gen(params, ids, mask, np.arange(4), enhance.GenerationSettings(40, 0, repetition_penalty=1.7))
     np.testing.assert_array_equal(tokens, ref)
     assert (tokens != free).any()  # the penalty changed something
     # Top-k 1 sampling is greedy, whatever the seeds and temperature.
@@ -127,9 +129,9 @@ def test_sampling_filters_match_transformers_warpers():
 
 
 def test_seeded_rows_independent_of_batch_and_no_recompile(tiny):
-    _, module, params = tiny
-    gen = enhance.Generator(module, eos_token_id=None, pad_token_id=EOS)
-    settings = enhance.GenerationSettings(12, temperature=1.0, top_k=0, top_p=0.95, repetition_penalty=1.1)
+    _, _, params, gen = tiny
+    gen.eos_token_id = None
+    settings = enhance.GenerationSettings(40, temperature=1.0, top_k=0, top_p=0.95, repetition_penalty=1.1)
     ids, mask = left_padded([5, 9, 2, 7], 16)
     seeds = np.array([3, 4, 5, 6])
     tokens, _ = gen(params, ids, mask, seeds, settings)
@@ -143,7 +145,8 @@ def test_seeded_rows_independent_of_batch_and_no_recompile(tiny):
     traces = gen.traces
     # New prompts and new settings at the same shapes reuse the program.
     ids2, mask2 = left_padded([3, 16, 1, 8], 16, seed=5)
-    gen(params, ids2, mask2, seeds + 10, enhance.GenerationSettings(12, 0.5, 3, 0.9, 1.4))
+    gen.eos_token_id = 5
+    gen(params, ids2, mask2, seeds + 10, enhance.GenerationSettings(40, 0.5, 3, 0.9, 1.4))
     assert gen.traces == traces
 
 
@@ -159,7 +162,7 @@ def _save_torch_bin(hf, folder, prefix=True):
 
 
 def test_loader_safetensors_bin_prefix_and_strict_report(tiny, tmp_path):
-    hf, _, params = tiny
+    hf, _, params, _ = tiny
     hf.save_pretrained(tmp_path / "st")
     _save_torch_bin(hf, tmp_path / "bin")
     _save_torch_bin(hf, tmp_path / "bare", prefix=False)
