@@ -6,13 +6,14 @@ the checkpoint's own files; `Enhancer.expand(prompts, seeds)` continues each
 prompt and cleans the text.
 
 The generator is one jitted program per (batch, prompt length bucket,
-max_new_tokens, greedy or sampled): the left-padded prompts are prefilled into
-a fixed-size KV cache, then the decode runs as one `lax.while_loop` that stops
-when every row has emitted EOS or the token budget is spent. Settings
-(temperature, top-k, top-p, repetition penalty) are traced values, so changing
-them does not recompile. Row b samples step i with
-`fold_in(key(seed_b), i)`, so an expansion depends only on its prompt, seed
-and settings, not on the batch it ran in or its padding.
+max_new_tokens, greedy or sampled, top-k): the left-padded prompts are
+prefilled into a fixed-size KV cache, then the decode runs as one
+`lax.while_loop` that stops when every row has emitted EOS or the token
+budget is spent. Temperature, top-p and the repetition penalty are traced
+values, so changing them does not recompile; top-k is static (`lax.top_k`
+needs its size). Row b samples step i with `fold_in(key(seed_b), i)`, so an
+expansion depends only on its prompt, seed and settings, not on the batch it
+ran in or its padding.
 """
 
 from __future__ import annotations
@@ -64,28 +65,39 @@ class GenerationSettings:
 # --------------------------------------------------------------------------
 
 
-def process_logits(logits, seen, *, temperature, top_k, top_p, repetition_penalty, do_sample: bool):
-    """Repetition penalty, then (sampling only) temperature, top-k and top-p, in transformers' order.
-    `logits` [B, V] fp32, `seen` [B, V] boolean; the settings are scalars (traced)."""
-    penalised = jnp.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
-    logits = jnp.where(seen, penalised, logits)
-    if not do_sample:
-        return logits
-    logits = logits / temperature
+def candidates(logits, seen, *, temperature, top_p, repetition_penalty, top_k: int, use_top_p: bool):
+    """The tokens a sampling step draws from: (logits [B, K], token ids [B, K]), dropped ones at -inf.
+
+    transformers' processors in its order: repetition penalty, temperature, top-k, top-p. `logits` [B, V]
+    fp32, `seen` [B, V] boolean; temperature, top_p and the penalty are traced scalars. `top_k` (0: all)
+    and `use_top_p` are static: `lax.top_k` keeps K = top_k candidates in a millisecond where a sort of
+    GPT-2's 50257 logits takes ~170 ms on a CPU, so only top-k 0 with top-p < 1 sorts the vocabulary.
+    """
+    logits = penalise(logits, seen, repetition_penalty) / temperature
     vocab = logits.shape[-1]
-    ascending = jnp.sort(logits, axis=-1)
-    k = jnp.where(top_k <= 0, vocab, jnp.minimum(top_k, vocab))
-    kth = ascending[:, vocab - k][:, None]  # the k-th largest value
-    ascending = jnp.where(ascending >= kth, ascending, -jnp.inf)
-    # top-p as transformers: drop the low tail whose cumulative probability is <= 1 - top_p, never the top.
-    cumulative = jnp.cumsum(jax.nn.softmax(ascending, axis=-1), axis=-1)
-    dropped = jnp.sum((cumulative <= 1 - top_p).at[:, -1].set(False), axis=-1)
-    cutoff = jnp.maximum(jnp.take_along_axis(ascending, dropped[:, None], axis=-1), kth)
-    return jnp.where(logits >= cutoff, logits, -jnp.inf)
+    if top_k and top_k < vocab:
+        values, ids = jax.lax.top_k(logits, top_k)  # descending
+    elif use_top_p:
+        ids = jnp.argsort(-logits, axis=-1)
+        values = jnp.take_along_axis(logits, ids, axis=-1)
+    else:
+        return logits, jnp.broadcast_to(jnp.arange(vocab), logits.shape)
+    if use_top_p:
+        # transformers drops the low tail whose cumulative probability (summed from the least likely up)
+        # is <= 1 - top_p, never the most likely token.
+        tail = jnp.cumsum(jax.nn.softmax(values, axis=-1)[:, ::-1], axis=-1)[:, ::-1]
+        drop = (tail <= 1 - top_p).at[:, 0].set(False)
+        values = jnp.where(drop, -jnp.inf, values)
+    return values, ids
+
+
+def penalise(logits, seen, repetition_penalty):
+    """The repetition penalty alone (the greedy path): transformers' RepetitionPenaltyLogitsProcessor."""
+    return jnp.where(seen, jnp.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty), logits)
 
 
 def _generate(module: gpt2.GPT2LMHeadModel, on_trace, params, ids, mask, seeds, eos_id, pad_id, temperature,
-              top_k, top_p, repetition_penalty, *, max_new_tokens: int, do_sample: bool):
+              top_p, repetition_penalty, *, max_new_tokens: int, do_sample: bool, top_k: int, use_top_p: bool):
     """New tokens [B, max_new_tokens] (pad_id after a row's EOS) and the number of decode steps run."""
     on_trace()  # Python side effect: runs once per trace, so tests can count compilations
     b, p = ids.shape
@@ -101,7 +113,6 @@ def _generate(module: gpt2.GPT2LMHeadModel, on_trace, params, ids, mask, seeds, 
     seen = jnp.zeros((b, cfg.vocab_size), bool).at[rows[:, None], ids].max(mask)
     keys = jax.vmap(jax.random.key)(seeds)
     n_prompt = mask.sum(-1)
-    settings = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty)
 
     def cond(state):
         i, _, _, _, finished, _ = state
@@ -109,11 +120,13 @@ def _generate(module: gpt2.GPT2LMHeadModel, on_trace, params, ids, mask, seeds, 
 
     def body(state):
         i, cache, logits, tokens, finished, seen = state
-        logits = process_logits(logits, seen, **settings, do_sample=do_sample)
         if do_sample:
-            tok = jax.vmap(lambda k, row: jax.random.categorical(jax.random.fold_in(k, i), row))(keys, logits)
+            values, token_ids = candidates(logits, seen, temperature=temperature, top_p=top_p,
+                                           repetition_penalty=repetition_penalty, top_k=top_k, use_top_p=use_top_p)
+            pick = jax.vmap(lambda k, row: jax.random.categorical(jax.random.fold_in(k, i), row))(keys, values)
+            tok = jnp.take_along_axis(token_ids, pick[:, None], axis=-1)[:, 0]
         else:
-            tok = jnp.argmax(logits, axis=-1)
+            tok = jnp.argmax(penalise(logits, seen, repetition_penalty), axis=-1)
         tok = jnp.where(finished, pad_id, tok).astype(jnp.int32)
         tokens = tokens.at[:, i].set(tok)
         seen = seen.at[rows, tok].set(True)
@@ -130,9 +143,10 @@ def _generate(module: gpt2.GPT2LMHeadModel, on_trace, params, ids, mask, seeds, 
 
 
 class Generator:
-    """The jitted KV-cache generator for one GPT-2 module; `traces` counts compilations. `eos_token_id`
-    (None: never stop early) and `pad_token_id` are read at each call and traced: changing them does not
-    recompile."""
+    """The jitted KV-cache generator for one GPT-2 module; `traces` counts compilations. One program per
+    (batch, prompt length, max_new_tokens, greedy or sampled, top_k, top_p < 1); `eos_token_id` (None:
+    never stop early), `pad_token_id`, temperature, top_p and the penalty are traced: changing them does
+    not recompile."""
 
     def __init__(self, module: gpt2.GPT2LMHeadModel, *, eos_token_id: int | None, pad_token_id: int):
         self.module = module
@@ -140,7 +154,7 @@ class Generator:
         self.pad_token_id = pad_token_id
         self.traces = 0
         self._fn = jax.jit(functools.partial(_generate, module, self._count),
-                           static_argnames=("max_new_tokens", "do_sample"))
+                           static_argnames=("max_new_tokens", "do_sample", "top_k", "use_top_p"))
 
     def _count(self):
         self.traces += 1
@@ -152,9 +166,10 @@ class Generator:
             params, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32), jnp.asarray(seeds, jnp.uint32),
             # EOS -1 never matches a token: rows then run the whole budget.
             jnp.int32(-1 if self.eos_token_id is None else self.eos_token_id), jnp.int32(self.pad_token_id),
-            jnp.float32(settings.temperature or 1.0), jnp.int32(settings.top_k), jnp.float32(settings.top_p),
+            jnp.float32(settings.temperature or 1.0), jnp.float32(settings.top_p),
             jnp.float32(settings.repetition_penalty), max_new_tokens=settings.max_new_tokens,
-            do_sample=settings.temperature > 0)
+            do_sample=settings.temperature > 0, top_k=settings.top_k if settings.temperature > 0 else 0,
+            use_top_p=settings.temperature > 0 and settings.top_p < 1)
         return np.asarray(tokens), int(steps)
 
 

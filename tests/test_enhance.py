@@ -54,7 +54,7 @@ def test_clean():
 
 
 def test_expand_seeded_batch_independent_and_compiled_once(enhancer, folder):
-    settings = enhance.GenerationSettings(max_new_tokens=10, temperature=1.0, top_k=20)
+    settings = enhance.GenerationSettings(max_new_tokens=10, temperature=1.0)  # top-k 50, as the CLI
     prompts = ["a red circle", "a blue square on a green field, oil", "a", "sharp focus"]
     seeds = [11, 12, 13, 14]
     out = enhancer.expand(prompts, seeds, settings)
@@ -68,7 +68,7 @@ def test_expand_seeded_batch_independent_and_compiled_once(enhancer, folder):
     traces = enhancer.traces
     new = ["an orange cat on a mat, digital", "green"]
     assert [len(enhancer.encode(p)) > 16 for p in new + prompts[1:2]] == [True, False, True]  # one 32 bucket
-    enhancer.expand(new, [5, 6], enhance.GenerationSettings(10, 0.7, 5, 0.9, 1.3))
+    enhancer.expand(new, [5, 6], enhance.GenerationSettings(10, 0.7, 50, 1.0, 1.3))
     assert enhancer.traces == traces  # new prompts and settings, same (batch, bucket, max tokens)
     # vocab.json + merges.txt instead of tokenizer.json: the same tokens.
     other = folder.parent / "vocab-merges"

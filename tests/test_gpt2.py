@@ -113,15 +113,16 @@ def test_sampling_filters_match_transformers_warpers():
     seen = np.zeros((4, 50), bool)
     seen[:, :5] = True
     for top_k, top_p, temp in [(7, 1.0, 0.7), (0, 0.8, 1.0), (10, 0.5, 1.5), (0, 1.0, 1.0)]:
-        ours = enhance.process_logits(jnp.asarray(logits), jnp.asarray(seen), temperature=temp, top_k=top_k,
-                                      top_p=top_p, repetition_penalty=1.3, do_sample=True)
+        values, ids = enhance.candidates(jnp.asarray(logits), jnp.asarray(seen), temperature=temp, top_k=top_k,
+                                         top_p=top_p, repetition_penalty=1.3, use_top_p=top_p < 1)
+        ours = np.full_like(logits, -np.inf)
+        np.put_along_axis(ours, np.asarray(ids), np.asarray(values), axis=-1)
         procs = [T.RepetitionPenaltyLogitsProcessor(1.3), T.TemperatureLogitsWarper(temp)]
         procs += [T.TopKLogitsWarper(top_k)] if top_k else []
         procs += [T.TopPLogitsWarper(top_p)] if top_p < 1 else []
         ref = torch.tensor(logits)
         for p in procs:
             ref = p(torch.arange(5).repeat(4, 1), ref)
-        ours = np.asarray(ours)
         np.testing.assert_array_equal(np.isinf(ours), np.isinf(ref.numpy()))
         kept = ~np.isinf(ours)
         np.testing.assert_allclose(ours[kept], ref.numpy()[kept], rtol=1e-6)
@@ -131,7 +132,7 @@ def test_sampling_filters_match_transformers_warpers():
 def test_seeded_rows_independent_of_batch_and_no_recompile(tiny):
     _, _, params, gen = tiny
     gen.eos_token_id = None
-    settings = enhance.GenerationSettings(40, temperature=1.0, top_k=0, top_p=0.95, repetition_penalty=1.1)
+    settings = enhance.GenerationSettings(40, temperature=1.0, top_k=20, top_p=0.95, repetition_penalty=1.1)
     ids, mask = left_padded([5, 9, 2, 7], 16)
     seeds = np.array([3, 4, 5, 6])
     tokens, _ = gen(params, ids, mask, seeds, settings)
@@ -143,10 +144,10 @@ def test_seeded_rows_independent_of_batch_and_no_recompile(tiny):
     other, _ = gen(params, ids1, mask1, seeds[2:3] + 1, settings)
     assert (other[0] != tokens[2]).any()
     traces = gen.traces
-    # New prompts and new settings at the same shapes reuse the program.
+    # New prompts, EOS and settings (but top_k, which is static) at the same shapes reuse the program.
     ids2, mask2 = left_padded([3, 16, 1, 8], 16, seed=5)
     gen.eos_token_id = 5
-    gen(params, ids2, mask2, seeds + 10, enhance.GenerationSettings(40, 0.5, 3, 0.9, 1.4))
+    gen(params, ids2, mask2, seeds + 10, enhance.GenerationSettings(40, 0.5, 20, 0.8, 1.4))
     assert gen.traces == traces
 
 

@@ -103,10 +103,11 @@ class Attention(nn.Module):
         qkv = nn.Dense(3 * cfg.n_embd, dtype=self.dtype, name="c_attn")(x)
         q, k, v = (a.reshape(b, t, cfg.n_head, cfg.head_dim).transpose(0, 2, 1, 3) for a in jnp.split(qkv, 3, -1))
         if cache is not None:
-            ck, cv = cache
-            k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, 0, cache_index, 0))
-            v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, 0, cache_index, 0))
-            cache = (k, v)
+            # Written into the stacked cache of all layers, so XLA updates it in place inside the decode loop
+            # (a per-layer cache re-stacked after each step would copy all of it every token).
+            at = (self.layer_idx, 0, 0, cache_index, 0)
+            cache = tuple(jax.lax.dynamic_update_slice(c, a.astype(c.dtype)[None], at) for c, a in zip(cache, (k, v)))
+            k, v = cache[0][self.layer_idx], cache[1][self.layer_idx]
         scale = 1.0
         if cfg.scale_attn_weights:
             scale /= cfg.head_dim ** 0.5
@@ -163,14 +164,9 @@ class GPT2Model(nn.Module):
 
     def __call__(self, input_ids, position_ids, mask, cache=None, cache_index=0):
         x = (self.wte(input_ids) + self.wpe(position_ids)).astype(self.dtype)
-        new_k, new_v = [], []
-        for i, block in enumerate(self.h):
-            x, c = block(x, mask, None if cache is None else (cache[0][i], cache[1][i]), cache_index)
-            if c is not None:
-                new_k.append(c[0])
-                new_v.append(c[1])
-        x = self.ln_f(x.astype(jnp.float32))
-        return x, (None if cache is None else (jnp.stack(new_k), jnp.stack(new_v)))
+        for block in self.h:
+            x, cache = block(x, mask, cache, cache_index)
+        return self.ln_f(x.astype(jnp.float32)), cache
 
     def attend(self, x):
         return self.wte.attend(x)
