@@ -206,8 +206,9 @@ def clean(prompt: str, continuation: str, *, hit_limit: bool) -> str:
 class Enhancer:
     """A GPT-2 prompt expander: `Enhancer.load(path_or_id).expand(prompts, seeds)`.
 
-    Prompts run in batches of `batch_size` (the last one padded with copies), each left-padded to a
-    multiple of `bucket` tokens, so new prompts reuse the compiled program.
+    Prompts are grouped by length, rounded up to a multiple of `bucket` tokens (left padding), and run
+    in batches of `batch_size` (the last one padded with copies), so new prompts reuse the compiled
+    programs.
     """
 
     def __init__(self, module: gpt2.GPT2LMHeadModel, params, tokenizer, *, source: str = "GPT-2",
@@ -262,23 +263,25 @@ class Enhancer:
                                  f"exceeds the enhancer's {n_pos} positions; shorten the prompt or lower "
                                  "max_new_tokens")
         eos = self.generator.eos_token_id
-        out = []
-        for start in range(0, len(prompt_ids), self.batch_size):
-            chunk = list(prompt_ids[start:start + self.batch_size])
-            chunk_seeds = list(seeds[start:start + self.batch_size])
-            real = len(chunk)
-            chunk += [chunk[-1]] * (self.batch_size - real)
-            chunk_seeds += [chunk_seeds[-1]] * (self.batch_size - real)
-            longest = max(len(ids) for ids in chunk)
-            length = min(-(-longest // self.bucket) * self.bucket, room)
-            ids = np.full((self.batch_size, length), self.generator.pad_token_id, np.int32)
-            mask = np.zeros((self.batch_size, length), np.int32)
-            for r, row in enumerate(chunk):
-                ids[r, length - len(row):] = row
-                mask[r, length - len(row):] = 1
-            tokens, _ = self.generator(self.params, ids, mask, np.asarray(chunk_seeds, np.uint32), settings)
-            for row in tokens[:real].tolist():
-                out.append(row[:row.index(eos)] if eos in row else row)
+        # Batches are formed within each length bucket, so a prompt's padded width depends on its own length
+        # alone, not on its neighbours'.
+        groups: dict[int, list[int]] = {}
+        for i, ids in enumerate(prompt_ids):
+            groups.setdefault(min(-(-len(ids) // self.bucket) * self.bucket, room), []).append(i)
+        out: list[list[int]] = [[] for _ in prompt_ids]
+        for length, members in groups.items():
+            for start in range(0, len(members), self.batch_size):
+                rows = members[start:start + self.batch_size]
+                rows += [rows[-1]] * (self.batch_size - len(rows))  # padding rows: computed and dropped
+                ids = np.full((self.batch_size, length), self.generator.pad_token_id, np.int32)
+                mask = np.zeros((self.batch_size, length), np.int32)
+                for r, i in enumerate(rows):
+                    ids[r, length - len(prompt_ids[i]):] = prompt_ids[i]
+                    mask[r, length - len(prompt_ids[i]):] = 1
+                seeds_np = np.asarray([seeds[i] for i in rows], np.uint32)
+                tokens, _ = self.generator(self.params, ids, mask, seeds_np, settings)
+                for i, row in zip(rows, tokens.tolist()):
+                    out[i] = row[:row.index(eos)] if eos in row else row
         return out
 
     def expand(self, prompts: Sequence[str], seeds: Sequence[int],

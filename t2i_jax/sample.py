@@ -289,9 +289,16 @@ def batches(jobs: Sequence[Job], batch_size: int):
 def enhance_settings(args: argparse.Namespace) -> dict | None:
     """The --enhance-* flags as the manifest records them (part of each image's key, so a resumed run
     knows which jobs are done without running the enhancer), or None without --enhance-prompt."""
+    from t2i_jax.enhance import DEFAULT_ENHANCER, GenerationSettings
+
     if not args.enhance_prompt:
+        given = [flag for flag, value, default in (
+            ("--enhancer", args.enhancer, DEFAULT_ENHANCER),
+            ("--enhance-max-tokens", args.enhance_max_tokens, GenerationSettings.max_new_tokens),
+            ("--enhance-temperature", args.enhance_temperature, GenerationSettings.temperature)) if value != default]
+        if given:
+            raise ValueError(f"{', '.join(given)} only act(s) with --enhance-prompt; add it, or drop them")
         return None
-    from t2i_jax.enhance import GenerationSettings
 
     try:
         settings = GenerationSettings(max_new_tokens=args.enhance_max_tokens, temperature=args.enhance_temperature)

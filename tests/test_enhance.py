@@ -127,3 +127,5 @@ def test_cli_offline_default_enhancer_says_how_to_pass_a_folder(tmp_path, capsys
     assert f"--enhancer {enhance.DEFAULT_ENHANCER}" in err and "--enhancer /path/to/folder" in err
     assert sample.main(argv[:-1] + ["--enhance-prompt", "--enhance-temperature", "-1"]) == 2
     assert "--enhance-temperature" in capsys.readouterr().err
+    assert sample.main(argv[:-1] + ["--enhance-max-tokens", "9"]) == 2
+    assert "--enhance-max-tokens only act(s) with --enhance-prompt" in capsys.readouterr().err

@@ -82,15 +82,17 @@ def test_untied_head_and_inverse_layer_scaling():
 def test_greedy_matches_transformers_generate_token_for_token(tiny):
     hf, _, params, gen = tiny
     ids, mask = left_padded([5, 9, 2, 7], 16)
+    greedy = enhance.GenerationSettings(max_new_tokens=40, temperature=0, repetition_penalty=1.0)
+    gen.eos_token_id = None
+    free, steps = gen(params, ids, mask, np.arange(4), greedy)
+    assert steps == 40
+    # An EOS the greedy path meets mid-way: that row stops (pads after), the others go on.
+    eos = int(free[0, 12])
     kw = dict(attention_mask=torch.tensor(mask), max_new_tokens=40, do_sample=False, pad_token_id=EOS)
     with torch.no_grad():
-        free = hf.generate(torch.tensor(ids), eos_token_id=None, **kw).numpy()[:, 16:]
-        # An EOS the greedy path meets mid-way: that row stops (pads after), the others go on.
-        eos = int(free[0, 12])
         ref = hf.generate(torch.tensor(ids), eos_token_id=eos, **kw).numpy()[:, 16:]
     assert (ref == EOS).any(), "the chosen EOS should end a row early"
     gen.eos_token_id = eos
-    greedy = enhance.GenerationSettings(max_new_tokens=40, temperature=0, repetition_penalty=1.0)
     tokens, steps = gen(params, ids, mask, np.arange(4), greedy)
     np.testing.assert_array_equal(tokens[:, :ref.shape[1]], ref)
     assert (tokens[:, ref.shape[1]:] == EOS).all() and steps == ref.shape[1]
@@ -195,3 +197,30 @@ def test_config_refuses_what_it_cannot_run(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(core.ConversionError, match="model_type 'llama'"):
         convert_gpt2.load_gpt2(tmp_path)
+
+
+@pytest.mark.slow
+def test_gpt2_small_size_logits_and_greedy():
+    """GPT-2 small's shapes (124M, random weights): logits and 20 greedy tokens as transformers."""
+    torch.manual_seed(0)
+    hf = T.GPT2LMHeadModel(T.GPT2Config()).eval()
+    cfg = gpt2.GPT2Config.from_hf(hf.config.to_dict())
+    params, _ = convert_gpt2.convert_state({k: v.numpy() for k, v in hf.state_dict().items()}, cfg)
+    rs = np.random.RandomState(0)
+    ids = rs.randint(0, 50256, (2, 12))
+    mask = np.ones_like(ids)
+    mask[1, :5] = 0
+    positions = np.maximum(mask.cumsum(-1) - 1, 0)
+    with torch.no_grad():
+        ref = hf(torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(positions)).logits
+        ref_tokens = hf.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=20,
+                                 do_sample=False, pad_token_id=50256, eos_token_id=None).numpy()[:, 12:]
+    module = gpt2.GPT2LMHeadModel(cfg)
+    out, _ = module.apply({"params": params}, jnp.asarray(ids), jnp.asarray(positions),
+                          gpt2.causal_mask(jnp.asarray(mask), jnp.arange(12)))
+    valid = mask.astype(bool)
+    ref = ref.numpy()[valid]
+    assert np.linalg.norm(np.asarray(out)[valid] - ref) / np.linalg.norm(ref) < 1e-5
+    gen = enhance.Generator(module, eos_token_id=None, pad_token_id=50256)
+    tokens, _ = gen(params, ids, mask, np.arange(2), enhance.GenerationSettings(20, 0, repetition_penalty=1.0))
+    np.testing.assert_array_equal(tokens, ref_tokens)

@@ -5,8 +5,8 @@ against transformers' PyTorch `generate` on the same random GPT-2 weights, in
 one process, one row per (model, batch). Both sample as `--enhance-prompt`
 does (temperature 0.9, top-k 50, repetition penalty 1.2) and run the whole
 token budget (no EOS), so both produce batch x max_new_tokens tokens per call.
-Times are medians over `--iters` calls after one warm-up call (which, for
-ours, compiles: reported separately).
+Times are medians over at least `--iters` calls and 2 s after one warm-up
+call (which, for ours, compiles: reported separately).
 """
 
 from __future__ import annotations
@@ -33,13 +33,14 @@ def _settings(max_new_tokens: int):
     return GenerationSettings(max_new_tokens=max_new_tokens, temperature=0.9, top_k=50, repetition_penalty=1.2)
 
 
-def _time(fn, iters: int) -> tuple[float, float]:
-    """(first call's seconds, median of `iters` more)."""
+def _time(fn, iters: int, min_seconds: float = 2.0) -> tuple[float, float]:
+    """(first call's seconds, median of the calls after it): at least `iters` calls and `min_seconds`, so
+    millisecond calls (the tiny model) are timed over many."""
     t0 = time.perf_counter()
     fn()
     first = time.perf_counter() - t0
     times = []
-    for _ in range(iters):
+    while len(times) < iters or sum(times) < min_seconds:
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
@@ -104,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(prog="python -m t2i_jax.bench enhance", description=__doc__.split("\n")[0])
     p.add_argument("--models", default="tiny,small", help=f"comma-separated: {', '.join(MODELS)}")
     p.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
-    p.add_argument("--iters", type=int, default=3, help="timed calls per row, after one warm-up call")
+    p.add_argument("--iters", type=int, default=3, help="timed calls per row, at least (and 2 s)")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = p.parse_args(argv)
     names = [m.strip() for m in args.models.split(",") if m.strip()]
