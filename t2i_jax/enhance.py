@@ -178,24 +178,23 @@ class Generator:
 # --------------------------------------------------------------------------
 
 _URL = re.compile(r"(https?://|www\.)\S+|\S+\.(com|net|org|io)\b\S*")
-_EDGE = re.compile(r"^[\s,.;:!?|/\\\-_*~'\"]+|[\s,;:!?|/\\\-_*~'\"]+$")
+_EDGE = re.compile(r"^[\s,.;:!?|/\\\-_*~'\"]+|[\s,.;:!?|/\\\-_*~'\"]+$")
 
 
 def clean(prompt: str, continuation: str, *, hit_limit: bool) -> str:
     """The expanded prompt: `prompt` followed by the model's `continuation`, tidied as the MagicPrompt
-    tools do. Only the first line is kept (the model writes one prompt per line); URLs and angle brackets
-    are dropped; when generation stopped at the token budget (`hit_limit`), the continuation is cut after
-    its last full phrase (at its last comma); repeated commas and spaces are collapsed and stray
-    punctuation at the start and end removed. Falls back to the prompt when nothing is left."""
-    prompt = prompt.strip()
-    text = continuation.split("\n", 1)[0]
-    if hit_limit and "," in text:
+    tools do. Only the continuation's first line is kept (the model writes one prompt per line); its URLs
+    and angle brackets are dropped; when generation stopped at the token budget (`hit_limit`) inside that
+    line, it is cut after its last full phrase (at its last comma). Then repeated commas and spaces are
+    collapsed and stray punctuation at the start and end removed. Falls back to the prompt when nothing
+    is left."""
+    text, *rest = continuation.split("\n", 1)
+    if hit_limit and not rest and "," in text:
         text = text[:text.rindex(",")]
-    text = _URL.sub("", (prompt + text)).replace("<", "").replace(">", "")
-    text = re.sub(r"\s+", " ", text)
+    text = _URL.sub("", text).replace("<", "").replace(">", "")
+    text = re.sub(r"\s+", " ", prompt + text)
     text = re.sub(r"\s*,[\s,]*", ", ", text)  # ", ,  ," -> ", "; no space before a comma
-    text = _EDGE.sub("", text).strip()
-    return text or prompt
+    return _EDGE.sub("", text).strip() or prompt.strip()
 
 
 # --------------------------------------------------------------------------

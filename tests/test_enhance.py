@@ -51,6 +51,9 @@ def test_clean():
     assert clean("a cat", " with a hat, artstation.com by www.x.org/y <lora>\nsecond prompt",
                  hit_limit=False) == "a cat with a hat, by lora"
     assert clean("a cat", "!!;", hit_limit=False) == "a cat"
+    # A first line that ended (newline) before the budget ran out is whole; the prompt's own text is kept.
+    assert clean("a cat on example.com ", "with a hat, in\nnext, line", hit_limit=True) == \
+        "a cat on example.com with a hat, in"
 
 
 def test_expand_seeded_batch_independent_and_compiled_once(enhancer, folder):

@@ -5,14 +5,16 @@ against transformers' PyTorch `generate` on the same random GPT-2 weights, in
 one process, one row per (model, batch). Both sample as `--enhance-prompt`
 does (temperature 0.9, top-k 50, repetition penalty 1.2) and run the whole
 token budget (no EOS), so both produce batch x max_new_tokens tokens per call.
-Times are medians over at least `--iters` calls and 2 s after one warm-up
-call (which, for ours, compiles: reported separately).
+After one warm-up call each (ours compiles there: reported separately), the
+two alternate call by call, so a change of load on a shared machine hits both;
+times are medians over at least `--iters` calls (and 2 s) each.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -33,18 +35,21 @@ def _settings(max_new_tokens: int):
     return GenerationSettings(max_new_tokens=max_new_tokens, temperature=0.9, top_k=50, repetition_penalty=1.2)
 
 
-def _time(fn, iters: int, min_seconds: float = 2.0) -> tuple[float, float]:
-    """(first call's seconds, median of the calls after it): at least `iters` calls and `min_seconds`, so
-    millisecond calls (the tiny model) are timed over many."""
+def _time_pair(ours, theirs, iters: int, min_seconds: float = 2.0) -> tuple[float, float, float]:
+    """(our first call's seconds, our median, their median). One warm-up call each, then the two
+    alternate, at least `iters` calls each and `min_seconds` of ours, so a change of load on a shared
+    machine hits both sides alike and millisecond calls (the tiny model) are timed over many."""
     t0 = time.perf_counter()
-    fn()
+    ours()
     first = time.perf_counter() - t0
-    times = []
-    while len(times) < iters or sum(times) < min_seconds:
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return first, statistics.median(times)
+    theirs()
+    a, b = [], []
+    while len(a) < iters or sum(a) < min_seconds:
+        for fn, times in ((ours, a), (theirs, b)):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return first, statistics.median(a), statistics.median(b)
 
 
 def bench_one(name: str, batch: int, iters: int, log=print) -> dict:
@@ -70,8 +75,6 @@ def bench_one(name: str, batch: int, iters: int, log=print) -> dict:
     seeds = np.arange(batch, dtype=np.uint32)
     settings = _settings(new)
     gen = Generator(gpt2.GPT2LMHeadModel(cfg), eos_token_id=None, pad_token_id=0)
-    log(f"{name} batch {batch}: ours ...")
-    compile_s, ours_s = _time(lambda: gen(params, ids, mask, seeds, settings), iters)
     t_ids, t_mask = torch.tensor(ids), torch.tensor(mask)
 
     def theirs():
@@ -80,13 +83,14 @@ def bench_one(name: str, batch: int, iters: int, log=print) -> dict:
                               temperature=0.9, top_k=50, repetition_penalty=1.2, pad_token_id=0)
         assert out.shape[1] == prompt_len + new
 
-    log(f"{name} batch {batch}: transformers ...")
-    _, theirs_s = _time(theirs, iters)
+    log(f"{name} batch {batch}: ours and transformers, alternating ...")
+    compile_s, ours_s, theirs_s = _time_pair(lambda: gen(params, ids, mask, seeds, settings), theirs, iters)
     tokens = batch * new
     return {"model": name, "params_M": sum(p.numel() for p in hf.parameters()) / 1e6, "batch": batch,
             "prompt_tokens": prompt_len, "new_tokens": new, "ours_tokens_per_s": tokens / ours_s,
             "transformers_tokens_per_s": tokens / theirs_s, "ratio": theirs_s / ours_s,
-            "ours_compile_s": compile_s - ours_s, "torch_threads": torch.get_num_threads()}
+            "ours_compile_s": compile_s - ours_s, "torch_threads": torch.get_num_threads(),
+            "load_average_1min": os.getloadavg()[0]}
 
 
 def table(rows: Sequence[dict]) -> str:
