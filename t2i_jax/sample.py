@@ -291,17 +291,18 @@ def enhance_settings(args: argparse.Namespace) -> dict | None:
     knows which jobs are done without running the enhancer), or None without --enhance-prompt."""
     from t2i_jax.enhance import DEFAULT_ENHANCER, GenerationSettings
 
-    if not args.enhance_prompt:
+    if not getattr(args, "enhance_prompt", False):  # callers that build their own Namespace may leave it out
         given = [flag for flag, value, default in (
-            ("--enhancer", args.enhancer, DEFAULT_ENHANCER),
-            ("--enhance-max-tokens", args.enhance_max_tokens, GenerationSettings.max_new_tokens),
-            ("--enhance-temperature", args.enhance_temperature, GenerationSettings.temperature)) if value != default]
+            ("--enhancer", getattr(args, "enhancer", DEFAULT_ENHANCER), DEFAULT_ENHANCER),
+            ("--enhance-max-tokens", getattr(args, "enhance_max_tokens", None), None),
+            ("--enhance-temperature", getattr(args, "enhance_temperature", None), None)) if value != default]
         if given:
             raise ValueError(f"{', '.join(given)} only act(s) with --enhance-prompt; add it, or drop them")
         return None
 
     try:
-        settings = GenerationSettings(max_new_tokens=args.enhance_max_tokens, temperature=args.enhance_temperature)
+        given = {"max_new_tokens": args.enhance_max_tokens, "temperature": args.enhance_temperature}
+        settings = GenerationSettings(**{k: v for k, v in given.items() if v is not None})
     except ValueError as e:
         raise ValueError(f"--enhance-max-tokens/--enhance-temperature: {e}") from None
     return {"enhancer": args.enhancer, **dataclasses.asdict(settings)}
@@ -548,10 +549,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "original_prompt, and a rerun reuses the recorded expansions")
     p.add_argument("--enhancer", default=DEFAULT_ENHANCER,
                    help="with --enhance-prompt: a transformers GPT-2 folder or hub id")
-    p.add_argument("--enhance-max-tokens", type=int, default=GenerationSettings.max_new_tokens,
-                   help="with --enhance-prompt: new tokens at most per prompt")
-    p.add_argument("--enhance-temperature", type=float, default=GenerationSettings.temperature,
-                   help="with --enhance-prompt: sampling temperature; 0 is greedy")
+    p.add_argument("--enhance-max-tokens", type=int, default=None,
+                   help=f"with --enhance-prompt: new tokens at most per prompt (default: "
+                        f"{GenerationSettings.max_new_tokens})")
+    p.add_argument("--enhance-temperature", type=float, default=None,
+                   help=f"with --enhance-prompt: sampling temperature, 0 is greedy (default: "
+                        f"{GenerationSettings.temperature})")
     p.add_argument("--no-compilation-cache", action="store_true",
                    help="do not use JAX's persistent compilation cache (~/.cache/t2i_jax/jax, or $T2I_JAX_CACHE)")
     return p.parse_args(argv)
