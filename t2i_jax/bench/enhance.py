@@ -116,9 +116,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     unknown = [m for m in names if m not in MODELS]
     if unknown:
         p.error(f"--models {','.join(unknown)}: unknown; choose from {', '.join(MODELS)}")
-    batches = [int(b) for b in args.batches.split(",")]
+    try:
+        batches = [int(b) for b in args.batches.split(",")]
+    except ValueError:
+        batches = [0]
     if args.iters < 1 or any(b < 1 for b in batches):
-        p.error("--iters and --batches must be positive integers")
+        p.error(f"--iters {args.iters} and --batches {args.batches} must be positive integers, e.g. --batches 1,8")
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     rows = [bench_one(m, b, args.iters, log) for m in names for b in batches]
     print(table(rows), flush=True)
