@@ -20,6 +20,11 @@ manifest (an init image is recognised by its pixels, not its path). Files are
 written atomically, and Ctrl-C stops after the image being saved, so a stopped
 run leaves a consistent manifest.
 
+--enhance-prompt continues each job's prompt (styled, if --style applied)
+with a GPT-2 prompt model (default Gustavosta/MagicPrompt-Stable-Diffusion)
+sampled with the image's seed; the image's key and file name keep the
+original prompt, so a rerun knows what is done without the enhancer.
+
 --style templates are applied only where the whole styled prompt fits the
 text encoder's context: where it does not (every style with the bundled
 model), the prompt is used as written, with one warning line, rather than
@@ -283,6 +288,45 @@ def batches(jobs: Sequence[Job], batch_size: int, chunks: Callable[[Job], int] |
     for group in groups.values():
         for i in range(0, len(group), batch_size):
             yield group[i: i + batch_size]
+
+
+def enhance_settings(args: argparse.Namespace) -> dict | None:
+    """The --enhance-* flags as the manifest records them (part of each image's key, so a resumed run
+    knows which jobs are done without running the enhancer), or None without --enhance-prompt."""
+    from t2i_jax.enhance import DEFAULT_ENHANCER, GenerationSettings
+
+    if not getattr(args, "enhance_prompt", False):  # callers that build their own Namespace may leave it out
+        given = [flag for flag, value, default in (
+            ("--enhancer", getattr(args, "enhancer", DEFAULT_ENHANCER), DEFAULT_ENHANCER),
+            ("--enhance-max-tokens", getattr(args, "enhance_max_tokens", None), None),
+            ("--enhance-temperature", getattr(args, "enhance_temperature", None), None)) if value != default]
+        if given:
+            raise ValueError(f"{', '.join(given)} only act(s) with --enhance-prompt; add it, or drop them")
+        return None
+
+    try:
+        given = {"max_new_tokens": args.enhance_max_tokens, "temperature": args.enhance_temperature}
+        settings = GenerationSettings(**{k: v for k, v in given.items() if v is not None})
+    except ValueError as e:
+        raise ValueError(f"--enhance-max-tokens/--enhance-temperature: {e}") from None
+    return {"enhancer": args.enhancer, **dataclasses.asdict(settings)}
+
+
+def expand_jobs(jobs: Sequence[Job], settings: dict) -> dict[int, Job]:
+    """Jobs with their prompts expanded by the enhancer, by id() of the original job (whose prompt and
+    seed keep naming the image: key, file name). The job's image seed seeds its expansion."""
+    from t2i_jax.enhance import Enhancer, GenerationSettings
+
+    kw = dict(settings)
+    name = kw.pop("enhancer")
+    print(f"loading prompt enhancer {name} ...", file=sys.stderr, flush=True)
+    try:
+        enhancer = Enhancer.load(name)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"--enhancer {name}: {e} Or pass a local GPT-2 folder (config.json, weights, "
+                                "tokenizer files): --enhancer /path/to/folder") from None
+    expanded = enhancer.expand([j.prompt for j in jobs], [j.seed for j in jobs], GenerationSettings(**kw))
+    return {id(j): dataclasses.replace(j, prompt=e) for j, e in zip(jobs, expanded)}
 
 
 def _short(text: str, n: int = 48) -> str:
@@ -552,6 +596,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="attention: auto (cuDNN flash attention on NVIDIA GPUs where the head size and dtype "
                         "allow, XLA elsewhere), xla, or cudnn (NVIDIA GPU, bf16/fp16)")
     p.add_argument("--out", required=True, help="output folder (created if missing)")
+    from t2i_jax.enhance import DEFAULT_ENHANCER, GenerationSettings
+
+    p.add_argument("--enhance-prompt", action="store_true",
+                   help="expand each prompt with a GPT-2 prompt model (--enhancer) before encoding; image seed S "
+                        "samples its expansion with seed S, the PNG and manifest keep prompt (expanded) and "
+                        "original_prompt, and a rerun reuses the recorded expansions")
+    p.add_argument("--enhancer", default=DEFAULT_ENHANCER,
+                   help="with --enhance-prompt: a transformers GPT-2 folder or hub id")
+    p.add_argument("--enhance-max-tokens", type=int, default=None,
+                   help=f"with --enhance-prompt: new tokens at most per prompt (default: "
+                        f"{GenerationSettings.max_new_tokens})")
+    p.add_argument("--enhance-temperature", type=float, default=None,
+                   help=f"with --enhance-prompt: sampling temperature, 0 is greedy (default: "
+                        f"{GenerationSettings.temperature})")
     p.add_argument("--no-compilation-cache", action="store_true",
                    help="do not use JAX's persistent compilation cache (~/.cache/t2i_jax/jax, or $T2I_JAX_CACHE)")
     return p.parse_args(argv)
@@ -652,6 +710,7 @@ def run(args: argparse.Namespace) -> dict:
         except ValueError as e:
             raise ValueError(f"--scheduler {args.scheduler} with {_option_flags(options)}: {e}") from None
     entries = _entries(args)
+    enhance = enhance_settings(args)
     build_kw = {"negative_prompt": args.negative_prompt, "style": args.style, "seed": args.seed,
                 "steps": args.steps, "guidance_scale": args.guidance_scale,
                 "num_images_per_prompt": args.num_images_per_prompt}
@@ -710,11 +769,13 @@ def run(args: argparse.Namespace) -> dict:
     chunk_cache: dict[str, int] = {}
 
     def chunks(job: Job) -> int:
-        """The chunks of the job's conditioning: its prompt's, or its negative prompt's if more (guided)."""
-        for t in (job.prompt, job.negative_prompt):
+        """The chunks of the job's conditioning: its (expanded) prompt's, or its negative prompt's if more
+        (guided)."""
+        prompt = expanded.get(id(job), job).prompt
+        for t in (prompt, job.negative_prompt):
             if t not in chunk_cache:
                 chunk_cache[t] = prompt_lib.num_chunks(pipe.tokenizer, t, syntax)
-        return max(chunk_cache[job.prompt], chunk_cache[job.negative_prompt] if job.guidance_scale > 1 else 1)
+        return max(chunk_cache[prompt], chunk_cache[job.negative_prompt] if job.guidance_scale > 1 else 1)
 
     if too_long:
         warn(f"{len(too_long)} prompt(s) are longer than the text encoder's {context}-token context and are "
@@ -761,6 +822,8 @@ def run(args: argparse.Namespace) -> dict:
     if control:
         common["controlnet"] = {"models": args.controlnet, "images": [h for _, h in control_images],
                                 **{k: v for k, v in control.items() if k != "control_images"}}
+    if enhance:
+        common["enhance"] = enhance
     done = read_manifest(manifest_path)
     unique: dict[str, Job] = {}  # job key -> its first job (an entry repeated with its own seed repeats jobs)
     for j in jobs:
@@ -769,6 +832,12 @@ def run(args: argparse.Namespace) -> dict:
     run_files = {k: done[k]["file"] for k in unique if k in done}
     if run_files:
         print(f"skipping {len(run_files)} image(s) already in {manifest_path}", file=sys.stderr)
+    expanded = expand_jobs(todo, enhance) if enhance and todo else {}
+    # Under a1111 a long expansion is encoded in chunks (and grouped by their count, see `chunks`).
+    cut = [e.prompt for e in expanded.values() if count(e.prompt) > context] if syntax == "none" else []
+    if cut:
+        warn(f"{len(cut)} expanded prompt(s) are longer than the text encoder's {context}-token context and are "
+             f"cut, e.g. {_short(cut[0])!r}; lower --enhance-max-tokens to keep every word")
 
     # ---- Sampling. The bar counts denoising steps (model evaluations) and
     # advances once per batch: a host callback inside the compiled loop would
@@ -799,7 +868,7 @@ def run(args: argparse.Namespace) -> dict:
                 extra.update(control)
                 t0 = time.perf_counter()
                 fn, fargs = sampler.prepare(
-                    [j.prompt for j in padded], seeds=[j.seed for j in padded],
+                    [expanded.get(id(j), j).prompt for j in padded], seeds=[j.seed for j in padded],
                     negative_prompts=[j.negative_prompt for j in padded], steps=batch[0].steps,
                     guidance_scale=batch[0].guidance_scale, scheduler=args.scheduler, height=height,
                     width=width, strength=args.strength,
@@ -835,7 +904,9 @@ def run(args: argparse.Namespace) -> dict:
                             meta["mask_path"] = args.mask
                         if control:
                             meta["control_image_paths"] = args.control_image
-                        save_png(out / name, im, {"parameters": meta, "prompt": j.prompt, "software": "t2i_jax"})
+                        if id(j) in expanded:
+                            meta.update(prompt=expanded[id(j)].prompt, original_prompt=j.prompt)
+                        save_png(out / name, im, {"parameters": meta, "prompt": meta["prompt"], "software": "t2i_jax"})
                         manifest.write(json.dumps({"file": name, "key": key, **meta}) + "\n")
                         manifest.flush()
                         run_files[key] = name
