@@ -1,7 +1,8 @@
-"""Writing files so that a reader never sees half of one: `atomic_write`, `atomic_path`.
+"""Writing files so that a reader never sees half of one: `atomic_write`, `atomic_path`;
+and reading the image files users name on a command line: `read_image`.
 
-Used for everything the package hands to users or to a later run (images,
-JSON reports, safetensors exports, benchmark tables).
+The writers are used for everything the package hands to users or to a later
+run (images, JSON reports, safetensors exports, benchmark tables).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_path", "atomic_write"]
+__all__ = ["atomic_path", "atomic_write", "read_image"]
 
 
 @contextlib.contextmanager
@@ -48,3 +49,21 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None]) -> None:
     kill) leaves the old file, if any, untouched."""
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         write(f)
+
+
+def read_image(path: str | os.PathLike, mode: str, *, flag: str, what: str):
+    """The image file at `path` as a PIL image converted to `mode` ("RGB",
+    "L"); errors name the `flag` that passed it, or `what` it is, and the fix
+    (a folder, a missing file, a file that is not an image)."""
+    from PIL import Image, UnidentifiedImageError
+
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"{flag} {path} is a folder; pass a PNG or JPEG file")
+    if not p.exists():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        with Image.open(p) as im:
+            return im.convert(mode)
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise ValueError(f"cannot read {what} {path}: {e}; pass a PNG or JPEG file") from e

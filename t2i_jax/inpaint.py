@@ -35,6 +35,8 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
+from t2i_jax.files import read_image
+
 # --------------------------------------------------------------------------
 # Host side: the mask
 # --------------------------------------------------------------------------
@@ -44,18 +46,7 @@ def read_mask(path: str | Path, size: tuple[int, int] | None = None, *, name: st
     """The mask image at `path` as float32 [H, W] in [0, 1]: its luminance
     (PIL's "L"), white = repaint. `size` (width, height): the init image's;
     a mask of another size is an error naming both."""
-    from PIL import Image, UnidentifiedImageError
-
-    p = Path(path)
-    if p.is_dir():
-        raise ValueError(f"{name} {path} is a folder; pass a PNG or JPEG file")
-    if not p.exists():
-        raise FileNotFoundError(f"mask image not found: {path}")
-    try:
-        with Image.open(p) as im:
-            im = im.convert("L")
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise ValueError(f"cannot read mask image {path}: {e}; pass a PNG or JPEG file") from e
+    im = read_image(path, "L", flag=name, what="mask image")
     check_mask_size(im.size, size, name=name)
     return np.asarray(im, np.float32) / 255.0
 

@@ -51,7 +51,7 @@ from pathlib import Path
 
 import numpy as np
 
-from t2i_jax.files import atomic_write
+from t2i_jax.files import atomic_write, read_image
 
 # The default model: a small text-to-image model trained from scratch on synthetic shapes
 # (scripts/train_bundled_model.sh), shipped inside the package so the CLI runs offline.
@@ -375,19 +375,7 @@ def read_init_image(path: str, flag: str = "--init-image"):
     a hash of its pixels (the resume key: the same picture under another name
     or re-saved losslessly is the same input; an edited file under the same
     name is not)."""
-    from PIL import Image, UnidentifiedImageError
-
-    p = Path(path)
-    what = flag.lstrip("-").replace("-", " ")
-    if p.is_dir():
-        raise ValueError(f"{flag} {path} is a folder; pass a PNG or JPEG file")
-    if not p.exists():
-        raise FileNotFoundError(f"{what} not found: {path}")
-    try:
-        with Image.open(p) as im:
-            im = im.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise ValueError(f"cannot read {what} {path}: {e}; pass a PNG or JPEG file") from e
+    im = read_image(path, "RGB", flag=flag, what=flag.lstrip("-").replace("-", " "))
     pixels = np.asarray(im)
     digest = hashlib.sha256(repr(pixels.shape).encode() + pixels.tobytes()).hexdigest()[:16]
     return im, digest
