@@ -182,6 +182,10 @@ def test_fsdp_on_8_devices_matches_one_device(tmp_path):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
 
 
+# Slow (about 50 s on 2 cores): in the fast suite the streaming step runs in test_bench (mode
+# train_stream), the v-prediction and min-SNR loss in test_loss_matches_numpy, remat in
+# test_unet.test_remat_same_values_and_grads and accumulation in test_train_loop.
+@pytest.mark.slow
 def test_streaming_v_prediction_options(tmp_path):
     """No cache (VAE + text encoder inside the step), v-prediction with min-SNR, offset noise,
     remat and gradient accumulation."""
