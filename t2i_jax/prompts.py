@@ -168,6 +168,8 @@ def parse(text: str, *, warn: bool = True) -> list[list[tuple[str, float]]]:
 def _token_ids(tokenizer, texts: list[str]) -> list[list[int]]:
     if not texts:
         return []
+    # Multi-vector textual-inversion tokens spelled out (Tokenizer.expand).
+    texts = [tokenizer.expand(t) for t in texts] if getattr(tokenizer, "expansions", None) else texts
     return tokenizer.hf(texts, add_special_tokens=False, padding=False, truncation=False,
                         verbose=False)["input_ids"]
 

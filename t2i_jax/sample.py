@@ -578,6 +578,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="fraction of the steps where the ControlNet stops acting: once or once per net (default 1)")
     p.add_argument("--guess-mode", action="store_true",
                    help="ControlNet guess mode: the nets see only the prompt half, residuals weighted 0.1..1")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
+                   help="LoRA file (diffusers/PEFT or kohya; .safetensors, .bin, .pt) merged into the U-Net and "
+                        "text encoder before compiling, at WEIGHT (default 1.0); repeatable, merged together")
+    p.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]",
+                   help="textual-inversion embedding (.pt, .safetensors, .bin); write its token (the file's own "
+                        "name, or TOKEN) in the prompts; repeatable")
     p.add_argument("--dtype", choices=["bf16", "fp32", "fp16"], default=None,
                    help="compute dtype (default: bf16 on GPU/TPU, fp32 on CPU); params stay as loaded")
     p.add_argument("--attention", choices=["auto", "xla", "cudnn"], default="auto",
@@ -601,6 +607,38 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-compilation-cache", action="store_true",
                    help="do not use JAX's persistent compilation cache (~/.cache/t2i_jax/jax, or $T2I_JAX_CACHE)")
     return p.parse_args(argv)
+
+
+def _file_and_tail(spec: str, flag: str) -> tuple[str, str | None]:
+    """FILE or FILE:TAIL; a FILE that exists with a colon in its name is taken whole."""
+    path, sep, tail = spec.rpartition(":")
+    if not sep or Path(spec).is_file():
+        path, tail = spec, None
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{flag} {spec}: file {path} not found")
+    return path, tail
+
+
+def adapter_flags(args: argparse.Namespace) -> tuple[list[tuple[str, float]], list[tuple[str, str | None]]]:
+    """(file, weight) of each --lora and (file, token or None) of each --embedding, checked."""
+    loras = []
+    for spec in args.lora:
+        path, w = _file_and_tail(spec, "--lora")
+        try:
+            loras.append((path, 1.0 if w is None else float(w)))
+        except ValueError:
+            raise ValueError(f"--lora {spec}: weight {w!r} is not a number; write FILE:0.8") from None
+    embeddings = [_file_and_tail(spec, "--embedding") for spec in args.embedding]
+    return loras, [(path, token or None) for path, token in embeddings]
+
+
+def file_hash(path: str) -> str:
+    """sha256 of a file's bytes, 16 hex digits (an adapter's identity in the image keys)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
 
 
 def scheduler_options(args: argparse.Namespace) -> dict:
@@ -708,6 +746,7 @@ def run(args: argparse.Namespace) -> dict:
     init_image, init_hash = read_init_image(args.init_image) if args.init_image else (None, None)
     mask, mask_hash = read_mask_flags(args, init_image)
     control = control_settings(args)
+    loras, embeddings = adapter_flags(args)
     control_images = [read_init_image(path, "--control-image") for path in args.control_image]
     platform = jax.devices()[0].platform
     dtype_name = args.dtype or ("fp32" if platform == "cpu" else "bf16")
@@ -723,6 +762,10 @@ def run(args: argparse.Namespace) -> dict:
     print(f"loading model {args.model or BUNDLED_MODEL_NAME} ...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     pipe = load_components(BUNDLED_MODEL if args.model is None else args.model)
+    if loras or embeddings:
+        from t2i_jax.convert.lora import apply_adapters
+
+        pipe = apply_adapters(pipe, loras, embeddings)
     context = pipe.tokenizer.max_length
     native = pipe.unet.config.sample_size * pipe.vae_scale
     about = (f"bundled shapes model ({BUNDLED_MODEL_NAME})" if args.model is None else pipe.source)
@@ -739,7 +782,8 @@ def run(args: argparse.Namespace) -> dict:
 
     def count(text: str) -> int:
         if text not in count_cache:
-            ids = pipe.tokenizer.hf(text, padding=False, truncation=False, verbose=False)["input_ids"]
+            expanded_text = pipe.tokenizer.expand(text)  # multi-vector embeddings count all their tokens
+            ids = pipe.tokenizer.hf(expanded_text, padding=False, truncation=False, verbose=False)["input_ids"]
             count_cache[text] = len(ids)
         return count_cache[text]
 
@@ -812,6 +856,10 @@ def run(args: argparse.Namespace) -> dict:
                                 **{k: v for k, v in control.items() if k != "control_images"}}
     if enhance:
         common["enhance"] = enhance
+    if loras:  # by their bytes; paths only in the metadata
+        common["lora"] = [[file_hash(f), w] for f, w in loras]
+    if embeddings:
+        common["embeddings"] = [[file_hash(f), t] for f, t in embeddings]
     done = read_manifest(manifest_path)
     unique: dict[str, Job] = {}  # job key -> its first job (an entry repeated with its own seed repeats jobs)
     for j in jobs:
@@ -892,6 +940,8 @@ def run(args: argparse.Namespace) -> dict:
                             meta["mask_path"] = args.mask
                         if control:
                             meta["control_image_paths"] = args.control_image
+                        if loras or embeddings:
+                            meta.update(lora_paths=[f for f, _ in loras], embedding_paths=[f for f, _ in embeddings])
                         if id(j) in expanded:
                             meta.update(prompt=expanded[id(j)].prompt, original_prompt=j.prompt)
                         save_png(out / name, im, {"parameters": meta, "prompt": meta["prompt"], "software": "t2i_jax"})

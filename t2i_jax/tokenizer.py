@@ -62,12 +62,26 @@ class Tokenizer:
     """Text -> fixed-length CLIP token ids (numpy int32, [batch, max_length]).
 
     Prompts are padded to `max_length` and longer ones are cut, with a warning
-    that says how many tokens were lost.
+    that says how many tokens were lost. `expansions` maps a multi-vector
+    textual-inversion token to its spelled-out tokens ("tok" -> "tok tok_1
+    tok_2"), applied to every prompt (see `expand`).
     """
 
-    def __init__(self, hf_tokenizer, max_length: int = MAX_LENGTH):
+    def __init__(self, hf_tokenizer, max_length: int = MAX_LENGTH, expansions: dict[str, str] | None = None):
         self.hf = hf_tokenizer
         self.max_length = max_length
+        self.expansions = dict(expansions or {})
+
+    def expand(self, text: str) -> str:
+        """`text` with each multi-vector embedding token spelled out as its vectors' tokens,
+        as diffusers' `maybe_convert_prompt` does (a plain replace where the token occurs)."""
+        if not self.expansions:
+            return text
+        found = set(self.hf.tokenize(text))
+        for token, spelled in self.expansions.items():
+            if token in found:
+                text = text.replace(token, spelled)
+        return text
 
     @classmethod
     def bundled(cls, pad_token: str = EOS, max_length: int = MAX_LENGTH) -> Tokenizer:
@@ -96,7 +110,7 @@ class Tokenizer:
         """Tokenizes one prompt or a list; returns int32 ids of shape [n, max_length]."""
         if isinstance(prompts, str):
             prompts = [prompts]
-        prompts = list(prompts)
+        prompts = [self.expand(p) for p in prompts]
         # verbose=False: our own warning below says more than transformers' one.
         full = self.hf(prompts, padding=False, truncation=False, verbose=False)["input_ids"]
         out = np.full((len(prompts), self.max_length), self.pad_token_id, dtype=np.int32)

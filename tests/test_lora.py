@@ -1,0 +1,199 @@
+"""LoRA and textual-inversion files merged into a bundle (t2i_jax.convert.lora / embeddings)
+against diffusers' load_lora_weights / load_textual_inversion on the tiny pipeline."""
+
+import json
+
+import diffusers
+import jax
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
+from peft import LoraConfig, inject_adapter_in_model
+from test_pipeline import SIZE, build_tiny_pipeline
+
+from t2i_jax import pipeline, sample
+from t2i_jax.convert import core, lora
+from t2i_jax.convert.load import load_components
+
+PROMPT = ["a red circle on a blue background"]
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+KW = dict(steps=3, guidance_scale=6.0, scheduler="pndm", height=SIZE, width=SIZE)
+
+
+def _lora_layers(model, targets, rank, alpha, seed):
+    """PEFT LoRA layers on `model` with random lora_B (PEFT starts it at zero); their state dict."""
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets)
+    inject_adapter_in_model(cfg, model, adapter_name="tmp")
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_" in name:
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+                sd[name.replace(".tmp", "")] = p.detach().clone()
+    for name, module in list(model.named_modules()):  # back to the plain layers for the next LoRA
+        if hasattr(module, "base_layer"):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, module.base_layer)
+    return sd, cfg.to_dict()
+
+
+def _save_peft(folder, unet, te, seed, alpha):
+    u, umeta = _lora_layers(unet, UNET_TARGETS, 4, alpha, seed)
+    t, tmeta = _lora_layers(te, TE_TARGETS, 4, alpha, seed + 1)
+    diffusers.StableDiffusionPipeline.save_lora_weights(
+        folder, unet_lora_layers=u, text_encoder_lora_layers=t, unet_lora_adapter_metadata=umeta,
+        text_encoder_lora_adapter_metadata=tmeta)
+    return folder / "pytorch_lora_weights.safetensors", {**{"unet." + k: v for k, v in u.items()},
+                                                          **{"text_encoder." + k: v for k, v in t.items()}}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lora")
+    pipe = build_tiny_pipeline(root / "model")
+    a, a_sd = _save_peft(root / "a", pipe.unet, pipe.text_encoder, seed=1, alpha=8)  # scale 2
+    b, _ = _save_peft(root / "b", pipe.unet, pipe.text_encoder, seed=3, alpha=4)  # scale 1
+    # The same LoRA `a` as kohya writes it; diffusers' converter gives every layer alpha = rank,
+    # so the alphas are set to the PEFT file's lora_alpha to keep the scale.
+    kohya = {k: (torch.tensor(8.0) if k.endswith(".alpha") else v) for k, v in
+             convert_state_dict_to_kohya(a_sd).items()}
+    safetensors.torch.save_file({k: v.contiguous() for k, v in kohya.items()}, root / "a_kohya.safetensors")
+    ref = diffusers.StableDiffusionPipeline.from_pretrained(root / "model", safety_checker=None,
+                                                            requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    ref.load_lora_weights(root / "a", adapter_name="a")
+    ref.load_lora_weights(root / "b", adapter_name="b")
+    latents = np.random.RandomState(0).randn(1, SIZE // 2, SIZE // 2, 4).astype(np.float32)
+    bundle = load_components(str(root / "model"))
+    mesh = pipeline.make_mesh(devices=jax.devices()[:1])
+    # One sampler for every LoRA case: merged params have the base's shapes, so
+    # update_params swaps them in without a recompile.
+    return dict(root=root, ref=ref, bundle=bundle, a=a, b=b, kohya=root / "a_kohya.safetensors",
+                kohya_keys=sorted(kohya), latents=latents, mesh=mesh, sampler=pipeline.Sampler(bundle, mesh=mesh),
+                cache={})
+
+
+def _reference(s, names, weights):
+    key = ("ref", tuple(names), tuple(weights))
+    if key not in s["cache"]:
+        s["ref"].set_adapters(names, adapter_weights=weights)
+        lat = torch.tensor(s["latents"].transpose(0, 3, 1, 2))
+        s["cache"][key] = s["ref"](PROMPT, num_inference_steps=3, guidance_scale=6.0, latents=lat, height=SIZE,
+                                   width=SIZE, output_type="np").images
+    return s["cache"][key]
+
+
+def _ours(s, loras=()):
+    merged = lora.apply_adapters(s["bundle"], loras=loras)
+    s["sampler"].update_params(merged.params)
+    return s["sampler"](PROMPT, seeds=[0], latents=s["latents"], **KW), merged
+
+
+@pytest.mark.parametrize("weight", [1.0, 0.6])
+def test_peft_lora_matches_diffusers(setup, weight):
+    ref = _reference(setup, ["a"], [weight])
+    ours, merged = _ours(setup, loras=[(setup["a"], weight)])
+    base, _ = _ours(setup)
+    # The LoRA must change the image well beyond the tolerance for the check to mean anything.
+    assert np.abs(base - ref).max() > 0.03
+    assert np.abs(ours - ref).max() <= 1 / 255
+    assert ((ref > 0.02) & (ref < 0.98)).mean() > 0.5
+    # Merged once into the params (the base bundle untouched): the U-Net's 6 transformer blocks x 2
+    # attentions x 4 projections, the text encoder's 2 layers x 4.
+    flat = {c: jax.tree_util.tree_leaves_with_path(merged.params[c]) for c in ("unet", "text_encoder")}
+    base_flat = {c: jax.tree_util.tree_leaves(setup["bundle"].params[c]) for c in ("unet", "text_encoder")}
+    changed = {c: sum(not np.array_equal(x, y) for (_, x), y in zip(flat[c], base_flat[c])) for c in flat}
+    assert changed == {"unet": 48, "text_encoder": 8}
+
+
+def test_two_loras_and_kohya_match_diffusers(setup):
+    ref = _reference(setup, ["a", "b"], [1.0, 0.6])
+    ours, _ = _ours(setup, loras=[(setup["a"], 1.0), (setup["b"], 0.6)])
+    assert np.abs(ours - ref).max() <= 1 / 255
+    # Kohya keys (lora_unet_..., lora_te1_...), same weights: the same image as the PEFT file.
+    assert {k.split("_")[1] for k in setup["kohya_keys"]} == {"unet", "te1"}
+    assert any(k.endswith(".lora_down.weight") for k in setup["kohya_keys"])
+    peft, _ = _ours(setup, loras=[(setup["a"], 1.0)])
+    kohya, _ = _ours(setup, loras=[(setup["kohya"], 1.0)])
+    assert np.abs(kohya - peft).max() <= 1 / 255
+    assert np.abs(kohya - _reference(setup, ["a"], [1.0])).max() <= 1 / 255
+
+
+def test_unmatched_lora_keys_are_named(setup, tmp_path):
+    state = core.read_safetensors(setup["kohya"])
+    extra = {f"lora_unet_nonexistent_block_{i}.lora_down.weight": np.zeros((4, 8), np.float32) for i in range(7)}
+    path = tmp_path / "bad.safetensors"
+    core.write_safetensors({**state, **extra}, path)
+    with pytest.raises(core.ConversionError) as e:
+        lora.apply_adapters(setup["bundle"], loras=[(path, 1.0)])
+    msg = str(e.value)
+    assert f"7 of its {len(state) + 7} keys match no layer" in msg and "lora_unet_nonexistent_block_0" in msg
+    assert "and 2 more" in msg and "Use a LoRA made for this model" in msg
+
+
+@pytest.fixture(scope="module")
+def embedded(setup):
+    """An A1111 .pt with two vectors and a diffusers-style safetensors with one (random), and the
+    bundle with both added (its own sampler: the token table grew by three rows)."""
+    g = torch.Generator().manual_seed(5)
+    pt = setup["root"] / "two.pt"
+    torch.save({"string_to_param": {"*": torch.randn(2, 32, generator=g)}, "name": "twovec",
+                "string_to_token": {"*": 265}, "step": 10}, pt)
+    st = setup["root"] / "one.safetensors"
+    safetensors.torch.save_file({"<one>": torch.randn(1, 32, generator=g)}, st)
+    specs = [(pt, "<two>"), (st, None)]
+    bundle = lora.apply_adapters(setup["bundle"], embeddings=specs)
+    return dict(pt=pt, st=st, specs=specs, bundle=bundle, sampler=pipeline.Sampler(bundle, mesh=setup["mesh"]))
+
+
+def test_textual_inversion_matches_diffusers(setup, embedded):
+    ref = diffusers.StableDiffusionPipeline.from_pretrained(setup["root"] / "model", safety_checker=None,
+                                                            requires_safety_checker=False)
+    ref.load_textual_inversion(str(embedded["pt"]), token="<two>")
+    ref.load_textual_inversion(str(embedded["st"]))
+    ours = embedded["bundle"]
+    prompts = ["a <two> circle", "<one> on a blue background, <two>"]
+    ids = ref.tokenizer(ref.maybe_convert_prompt(prompts, ref.tokenizer), padding="max_length", max_length=77,
+                        return_tensors="pt").input_ids
+    assert ours.tokenizer.expansions == {"<two>": "<two> <two>_1"}
+    np.testing.assert_array_equal(ours.tokenizer(prompts), ids.numpy())
+    assert ids.max() == 49410  # three new tokens after the 49,408 of CLIP
+    assert setup["bundle"].text_encoder.config.vocab_size == 49408  # the base bundle is untouched
+    with torch.no_grad():
+        want = ref.text_encoder(ids)[0].numpy()
+    # Through the sampler's A1111 prompt path (prompts.tokenize), as sampling reads them.
+    got = np.asarray(embedded["sampler"].encode(prompts))
+    without = np.asarray(embedded["sampler"].encode(["a circle", "on a blue background,"]))
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-5
+    assert np.linalg.norm(without - want) / np.linalg.norm(want) > 0.05
+    with pytest.raises(ValueError, match="already in the tokenizer's vocabulary.*:OTHER_NAME"):
+        lora.apply_adapters(ours, embeddings=[(embedded["st"], None)])
+
+
+def test_cli_with_lora_and_embedding(setup, embedded, tmp_path):
+    out = tmp_path / "out"
+    argv = ["--model", str(setup["root"] / "model"), "--prompt", "a <one> <two> circle", "--steps", "3",
+            "--out", str(out), "--embedding", f"{embedded['pt']}:<two>", "--embedding", str(embedded["st"]),
+            "--no-compilation-cache", "--seed", "7"]
+    assert sample.main([*argv, "--lora", f"{setup['a']}:0.6"]) == 0
+    (entry,) = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert entry["lora"] == [[sample.file_hash(str(setup["a"])), 0.6]] and len(entry["lora"][0][0]) == 16
+    assert entry["embeddings"] == [[sample.file_hash(str(embedded["pt"])), "<two>"],
+                                   [sample.file_hash(str(embedded["st"])), None]]
+    assert entry["lora_paths"] == [str(setup["a"])]
+    assert entry["embedding_paths"] == [str(embedded["pt"]), str(embedded["st"])]
+    from PIL import Image
+
+    got = np.asarray(Image.open(out / entry["file"]))
+    merged = lora.apply_adapters(embedded["bundle"], loras=[(setup["a"], 0.6)])
+    embedded["sampler"].update_params(merged.params)
+    want = pipeline.to_uint8(embedded["sampler"](["a <one> <two> circle"], seeds=[7], steps=3, guidance_scale=7.5,
+                                                 scheduler="pndm", height=SIZE, width=SIZE))
+    assert got.std() > 10 and np.abs(got.astype(int) - want[0].astype(int)).max() <= 1
+    assert sample.main([*argv, "--lora", f"{setup['a']}:strong"]) == 2
+    assert sample.main([*argv, "--lora", str(tmp_path / "missing.safetensors")]) == 2
