@@ -2,6 +2,7 @@
 against diffusers' load_lora_weights / load_textual_inversion on the tiny pipeline."""
 
 import json
+import re
 
 import diffusers
 import jax
@@ -19,6 +20,7 @@ from t2i_jax.convert.load import load_components
 
 PROMPT = ["a red circle on a blue background"]
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+CONV_TARGETS = ["conv1", "conv2", "proj_in", "conv_shortcut", "time_emb_proj", "ff.net.2"]
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 KW = dict(steps=3, guidance_scale=6.0, scheduler="pndm", height=SIZE, width=SIZE)
 
@@ -39,6 +41,7 @@ def _lora_layers(model, targets, rank, alpha, seed):
         if hasattr(module, "base_layer"):
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, module.base_layer)
+    del model.peft_config
     return sd, cfg.to_dict()
 
 
@@ -54,10 +57,34 @@ def _save_peft(folder, unet, te, seed, alpha):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lora")
+    # One torch thread: beside JAX's thread pool, torch's two threads ran the
+    # tiny reference 70x slower on the 2-core machine (7.5 s against 0.1 s).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield _setup(tmp_path_factory.mktemp("lora"))
+    torch.set_num_threads(threads)
+
+
+def _setup(root):
     pipe = build_tiny_pipeline(root / "model")
     a, a_sd = _save_peft(root / "a", pipe.unet, pipe.text_encoder, seed=1, alpha=8)  # scale 2
     b, _ = _save_peft(root / "b", pipe.unet, pipe.text_encoder, seed=3, alpha=4)  # scale 1
+    # Convolutions (3x3 resnet convs, SD1's 1x1 proj_in, a shortcut) and other Dense layers, U-Net only.
+    conv, conv_meta = _lora_layers(pipe.unet, CONV_TARGETS, 4, 2, seed=7)  # scale 0.5
+    diffusers.StableDiffusionPipeline.save_lora_weights(root / "conv", unet_lora_layers=conv,
+                                                        unet_lora_adapter_metadata=conv_meta)
+    # `a` in diffusers' older spellings, pickled: the U-Net's as attention processors
+    # (attn1.processor.to_q_lora.down.weight), the text encoder's as lora_linear_layer, network alphas.
+    old = {}
+    for k, v in a_sd.items():
+        module, role = k.split(".lora_")
+        role = {"A.weight": "down.weight", "B.weight": "up.weight"}[role]
+        if module.startswith("unet."):
+            module = re.sub(r"\.(to_[qkv]|to_out)(\.0)?$", r".processor.\1_lora", module)
+            old[f"{module}.{role}"], old[f"{module}.alpha"] = v, torch.tensor(8.0)
+        else:
+            old[f"{module}.lora_linear_layer.{role}"], old[f"{module}.alpha"] = v, torch.tensor(8.0)
+    torch.save(old, root / "a_old.bin")
     # The same LoRA `a` as kohya writes it; diffusers' converter gives every layer alpha = rank,
     # so the alphas are set to the PEFT file's lora_alpha to keep the scale.
     kohya = {k: (torch.tensor(8.0) if k.endswith(".alpha") else v) for k, v in
@@ -68,12 +95,14 @@ def setup(tmp_path_factory):
     ref.set_progress_bar_config(disable=True)
     ref.load_lora_weights(root / "a", adapter_name="a")
     ref.load_lora_weights(root / "b", adapter_name="b")
+    ref.load_lora_weights(root / "conv", adapter_name="conv")
     latents = np.random.RandomState(0).randn(1, SIZE // 2, SIZE // 2, 4).astype(np.float32)
     bundle = load_components(str(root / "model"))
     mesh = pipeline.make_mesh(devices=jax.devices()[:1])
     # One sampler for every LoRA case: merged params have the base's shapes, so
     # update_params swaps them in without a recompile.
-    return dict(root=root, ref=ref, bundle=bundle, a=a, b=b, kohya=root / "a_kohya.safetensors",
+    return dict(root=root, ref=ref, bundle=bundle, a=a, b=b, conv=root / "conv/pytorch_lora_weights.safetensors",
+                old=root / "a_old.bin", kohya=root / "a_kohya.safetensors",
                 kohya_keys=sorted(kohya), latents=latents, mesh=mesh, sampler=pipeline.Sampler(bundle, mesh=mesh),
                 cache={})
 
@@ -122,6 +151,18 @@ def test_two_loras_and_kohya_match_diffusers(setup):
     kohya, _ = _ours(setup, loras=[(setup["kohya"], 1.0)])
     assert np.abs(kohya - peft).max() <= 1 / 255
     assert np.abs(kohya - _reference(setup, ["a"], [1.0])).max() <= 1 / 255
+
+
+def test_conv_lora_and_old_format_match_diffusers(setup):
+    ref = _reference(setup, ["conv"], [1.0])
+    ours, merged = _ours(setup, loras=[(setup["conv"], 1.0)])
+    assert np.abs(ours - _reference(setup, ["a"], [0.0])).max() > 0.03  # the LoRA changes the image
+    assert np.abs(ours - ref).max() <= 1 / 255
+    conv_in = merged.params["unet"]["down_blocks_1"]["resnets_0"]["conv1"]["kernel"]
+    assert conv_in.shape[:2] == (3, 3)  # a 3x3 kernel was merged, not only 1x1 and Dense ones
+    assert not np.array_equal(conv_in, setup["bundle"].params["unet"]["down_blocks_1"]["resnets_0"]["conv1"]["kernel"])
+    old, _ = _ours(setup, loras=[(setup["old"], 1.0)])
+    assert np.abs(old - _reference(setup, ["a"], [1.0])).max() <= 1 / 255
 
 
 def test_unmatched_lora_keys_are_named(setup, tmp_path):

@@ -46,7 +46,7 @@ _DIFFUSERS_SUFFIXES = (
 )
 _KOHYA_SUFFIXES = ((".lora_down.weight", "down"), (".lora_up.weight", "up"), (".alpha", "alpha"))
 # diffusers' attention-processor LoRA (2023): `attn1.processor.to_q_lora.down.weight`.
-_PROCESSOR = re.compile(r"(.*)\.processor\.(to_q|to_k|to_v|to_out)_lora$")
+_PROCESSOR = re.compile(r"(.*)\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down\.weight|up\.weight|alpha)")
 _SHOWN = 5  # unmatched keys named in an error
 
 
@@ -119,12 +119,15 @@ def _group(state: Mapping[str, np.ndarray], tables) -> tuple[dict, list[str]]:
         else:
             comp, rest = ("text_encoder", key[len("text_encoder."):]) if key.startswith("text_encoder.") else (
                 "unet", key.removeprefix("unet."))
-            split = _split(rest, _DIFFUSERS_SUFFIXES)
+            m = _PROCESSOR.fullmatch(rest)
+            if m:
+                split = (m.group(1) + "." + ("to_out.0" if m.group(2) == "to_out" else m.group(2)),
+                         m.group(3).split(".")[0])
+            else:
+                split = _split(rest, _DIFFUSERS_SUFFIXES)
             module = None
-            if split:
-                m = _PROCESSOR.fullmatch(split[0])
-                module = (m.group(1) + "." + ("to_out.0" if m.group(2) == "to_out" else m.group(2))) if m else split[0]
-                module = next((m for m in (module, "text_model." + module) if m in tables[comp]), None)
+            if split:  # (a text encoder without its `text_model.` level, as above)
+                module = next((m for m in (split[0], "text_model." + split[0]) if m in tables[comp]), None)
         if module is None:
             unmatched.append(key)
             continue
