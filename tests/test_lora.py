@@ -15,7 +15,7 @@ from peft import LoraConfig, inject_adapter_in_model
 from test_pipeline import SIZE, build_tiny_pipeline
 
 from t2i_jax import pipeline, sample
-from t2i_jax.convert import core, lora
+from t2i_jax.convert import core, embeddings, lora
 from t2i_jax.convert.load import load_components
 
 PROMPT = ["a red circle on a blue background"]
@@ -238,3 +238,24 @@ def test_cli_with_lora_and_embedding(setup, embedded, tmp_path):
     assert got.std() > 10 and np.abs(got.astype(int) - want[0].astype(int)).max() <= 1
     assert sample.main([*argv, "--lora", f"{setup['a']}:strong"]) == 2
     assert sample.main([*argv, "--lora", str(tmp_path / "missing.safetensors")]) == 2
+
+
+def test_misshapen_lora_and_embedding_forms(setup, tmp_path):
+    # A LoRA for a wider model: its layer is named with both shapes.
+    state = core.read_safetensors(setup["kohya"])
+    key = next(k for k in sorted(state) if k.endswith("attn1_to_q.lora_up.weight"))
+    core.write_safetensors({**state, key: np.zeros((48, 4), np.float32)}, tmp_path / "wide.safetensors")
+    fits = r"attn1\.to_q: up \(48, 4\) @ down \(4, 64\) does not fit its weight \(Flax shape \(64, 64\)\)"
+    with pytest.raises(core.ConversionError, match=fits):
+        lora.apply_adapters(setup["bundle"], loras=[(tmp_path / "wide.safetensors", 1.0)])
+    # A1111's safetensors form is named by its file; a bare tensor needs a token; widths are checked.
+    core.write_safetensors({"emb_params": np.ones((3, 32), np.float32)}, tmp_path / "my-style.safetensors")
+    name, vecs = embeddings.read_embedding(tmp_path / "my-style.safetensors")
+    assert name == "my-style" and vecs.shape == (3, 32)
+    torch.save(torch.ones(32), tmp_path / "bare.pt")
+    with pytest.raises(ValueError, match="bare tensor with no token name"):
+        embeddings.read_embedding(tmp_path / "bare.pt")
+    assert embeddings.read_embedding(tmp_path / "bare.pt", "<b>")[1].shape == (1, 32)
+    core.write_safetensors({"<w>": np.ones((1, 48), np.float32)}, tmp_path / "wide_emb.safetensors")
+    with pytest.raises(ValueError, match="vectors of width 48; this text encoder takes 32"):
+        lora.apply_adapters(setup["bundle"], embeddings=[(tmp_path / "wide_emb.safetensors", None)])
