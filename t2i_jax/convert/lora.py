@@ -115,7 +115,9 @@ def _group(state: Mapping[str, np.ndarray], tables) -> tuple[dict, list[str]]:
             comp = _KOHYA_PREFIXES.get(prefix)
             module = None
             if split:  # transformers 5.6+ saves a CLIPTextModel without its `text_model.` level
-                module = underscored[comp].get(split[0]) or underscored[comp].get("text_model_" + split[0])
+                names = underscored[comp]
+                te_short = comp == "text_encoder" and names.get("text_model_" + split[0])
+                module = names.get(split[0]) or te_short or None
         else:
             comp, rest = ("text_encoder", key[len("text_encoder."):]) if key.startswith("text_encoder.") else (
                 "unet", key.removeprefix("unet."))
@@ -127,7 +129,7 @@ def _group(state: Mapping[str, np.ndarray], tables) -> tuple[dict, list[str]]:
                 split = _split(rest, _DIFFUSERS_SUFFIXES)
             module = None
             if split:  # (a text encoder without its `text_model.` level, as above)
-                module = next((m for m in (split[0], "text_model." + split[0]) if m in tables[comp]), None)
+                module = next((c for c in (split[0], "text_model." + split[0]) if c in tables[comp]), None)
         if module is None:
             unmatched.append(key)
             continue
