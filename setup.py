@@ -41,6 +41,7 @@ setup(
     ],
     extras_require={
         "torch": TORCH,
-        "test": TORCH + ["pytest", "pytest-xdist", "ruff"],
+        # peft: the tests make LoRAs with it and load them with diffusers' load_lora_weights.
+        "test": TORCH + ["pytest", "pytest-xdist", "ruff", "peft"],
     },
 )

@@ -10,6 +10,11 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One OpenMP thread for torch (the PyTorch references): its spinning worker
+# threads beside JAX's thread pool slow both down on a 2-core machine (the
+# LoRA references ran 70x slower with torch's default two threads; three
+# reference-heavy test files took 12% less time under `-n 2`).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 # No test may reach a model hub.
 os.environ["HF_HUB_OFFLINE"] = "1"
 

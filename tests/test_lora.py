@@ -57,12 +57,7 @@ def _save_peft(folder, unet, te, seed, alpha):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    # One torch thread: beside JAX's thread pool, torch's two threads ran the
-    # tiny reference 70x slower on the 2-core machine (7.5 s against 0.1 s).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield _setup(tmp_path_factory.mktemp("lora"))
-    torch.set_num_threads(threads)
+    return _setup(tmp_path_factory.mktemp("lora"))  # torch runs on one thread (conftest)
 
 
 def _setup(root):
