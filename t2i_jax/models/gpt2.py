@@ -7,7 +7,7 @@ maps a checkpoint onto them.
 
 The cache is passed in and returned, not kept in a Flax collection, so the
 generator (`t2i_jax.enhance`) can carry it through a `lax.while_loop`: a
-pair of arrays [layers, batch, heads, max_len, head_dim] written at
+pair of arrays [layers, batch, max_len, n_embd] written at
 `cache_index` with `dynamic_update_slice`. The caller builds the attention
 mask (which cache slots each query may read), so one module serves the
 prefill, the decode step and the plain forward pass.
@@ -23,6 +23,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from t2i_jax.models import layers
 
 ACTIVATIONS = {
     "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
@@ -100,24 +102,19 @@ class Attention(nn.Module):
     def __call__(self, x, mask, cache=None, cache_index=0):
         cfg = self.config
         b, t, _ = x.shape
-        qkv = nn.Dense(3 * cfg.n_embd, dtype=self.dtype, name="c_attn")(x)
-        q, k, v = (a.reshape(b, t, cfg.n_head, cfg.head_dim).transpose(0, 2, 1, 3) for a in jnp.split(qkv, 3, -1))
+        q, k, v = jnp.split(nn.Dense(3 * cfg.n_embd, dtype=self.dtype, name="c_attn")(x), 3, -1)  # [B, T, D] each
         if cache is not None:
             # Written into the stacked cache of all layers, so XLA updates it in place inside the decode loop
             # (a per-layer cache re-stacked after each step would copy all of it every token).
-            at = (self.layer_idx, 0, 0, cache_index, 0)
+            at = (self.layer_idx, 0, cache_index, 0)
             cache = tuple(jax.lax.dynamic_update_slice(c, a.astype(c.dtype)[None], at) for c, a in zip(cache, (k, v)))
             k, v = cache[0][self.layer_idx], cache[1][self.layer_idx]
-        scale = 1.0
-        if cfg.scale_attn_weights:
-            scale /= cfg.head_dim ** 0.5
+        scale = cfg.head_dim ** -0.5 if cfg.scale_attn_weights else 1.0
         if cfg.scale_attn_by_inverse_layer_idx:
             scale /= self.layer_idx + 1
-        # Scores and softmax in fp32 whatever the compute dtype.
-        scores = jnp.einsum("bhtd,bhsd->bhts", q, k, preferred_element_type=jnp.float32) * scale
-        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-        weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bhts,bhsd->bhtd", weights, v).transpose(0, 2, 1, 3).reshape(b, t, cfg.n_embd)
+        # The XLA path scores and softmaxes in fp32 whatever the compute dtype.
+        out = layers.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), cfg.n_head, mask=mask,
+                                           scale=scale)
         return nn.Dense(cfg.n_embd, dtype=self.dtype, name="c_proj")(out), cache
 
 
@@ -177,7 +174,7 @@ class GPT2LMHeadModel(nn.Module):
     (logits [B, T, vocab] in fp32, the updated cache or None).
 
     `mask` is [B, 1, T, S] boolean (see `causal_mask`), S = T without a cache, else the cache length.
-    `cache` is (keys, values), each [n_layer, B, n_head, S, head_dim] (`init_cache`); this call's keys and
+    `cache` is (keys, values), each [n_layer, B, S, n_embd] (`init_cache`); this call's keys and
     values are written at slot `cache_index` before attending.
     """
 
@@ -196,8 +193,9 @@ class GPT2LMHeadModel(nn.Module):
 
 
 def init_cache(config: GPT2Config, batch: int, length: int, dtype=jnp.float32):
-    """Zeroed (keys, values) of `length` slots, each [n_layer, batch, n_head, length, head_dim]."""
-    shape = (config.n_layer, batch, config.n_head, length, config.head_dim)
+    """Zeroed (keys, values) of `length` slots, each [n_layer, batch, length, n_embd] (heads side by side,
+    the layout `layers.dot_product_attention` takes)."""
+    shape = (config.n_layer, batch, length, config.n_embd)
     return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
 
 

@@ -293,7 +293,7 @@ def why_not_cudnn_here(head_dim: int, dtype, masked: bool = False) -> str | None
 
 
 def dot_product_attention(q, k, v, num_heads: int, *, impl: str | None = None, upcast: bool = False,
-                          mask=None, is_causal: bool = False):
+                          mask=None, is_causal: bool = False, scale: float | None = None):
     """Multi-head attention on [B, L, heads * head_dim] projections (the U-Net's, the VAE's and CLIP's).
 
     Runs `jax.nn.dot_product_attention`, whose XLA path computes scores and
@@ -303,8 +303,8 @@ def dot_product_attention(q, k, v, num_heads: int, *, impl: str | None = None, u
     see `resolve_attention_impl`). `upcast` (diffusers' `upcast_attention`,
     SD 2.1) also runs the q.k product of the XLA path from fp32 inputs; cuDNN
     accumulates in fp32 by itself. `mask` (bool, broadcastable to
-    [B, heads, T, S]; False: not attended) and `is_causal` are
-    `jax.nn.dot_product_attention`'s.
+    [B, heads, T, S]; False: not attended), `is_causal` and `scale` (None:
+    1 / sqrt(head_dim)) are `jax.nn.dot_product_attention`'s.
     """
     dtype = q.dtype
     b, t, d = q.shape
@@ -315,7 +315,7 @@ def dot_product_attention(q, k, v, num_heads: int, *, impl: str | None = None, u
     v = v.reshape(b, s, num_heads, d // num_heads)
     if upcast and impl is None:
         q, k, v = (a.astype(jnp.float32) for a in (q, k, v))
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation=impl)
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, scale=scale, implementation=impl)
     return out.reshape(b, t, d).astype(dtype)
 
 
