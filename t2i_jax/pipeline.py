@@ -254,6 +254,8 @@ def _denoise(unet, vae, sched, use_cfg, has_latents, img2img, return_latents, dt
     state = state.replace(history=_shard_history(state.history, mesh, x.shape))
     context = (cfg_interleave(uncond, cond) if use_cfg else cond).astype(dtype)
     context = _shard_batch_axis(context, mesh)
+    control_embeds = None if control is None else controlnet_lib.embed_images(
+        control, params["controlnet"], use_cfg=use_cfg, interleave=cfg_interleave)
 
     def body(i, carry):
         x, st = carry
@@ -263,8 +265,8 @@ def _denoise(unet, vae, sched, use_cfg, has_latents, img2img, return_latents, dt
             xin = _shard_batch_axis(cfg_interleave(xin, xin), mesh)
         t = jnp.broadcast_to(st.timesteps[i], (xin.shape[0],))
         res = {} if control is None else controlnet_lib.run_controlnets(
-            control, params["controlnet"], x1, xin, t, context, i, use_cfg=use_cfg, interleave=cfg_interleave,
-            split=cfg_split)
+            control, params["controlnet"], control_embeds, x1, xin, t, context, i, use_cfg=use_cfg,
+            split=cfg_split, interleave=cfg_interleave)
         out = unet.apply({"params": params["unet"]}, xin, t, context, **res).astype(jnp.float32)
         if use_cfg:
             out_u, out_c = cfg_split(_shard_batch_axis(out, mesh))

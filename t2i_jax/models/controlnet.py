@@ -193,21 +193,21 @@ class ControlNetModel(nn.Module):
 
     @nn.compact
     def __call__(self, sample, timesteps, encoder_hidden_states, controlnet_cond, conditioning_scale=1.0,
-                 guess_mode: bool = False):
+                 guess_mode: bool = False, cond_embedding=None):
         """sample [B, h, w, in_channels]; timesteps scalar or [B]; encoder_hidden_states [B, L, D];
         controlnet_cond [B, h * f, w * f, conditioning_channels] in [0, 1] (f = `downsample_factor`);
         `conditioning_scale` a scalar (traced or not) multiplying every residual. `guess_mode`
-        (static) weights the residuals by `guess_mode_scales` too. Returns (down residuals tuple,
-        mid residual) in the compute dtype, shaped like the U-Net's skips and middle-block output.
+        (static) weights the residuals by `guess_mode_scales` too. `cond_embedding`: the control
+        image's embedding [B, h, w, C0] from `embed_cond` (then `controlnet_cond` is not read), for a
+        loop that embeds its fixed control image once instead of at every step. Returns (down
+        residuals tuple, mid residual) in the compute dtype, shaped like the U-Net's skips and
+        middle-block output.
         """
         cfg = self.config
         ucfg = cfg.unet_config()
         b = sample.shape[0]
         x = sample.astype(self.dtype)
         context = encoder_hidden_states.astype(self.dtype)
-        cond = controlnet_cond.astype(self.dtype)
-        if cfg.controlnet_conditioning_channel_order == "bgr":
-            cond = cond[..., ::-1]
         t = jnp.broadcast_to(jnp.asarray(timesteps), (b,))
 
         ch0 = cfg.block_out_channels[0]
@@ -215,8 +215,10 @@ class ControlNetModel(nn.Module):
         temb = TimestepEmbedding(4 * ch0, dtype=self.dtype, name="time_embedding")(temb.astype(self.dtype))
 
         x = conv(ch0, 3, name="conv_in", dtype=self.dtype)(x)
-        x = x + ControlNetConditioningEmbedding(ch0, cfg.conditioning_embedding_out_channels, dtype=self.dtype,
-                                                name="controlnet_cond_embedding")(cond)
+        if cond_embedding is None:
+            cond_embedding = _cond_embedder(cfg, self.dtype, "controlnet_cond_embedding")(
+                _cond_input(cfg, controlnet_cond, self.dtype))
+        x = x + cond_embedding.astype(self.dtype)
 
         heads = ucfg.per_block("attention_head_dim")
         tlayers = ucfg.per_block("transformer_layers_per_block")
@@ -251,6 +253,24 @@ class ControlNetModel(nn.Module):
             down = [d.mean(axis=(1, 2), keepdims=True) for d in down]
             mid = mid.mean(axis=(1, 2), keepdims=True)
         return tuple(down), mid
+
+
+
+def _cond_embedder(config: ControlNetConfig, dtype, name: str | None = None) -> ControlNetConditioningEmbedding:
+    return ControlNetConditioningEmbedding(config.block_out_channels[0], config.conditioning_embedding_out_channels,
+                                           dtype=dtype, name=name)
+
+
+def _cond_input(config: ControlNetConfig, controlnet_cond, dtype):
+    cond = controlnet_cond.astype(dtype)
+    return cond[..., ::-1] if config.controlnet_conditioning_channel_order == "bgr" else cond
+
+
+def embed_cond(net: ControlNetModel, params, controlnet_cond):
+    """The control image's embedding alone (what `ControlNetModel` adds to its `conv_in` output), for its
+    `cond_embedding=`: it does not depend on the step, so a sampling loop computes it once."""
+    return _cond_embedder(net.config, net.dtype).apply({"params": params["controlnet_cond_embedding"]},
+                                                       _cond_input(net.config, controlnet_cond, net.dtype))
 
 
 def dummy_inputs(config: ControlNetConfig, batch: int = 1):
@@ -295,16 +315,26 @@ def keep_mask(num_evals: int, starts: Sequence[float], ends: Sequence[float]) ->
                      for i in range(n)], np.float32).reshape(n, len(starts))
 
 
-def run_controlnets(control: Control, params: Sequence, sample, xin, t, context, i, *, use_cfg: bool,
-                    interleave, split) -> dict:
+def embed_images(control: Control, params: Sequence, *, use_cfg: bool, interleave) -> tuple:
+    """Each net's control-image embedding (`embed_cond`), in the layout its nets read at every step:
+    both guidance halves (interleaved) under guidance, unless guess mode runs the nets on the conditional
+    half alone. Computed once, before the loop: it does not depend on the step."""
+    both = use_cfg and not control.guess_mode
+    embeds = (embed_cond(net, p, image) for net, p, image in zip(control.nets, params, control.images))
+    return tuple(interleave(e, e) if both else e for e in embeds)
+
+
+def run_controlnets(control: Control, params: Sequence, embeds: Sequence, sample, xin, t, context, i, *,
+                    use_cfg: bool, split, interleave) -> dict:
     """The U-Net's residual keyword arguments for evaluation `i`: every net's
     residuals, scaled by its scale times its keep flag, summed (diffusers'
     MultiControlNetModel).
 
-    `sample`: the scaled model input of one guidance half [n, ...]; `xin` the
-    U-Net's input ([2n, ...] interleaved under guidance), `t` its timesteps,
-    `context` its text states. In guess mode under guidance the nets see only
-    the conditional half and the unconditional rows get zero residuals, as in
+    `embeds`: `embed_images`' control-image embeddings. `sample`: the scaled
+    model input of one guidance half [n, ...]; `xin` the U-Net's input
+    ([2n, ...] interleaved under guidance), `t` its timesteps, `context` its
+    text states. In guess mode under guidance the nets see only the
+    conditional half and the unconditional rows get zero residuals, as in
     diffusers. `interleave`/`split` are the pipeline's guidance layout helpers.
     """
     guess = control.guess_mode and use_cfg
@@ -312,10 +342,10 @@ def run_controlnets(control: Control, params: Sequence, sample, xin, t, context,
     # rows, which would live on other devices once the batch is split).
     x_in, tt, ctx = (sample.astype(xin.dtype), split(t)[1], split(context)[1]) if guess else (xin, t, context)
     down, mid = None, None
-    for k, (net, p, image) in enumerate(zip(control.nets, params, control.images)):
-        img = interleave(image, image) if use_cfg and not guess else image
+    for k, (net, p, emb) in enumerate(zip(control.nets, params, embeds)):
         scale = control.scales[k] * control.keep[i, k]
-        d, m = net.apply({"params": p}, x_in, tt, ctx, img, scale, guess_mode=control.guess_mode)
+        d, m = net.apply({"params": p}, x_in, tt, ctx, None, scale, guess_mode=control.guess_mode,
+                         cond_embedding=emb)
         down = d if down is None else tuple(a + b for a, b in zip(down, d))
         mid = m if mid is None else mid + m
     if guess:
