@@ -17,8 +17,9 @@ and settings, never on the batch size or the device count.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -218,9 +219,56 @@ def _encode_images(vae, params, images, eps, *, seeds, stream, dtype):
     return _to_latents(vae, mean + posterior.std.astype(jnp.float32) * eps)
 
 
+@dataclasses.dataclass(frozen=True)
+class Preview:
+    """A host hook into the denoising loop, for a server's progress and previews.
+
+    `on_step(i)` runs on the host after every model evaluation i (0-based);
+    `on_images(i, images)` every `every` evaluations (not the last, whose
+    image the call returns) with float32 [n, H, W, 3] in [0, 1]: the VAE
+    decode of the model's current estimate of the clean latents. The hooks
+    are `jax.debug.callback`s in a program of their own (the loop's cache key
+    holds the Preview): a call without one runs the CLI's program unchanged.
+    They only read the loop's values, so the images are those of the same call
+    without a Preview. Compared by identity: keep one per server.
+    """
+
+    on_step: Callable[[Any], None]
+    on_images: Callable[[Any, Any], None]
+    every: int = 4
+
+    __hash__ = object.__hash__
+    __eq__ = object.__eq__
+
+
+def _emit_preview(preview: Preview, sched, vae, vae_params, st, x_in, out, i, num_evals, dtype):
+    """The Preview's callbacks at evaluation i. The clean estimate is the
+    DDPM-form one, x0 = (x_in - sqrt(1 - abar) eps) / sqrt(abar) (or its
+    v-prediction form), from the scaled model input at the step's timestep:
+    every sampler's `scale_model_input` gives that form, so one formula
+    serves them all (abar interpolated at fractional timesteps)."""
+    jax.debug.callback(preview.on_step, i)
+    table = jnp.asarray(sched.alphas_cumprod, jnp.float32)
+    abar = jnp.interp(st.timesteps[i].astype(jnp.float32), jnp.arange(table.shape[0], dtype=jnp.float32), table)
+    xf = x_in.astype(jnp.float32)
+    kind = sched.config.get("prediction_type", "epsilon")
+    if kind == "v_prediction":
+        x0 = jnp.sqrt(abar) * xf - jnp.sqrt(1.0 - abar) * out
+    elif kind == "sample":
+        x0 = out
+    else:
+        x0 = (xf - jnp.sqrt(1.0 - abar) * out) / jnp.sqrt(abar)
+
+    def show():
+        images = vae.apply({"params": vae_params}, _from_latents(vae, x0).astype(dtype), method=vae.decode)
+        jax.debug.callback(preview.on_images, i, jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0))
+
+    jax.lax.cond(((i + 1) % preview.every == 0) & (i + 1 < num_evals), show, lambda: None)
+
+
 def _denoise(unet, vae, sched, use_cfg, has_latents, img2img, return_latents, dtype, mesh,
              params, cond, uncond, guidance_scale, seeds, latents, init_images, state, inpaint=None,
-             control=None, *, inpaint_mode=None):
+             control=None, *, inpaint_mode=None, preview=None):
     """The whole loop and the decode; the static arguments come first (partial'd).
 
     `latents`: the starting noise (txt2img) or the noise added to the init
@@ -235,7 +283,8 @@ def _denoise(unet, vae, sched, use_cfg, has_latents, img2img, return_latents, dt
     on that image's device throughout. `control`: None, or a
     `controlnet.Control` (control images, scales, per-evaluation keep flags;
     its nets run with `params["controlnet"]` at every evaluation, inside the
-    loop). Returns the images, and the final latents too when `return_latents`.
+    loop). `preview`: None, or a `Preview` whose host hooks the loop calls.
+    Returns the images, and the final latents too when `return_latents`.
     """
     step_keys = stream_keys(seeds, SAMPLER)
     noise = latents.astype(jnp.float32) if has_latents else seeded_normal(seeds, latents.shape[1:])
@@ -271,6 +320,8 @@ def _denoise(unet, vae, sched, use_cfg, has_latents, img2img, return_latents, dt
         if use_cfg:
             out_u, out_c = cfg_split(_shard_batch_axis(out, mesh))
             out = out_u + guidance_scale * (out_c - out_u)
+        if preview is not None:
+            _emit_preview(preview, sched, vae, params["vae"], st, x1, out, i, state.num_evals, dtype)
         keys = jax.vmap(lambda k: jax.random.fold_in(k, i))(step_keys)
         x, st = sched.step(st, out, i, x, key=keys)
         x = inpaint_lib.blend(inpaint, x, i)
@@ -434,7 +485,8 @@ class Sampler:
 
     def loop(self, name: str, use_cfg: bool, has_latents: bool, img2img: bool, *,
              scheduler_options: Mapping[str, Any] | None = None, return_latents: bool = False,
-             inpaint: inpaint_lib.Mode | None = None, guess_mode: bool | None = None):
+             inpaint: inpaint_lib.Mode | None = None, guess_mode: bool | None = None,
+             preview: Preview | None = None):
         """The jitted denoise+decode function for these static choices (cached).
 
         Its arguments: (params, cond, uncond, guidance_scale, seeds, latents,
@@ -446,14 +498,16 @@ class Sampler:
         explicitly) share one compiled function. `guess_mode`: None for a
         call without ControlNets, else the program runs all of the Sampler's
         ControlNets and takes a `controlnet.Control` as a last argument.
+        `preview`: a `Preview` (a program of its own, with host callbacks).
         """
         sched = self.scheduler(name, scheduler_options)
         key = (name, _frozen(sched.config), _frozen(sched.opts), use_cfg, has_latents, img2img,
-               bool(return_latents), inpaint, guess_mode)
+               bool(return_latents), inpaint, guess_mode) + ((preview,) if preview is not None else ())
         if key not in self._loops:
             p = self.pipe
             fn = _with_extras(functools.partial(_denoise, p.unet, p.vae, sched, use_cfg, has_latents, img2img,
-                                                bool(return_latents), self.dtype, self.mesh, inpaint_mode=inpaint),
+                                                bool(return_latents), self.dtype, self.mesh, inpaint_mode=inpaint,
+                                                preview=preview),
                               inpaint is not None, guess_mode is not None)
             repl, batch = _replicated(self.mesh), _batch_sharding(self.mesh)
             # Replicated: params, guidance scale and the scheduler state (its
@@ -516,13 +570,14 @@ class Sampler:
                 prompt_syntax: str = "a1111", control_images: Sequence[np.ndarray] | None = None,
                 control_scales: float | Sequence[float] = 1.0,
                 control_guidance_start: float | Sequence[float] = 0.0,
-                control_guidance_end: float | Sequence[float] = 1.0, guess_mode: bool = False
-                ) -> tuple[Any, tuple]:
+                control_guidance_end: float | Sequence[float] = 1.0, guess_mode: bool = False,
+                preview: Preview | None = None) -> tuple[Any, tuple]:
         """The jitted loop of this call and its arguments, checked and placed on
         the mesh (the prompts already encoded): `fn(*args)` is the call's
         images (with `return_latents`, the pair (images, final latents) as
         device arrays). `__call__` takes the same arguments; this is for
         lowering, compiling or inspecting the exact program it runs.
+        `preview` (a `Preview`) picks the loop variant with host hooks (the server's).
         """
         prompts = list(prompts)
         n = len(prompts)
@@ -591,7 +646,7 @@ class Sampler:
         cond, uncond = self._encode_pair(prompts, negative_prompts or [""] * n, use_cfg, prompt_syntax)
         fn = self.loop(scheduler, use_cfg, given is not None, img2img, scheduler_options=scheduler_options,
                        return_latents=return_latents, inpaint=mode,
-                       guess_mode=None if control is None else control.guess_mode)
+                       guess_mode=None if control is None else control.guess_mode, preview=preview)
         args = (self.params, cond, uncond, jax.device_put(np.float32(guidance_scale), repl),
                 jax.device_put(np.asarray(seeds, np.uint32), batch), lat, init,
                 jax.device_put(state, repl))
