@@ -176,10 +176,10 @@ def serve(service, host: str, port: int, *, drain_timeout: float = 300.0, log_le
 
         async def startup(self, sockets=None):
             await super().startup(sockets)
-            if bound is not None and self.servers:
-                bound.append(self.servers[0].sockets[0].getsockname()[1])
-            print(f"serving on http://{host}:{bound[-1] if bound else port}/ (the page), API under /sdapi/v1",
-                  file=sys.stderr, flush=True)
+            actual = self.servers[0].sockets[0].getsockname()[1] if self.servers else port  # --port 0: the OS's
+            if bound is not None:
+                bound.append(actual)
+            print(f"serving on http://{host}:{actual}/ (the page), API under /sdapi/v1", file=sys.stderr, flush=True)
             if ready is not None:
                 ready.set()
 
