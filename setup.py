@@ -7,6 +7,8 @@ from setuptools import find_packages, setup
 # Install `torch==2.13.0` (or your own CUDA build) *before* this package so pip
 # does not pull a different torch for you.
 TORCH = ["torch", "diffusers"]
+# python -m t2i_jax.serve: the ASGI app and its server.
+SERVE = ["starlette", "uvicorn"]
 
 setup(
     name="t2i_jax",
@@ -16,7 +18,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["t2i_jax", "t2i_jax.*"]),
-    package_data={"t2i_jax": ["assets/*", "assets/shapes_model/*", "assets/shapes_model/*/*"]},
+    package_data={"t2i_jax": ["assets/*", "assets/shapes_model/*", "assets/shapes_model/*/*", "serve/static/*"]},
     install_requires=[
         "jax",
         "flax",
@@ -42,6 +44,9 @@ setup(
     extras_require={
         "torch": TORCH,
         # peft: the tests make LoRAs with it and load them with diffusers' load_lora_weights.
-        "test": TORCH + ["pytest", "pytest-xdist", "ruff", "peft"],
+        "serve": SERVE,
+        # httpx: the server tests' client; playwright: the page's test, driving Debian's chromium (never
+        # `playwright install`).
+        "test": TORCH + SERVE + ["pytest", "pytest-xdist", "ruff", "peft", "httpx", "playwright"],
     },
 )

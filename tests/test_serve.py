@@ -241,6 +241,25 @@ def test_img2img_follows_its_init_image(served):
     assert white.mean() > blue.mean() + 15
 
 
+@pytest.mark.slow
+def test_img2img_mask_repaints_only_the_white_part(served):
+    from PIL import Image
+
+    _, client, _ = served
+    mask = np.zeros((32, 32), np.uint8)
+    mask[:, :16] = 255  # repaint the left half
+    buf = io.BytesIO()
+    Image.fromarray(mask).save(buf, format="PNG")
+    r = client.post("/sdapi/v1/img2img", json={"prompt": PROMPT, "steps": STEPS, "seed": 4, "denoising_strength": 1.0,
+                                               "init_images": [_b64_png((0, 0, 200))], "mask_blur": 0,
+                                               "mask": base64.b64encode(buf.getvalue()).decode()})
+    assert r.status_code == 200, r.text
+    out = _png(r.json()["images"][0]).astype(int)
+    assert json.loads(r.json()["info"])["is_using_inpainting_conditioning"]
+    assert np.array_equal(out[:, 16:], np.broadcast_to([0, 0, 200], (32, 16, 3)))  # kept exactly (A1111's overlay)
+    assert np.abs(out[:, :16] - [0, 0, 200]).mean() > 20  # repainted
+
+
 def test_progress_has_the_tasks_preview(served):
     _, client, _ = served
     out = _txt2img(client, seed=2, force_task_id="mytask-1")
