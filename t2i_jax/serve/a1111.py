@@ -44,14 +44,14 @@ DEFAULT_SAMPLER = "Euler a"
 # A1111's `scheduler` field (its 1.9 split of sampler and sigma schedule): the ones we have.
 SCHEDULES = {"automatic": {}, "karras": {"use_karras_sigmas": True}}
 
-# A1111 fields we know but do not implement, with the value that means "off"; a request that sets
-# one otherwise is served and the field named in `info`.
+# A1111 fields we know but do not implement, with the values that mean "off" (what its clients send by
+# default); a request that sets one otherwise is served and the field named in `info`.
 NOT_HONOURED = {
-    "subseed": -1, "subseed_strength": 0, "seed_resize_from_h": -1, "seed_resize_from_w": -1,
-    "enable_hr": False, "restore_faces": False, "tiling": False, "s_churn": 0, "s_tmax": None, "s_tmin": 0,
-    "s_noise": 1, "refiner_checkpoint": None, "refiner_switch_at": None, "script_name": None,
-    "alwayson_scripts": {}, "save_images": False, "inpaint_full_res": False, "inpainting_fill": 1,
-    "initial_noise_multiplier": None, "image_cfg_scale": None, "include_init_images": False,
+    "subseed": (-1,), "subseed_strength": (0,), "seed_resize_from_h": (-1, 0), "seed_resize_from_w": (-1, 0),
+    "enable_hr": (False,), "restore_faces": (False,), "tiling": (False,), "s_churn": (0,), "s_tmax": (0,),
+    "s_tmin": (0,), "s_noise": (1,), "refiner_checkpoint": ("",), "refiner_switch_at": (0,),
+    "script_name": ("",), "alwayson_scripts": ({},), "save_images": (False,), "inpaint_full_res": (False,),
+    "initial_noise_multiplier": (1,), "image_cfg_scale": (0,), "include_init_images": (False,),
 }
 TASK_ID = re.compile(r"^[A-Za-z0-9_()\-.:]{1,64}$")
 
@@ -282,7 +282,8 @@ def parse(body, *, img2img: bool, limits: Limits, models: list[str], default_mod
                        field="force_task_id", value=task_id)
     send_images = _get(body, "send_images", (bool,), True, "true or false")
     for k, off in NOT_HONOURED.items():
-        if k in body and body[k] not in (off, None) and not (k == "subseed" and body.get("subseed_strength", 0) == 0):
+        if k in body and body[k] is not None and body[k] not in off and not (
+                k == "subseed" and body.get("subseed_strength", 0) == 0):  # a subseed at strength 0 does nothing
             not_honoured.append(k)
     req = Request(model=model, prompt=styled_prompt, negative_prompt=styled_negative,
                   seeds=[seed + i for i in range(n)], steps=steps, cfg_scale=float(cfg), sampler_name=sampler_name,

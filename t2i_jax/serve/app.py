@@ -51,6 +51,7 @@ class Service:
 
     @property
     def model_names(self) -> list[str]:
+        """The configured models' names, in --model order."""
         return list(self.batcher.models)
 
 

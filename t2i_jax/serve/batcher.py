@@ -205,6 +205,7 @@ class Batcher:
             self._cv.notify_all()
 
     def idle(self) -> bool:
+        """True when no accepted request is waiting or running."""
         with self._cv:
             return self._queued == 0
 
@@ -231,12 +232,14 @@ class Batcher:
         return n
 
     def close(self) -> None:
+        """Stops the worker thread (after the batch it is running)."""
         with self._cv:
             self._stop = True
             self._cv.notify_all()
         self._thread.join(timeout=30)
 
     def queue_length(self) -> int:
+        """Requests accepted and not finished (running ones included)."""
         with self._cv:
             return self._queued
 

@@ -171,6 +171,7 @@ def sigterm_during_load(clients: int, requests: int, steps: int, extra: Sequence
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command line: prints the comparison (and the SIGTERM run) as JSON lines."""
     p = argparse.ArgumentParser(prog="python -m t2i_jax.serve.load", description=__doc__.split("\n")[0])
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--requests", type=int, default=2, help="requests per client")
