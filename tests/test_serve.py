@@ -395,3 +395,47 @@ def test_page_generates_with_previews_in_chromium(served):
         finally:
             browser.close()
     assert (_artifacts() / "serve_page.png").stat().st_size > 1000
+
+
+# --------------------------------------------------------------------------
+# SIGTERM during load (last: it drains the module's batcher, then reopens it)
+# --------------------------------------------------------------------------
+
+
+def test_sigterm_during_load_finishes_accepted_and_refuses_new(served):
+    """The drain that SIGTERM starts (the server's `handle_exit`, what uvicorn's signal handler calls;
+    the same with a real signal to a server process: tests/test_serve_load.py, slow) under 8 clients x 2
+    requests: accepted requests finish with their own images, later ones get a clear 503 or find the
+    server gone, nothing hangs, and the server stops."""
+    import signal
+
+    from t2i_jax.serve.__main__ import make_server
+    from t2i_jax.serve.load import run_load
+
+    service, _, _ = served
+    bound: list = []
+    server = make_server(service, "127.0.0.1", 0, drain_timeout=120, log_level="warning", bound=bound)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not bound:
+        assert time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.02)
+
+    def during(records):
+        while not records:
+            time.sleep(0.01)
+        server.handle_exit(signal.SIGTERM, None)
+
+    try:
+        records = run_load(f"http://127.0.0.1:{bound[0]}", 8, 2, STEPS, timeout=120, during=during)
+        thread.join(timeout=120)
+        assert not thread.is_alive(), "the server did not stop after draining"
+    finally:
+        service.batcher.draining = False  # reopen the module's batcher for any later test
+    ends = [r["status"] for r in records]
+    assert len(records) == 16 and set(ends) <= {200, 503, "refused"}, records
+    assert ends.count(200) >= 8, records  # every client's first request was accepted before the drain
+    assert ends.count(503) + ends.count("refused") >= 1, records
+    assert all(r["ok"] for r in records if r["status"] == 200)  # each with its own seed and task id
+    assert all("shutting down" in r["detail"] for r in records if r["status"] == 503)

@@ -146,9 +146,10 @@ def build_service(args: argparse.Namespace):
                    default_steps=warm_steps[0] if warm_steps else 20)
 
 
-def serve(service, host: str, port: int, *, drain_timeout: float = 300.0, log_level: str = "info",
-          ready: threading.Event | None = None, bound: list | None = None) -> None:
-    """Runs the app on uvicorn until SIGTERM/SIGINT has drained it (see the module docstring)."""
+def make_server(service, host: str, port: int, *, drain_timeout: float = 300.0, log_level: str = "info",
+                bound: list | None = None):
+    """The uvicorn server over `service`'s app whose exit signal drains (see the module docstring): its
+    `handle_exit` is what SIGTERM and SIGINT call."""
     import uvicorn
 
     from t2i_jax.serve.app import create_app
@@ -180,13 +181,15 @@ def serve(service, host: str, port: int, *, drain_timeout: float = 300.0, log_le
             if bound is not None:
                 bound.append(actual)
             print(f"serving on http://{host}:{actual}/ (the page), API under /sdapi/v1", file=sys.stderr, flush=True)
-            if ready is not None:
-                ready.set()
 
     config = uvicorn.Config(create_app(service), host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=max(5, int(drain_timeout)), access_log=False)
-    server = DrainingServer(config)
-    service.server = server
+    return DrainingServer(config)
+
+
+def serve(service, host: str, port: int, *, drain_timeout: float = 300.0, log_level: str = "info") -> None:
+    """Runs the app on uvicorn until SIGTERM/SIGINT has drained it, then stops the device thread."""
+    server = make_server(service, host, port, drain_timeout=drain_timeout, log_level=log_level)
     try:
         server.run()
     finally:
