@@ -1,10 +1,10 @@
 """Load test of the server: `python -m t2i_jax.serve.load [--clients 32] [--requests 2] [--steps 20]`.
 
-Starts the server twice on a free loopback port (bundled model unless --model), once batching
-across requests (--batch-sizes 1,2,4,8) and once serving one request at a time (--batch-sizes 1),
-sends the same requests to each (C concurrent clients x R requests, each its own prompt and seed),
-checks every one succeeded with its own seed (none lost, none duplicated), and prints throughput,
-the ratio, and p50/p95 latency as one JSON line. `--sigterm` then starts one more server, sends
+Starts two servers on free loopback ports (bundled model unless --model), one batching across
+requests (--batch-sizes 1,2,4,8) and one serving a request at a time (--batch-sizes 1), sends the
+same requests to each in alternating rounds (C concurrent clients x R requests, each its own prompt
+and seed), checks every one succeeded with its own seed (none lost, none duplicated), and prints
+throughput, the ratio, and p50/p95 latency as one JSON line. `--sigterm` then starts one more server, sends
 SIGTERM in the middle of the load and reports how each request ended (200, 503, or refused after
 the process exited): nothing may hang.
 """
@@ -126,18 +126,36 @@ def summary(records: list[dict]) -> dict:
             "mean_device_batch": round(float(np.mean(sizes)), 2) if sizes else None}
 
 
-def compare(clients: int, requests: int, steps: int, extra: Sequence[str] = ()) -> dict:
-    """The same load against a batching server and a one-at-a-time server; both summaries and the ratio."""
-    out = {}
-    for name, sizes in (("batched", "1,2,4,8"), ("one_at_a_time", "1")):
-        proc, url, _, _ = start_server(["--batch-sizes", sizes, "--warm-steps", str(steps), "--devices", "1",
-                                        "--max-queue", str(max(64, clients * 2)), *extra])
-        try:
+def compare(clients: int, requests: int, steps: int, extra: Sequence[str] = (), rounds: int = 2) -> dict:
+    """The same load against a batching server and a one-at-a-time server, both running, in alternating
+    rounds (batched, one at a time, batched, ...) so a change in the machine's load falls on both; the
+    summary of each server's rounds together, each round's images/s, and the ratio."""
+    servers = {}
+    try:
+        for name, sizes in (("batched", "1,2,4,8"), ("one_at_a_time", "1")):
+            proc, url, _, _ = start_server(["--batch-sizes", sizes, "--warm-steps", str(steps), "--devices", "1",
+                                            "--max-queue", str(max(64, clients * 2)), *extra])
+            servers[name] = (proc, url)
             run_load(url, min(clients, 4), 1, steps)  # warm: the first calls of each program pay their set-up
-            out[name] = summary(run_load(url, clients, requests, steps))
-        finally:
+        records = {name: [] for name in servers}
+        per_round = {name: [] for name in servers}
+        for _ in range(rounds):
+            for name, (_, url) in servers.items():
+                recs = run_load(url, clients, requests, steps)
+                per_round[name].append(summary(recs)["images_per_s"])
+                records[name].append(recs)
+    finally:
+        for proc, _ in servers.values():
             proc.send_signal(signal.SIGTERM)
+        for proc, _ in servers.values():
             proc.wait(timeout=120)
+    out = {}
+    for name, runs in records.items():
+        flat = [r for recs in runs for r in recs]
+        wall = sum(recs[0]["wall"] for recs in runs)
+        for r in flat:
+            r["wall"] = wall
+        out[name] = {**summary(flat), "rounds_images_per_s": per_round[name]}
     out["ratio"] = round(out["batched"]["images_per_s"] / out["one_at_a_time"]["images_per_s"], 2)
     return out
 
@@ -176,11 +194,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--requests", type=int, default=2, help="requests per client")
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--rounds", type=int, default=2, help="alternating rounds per server")
     p.add_argument("--sigterm", action="store_true", help="also SIGTERM a server during the load")
     p.add_argument("server_args", nargs="*", help="more flags for the servers (after --)")
     args = p.parse_args(argv)
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    out = compare(args.clients, args.requests, args.steps, args.server_args)
+    out = compare(args.clients, args.requests, args.steps, args.server_args, rounds=args.rounds)
     print(json.dumps(out))
     if args.sigterm:
         print(json.dumps({"sigterm": sigterm_during_load(args.clients, args.requests, args.steps, args.server_args)}))
