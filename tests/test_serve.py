@@ -397,6 +397,35 @@ def test_page_generates_with_previews_in_chromium(served):
     assert (_artifacts() / "serve_page.png").stat().st_size > 1000
 
 
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is absent (apt-get install chromium)")
+def test_page_asks_for_the_api_key(served):
+    import dataclasses
+
+    from t2i_jax.serve.app import create_app
+
+    sync_api = pytest.importorskip("playwright.sync_api")
+    service, _, _ = served
+    url, server, thread = _start(create_app(dataclasses.replace(service, api_key="k3y")))
+    try:
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu",
+                                        "--disable-background-networking", "--no-first-run"])
+            try:
+                page = browser.new_page()
+                page.goto(url + "/")
+                page.wait_for_selector("#keyrow", state="visible", timeout=60_000)
+                assert "API key" in page.inner_text("#error")
+                page.fill("#api_key", "k3y")
+                page.press("#api_key", "Tab")
+                page.wait_for_selector("body[data-ready='1']", timeout=60_000)
+                assert page.eval_on_selector("#sampler_name", "s => s.options.length") == 11
+            finally:
+                browser.close()
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
 # --------------------------------------------------------------------------
 # SIGTERM during load (last: it drains the module's batcher, then reopens it)
 # --------------------------------------------------------------------------

@@ -31,7 +31,7 @@ def test_sigterm_to_a_server_process_during_load():
 def test_load_32_clients_x_2_batched_against_one_at_a_time():
     from t2i_jax.serve.load import compare
 
-    out = compare(32, 2, STEPS, rounds=1)
+    out = compare(32, 2, STEPS, rounds=1)  # one round each: 64 requests per server
     for name in ("batched", "one_at_a_time"):
         s = out[name]
         assert s["requests"] == 64 and s["ok"] == 64 and s["unique_tasks"] == 64, out

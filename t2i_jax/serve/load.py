@@ -54,16 +54,16 @@ def start_server(extra: Sequence[str], *, timeout: float = 600.0, env: dict | No
     raise RuntimeError("the server did not start in time:\n" + "".join(log[-30:]))
 
 
-def request_body(client: int, k: int, steps: int, seed_base: int = 1000) -> dict:
-    """The k-th request of a client: its own prompt, seed and task id."""
+def request_body(client: int, k: int, steps: int, seed_base: int = 1000, tag: str = "") -> dict:
+    """The k-th request of a client: its own prompt, seed and task id (`tag`: the round's, in the id)."""
     n = client * 100 + k
     shapes = ("red circle", "blue square", "green triangle", "yellow star")
     return {"prompt": f"a {shapes[n % 4]} number {n}", "seed": seed_base + n, "steps": steps,
-            "sampler_name": "Euler a", "cfg_scale": 7, "force_task_id": f"load-{client}-{k}"}
+            "sampler_name": "Euler a", "cfg_scale": 7, "force_task_id": f"load{tag}-{client}-{k}"}
 
 
 def run_load(url: str, clients: int, requests: int, steps: int, *, timeout: float = 600.0,
-             during=None) -> list[dict]:
+             during=None, tag: str = "") -> list[dict]:
     """C clients x R requests, each client sending its next request when the last one is answered. One
     record per request: status, latency, and whether the answer carried the request's own seed and task.
     `during(records)`: called from another thread while the load runs (the SIGTERM check)."""
@@ -75,7 +75,7 @@ def run_load(url: str, clients: int, requests: int, steps: int, *, timeout: floa
     def client(c: int):
         with httpx.Client(base_url=url, timeout=timeout) as h:
             for k in range(requests):
-                body = request_body(c, k, steps)
+                body = request_body(c, k, steps, tag=tag)
                 t0 = time.perf_counter()
                 rec = {"client": c, "k": k, "task": body["force_task_id"], "seed": body["seed"]}
                 try:
@@ -136,12 +136,13 @@ def compare(clients: int, requests: int, steps: int, extra: Sequence[str] = (), 
             proc, url, _, _ = start_server(["--batch-sizes", sizes, "--warm-steps", str(steps), "--devices", "1",
                                             "--max-queue", str(max(64, clients * 2)), *extra])
             servers[name] = (proc, url)
-            run_load(url, min(clients, 4), 1, steps)  # warm: the first calls of each program pay their set-up
+            # Warm: the first calls of each program pay their set-up.
+            run_load(url, min(clients, 4), 1, steps, tag="warm")
         records = {name: [] for name in servers}
         per_round = {name: [] for name in servers}
-        for _ in range(rounds):
+        for round_no in range(rounds):
             for name, (_, url) in servers.items():
-                recs = run_load(url, clients, requests, steps)
+                recs = run_load(url, clients, requests, steps, tag=f"r{round_no}")
                 per_round[name].append(summary(recs)["images_per_s"])
                 records[name].append(recs)
     finally:

@@ -25,6 +25,9 @@ async function init() {
   try {
     const info = await api("/t2i/info");
     $("model").textContent = `model: ${info.model} (${info.native} px)`;
+    $("sampler_name").length = 0;
+    $("style").length = 1;
+    $("error").textContent = "";
     for (const s of info.samplers) $("sampler_name").add(new Option(s, s, false, s === info.default_sampler));
     for (const s of info.styles) $("style").add(new Option(s, s));
     for (const k of ["width", "height"]) { $(k).value = info.native; $(k).step = info.vae_scale; $(k).max = info.limits.max_size; }
@@ -115,4 +118,6 @@ async function generate(ev) {
 }
 
 $("form").addEventListener("submit", generate);
+// A server started with --api-key answers 401 until the key is typed; then the page loads its settings.
+$("api_key").addEventListener("change", () => { localStorage.setItem("t2i_api_key", $("api_key").value); init(); });
 init();
