@@ -219,7 +219,7 @@ def _encode_images(vae, params, images, eps, *, seeds, stream, dtype):
     return _to_latents(vae, mean + posterior.std.astype(jnp.float32) * eps)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class Preview:
     """A host hook into the denoising loop, for a server's progress and previews.
 
@@ -236,9 +236,6 @@ class Preview:
     on_step: Callable[[Any], None]
     on_images: Callable[[Any, Any], None]
     every: int = 4
-
-    __hash__ = object.__hash__
-    __eq__ = object.__eq__
 
 
 def _emit_preview(preview: Preview, sched, vae, vae_params, st, x_in, out, i, num_evals, dtype):
