@@ -299,6 +299,25 @@ def test_disconnect_cancels_queued_work(served, tmp_path):
     assert service.batcher.stats["images"] == before  # its image was never made
 
 
+def test_compatible_requests_share_a_batch_and_groups_queue_first_come_first_served(served):
+    service, client, url = served
+    _hold_worker(service, 2.0)
+    bodies = [("fair-a", 7), ("fair-b", 5), ("fair-c", 7)]  # b guides differently: another group
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        futs = []
+        for task, cfg in bodies:
+            futs.append(pool.submit(lambda t=task, g=cfg: httpx.post(f"{url}/sdapi/v1/txt2img", timeout=120, json={
+                "prompt": PROMPT, "steps": STEPS, "cfg_scale": g, "seed": 9, "force_task_id": t})))
+            time.sleep(0.3)  # submitted in this order, all while the worker is busy
+        infos = [json.loads(f.result(timeout=120).json()["info"]) for f in futs]
+    batches = {i["task_id"]: i["device_batches"] for i in infos}
+    assert batches == {"fair-a": [[2, 8]], "fair-b": [[1, 1]], "fair-c": [[2, 8]]}, batches
+    started = {t: service.batcher.tasks[t].started for t, _ in bodies}
+    assert max(started["fair-a"], started["fair-c"]) < started["fair-b"]  # the oldest request's group first
+    a, c = (_png(f.result().json()["images"][0]) for f in (futs[0], futs[2]))
+    assert np.array_equal(a, c)  # same prompt, seed and settings in one batch: the same image
+
+
 def test_interrupt_ends_queued_requests(served):
     service, client, url = served
     _hold_worker(service, 2.0)
