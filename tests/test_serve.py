@@ -301,7 +301,7 @@ def test_disconnect_cancels_queued_work(served, tmp_path):
 
 def test_compatible_requests_share_a_batch_and_groups_queue_first_come_first_served(served):
     service, client, url = served
-    _hold_worker(service, 2.0)
+    _hold_worker(service, 1.5)
     bodies = [("fair-a", 7), ("fair-b", 5), ("fair-c", 7)]  # b guides differently: another group
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
         futs = []
