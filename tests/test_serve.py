@@ -372,6 +372,15 @@ def test_help_exits_0(capsys):
     assert "--api-key" in out and "127.0.0.1" in out and "7860" in out
 
 
+def test_bad_flags_exit_2_before_loading(capsys):
+    from t2i_jax.serve.__main__ import main
+
+    for argv, words in ((["--max-steps", "0"], "--max-steps 0"), (["--warm-sampler", "DPM2"], "DPM2"),
+                        (["--model", "a=x", "--model", "a=y"], "taken"), (["--batch-sizes", "1,x"], "integers")):
+        assert main(argv) == 2, argv
+        assert words in capsys.readouterr().err, argv
+
+
 # --------------------------------------------------------------------------
 # The page in a browser
 # --------------------------------------------------------------------------

@@ -292,8 +292,7 @@ def parse(body, *, img2img: bool, limits: Limits, models: list[str], default_mod
                   batch_size=batch_size, n_iter=n_iter)
     if img2img:
         _parse_img2img(body, req)
-    elif "denoising_strength" in body and not body.get("enable_hr"):
-        pass  # A1111 reads it only for its hires pass
+    # (txt2img's denoising_strength is A1111's hires pass setting: named with enable_hr when that is on.)
     req.parameters = {"prompt": prompt, "negative_prompt": negative, "styles": styles, "seed": seed,
                       "steps": steps, "cfg_scale": cfg, "sampler_name": sampler_name, "batch_size": batch_size,
                       "n_iter": n_iter, "width": width, "height": height,
