@@ -1,0 +1,185 @@
+"""SDXL: the U-Net (base and refiner), both text encoders and the tokenizers
+against diffusers/transformers on tiny random models saved locally; folder
+load/export round trips; original-format single files.
+
+The tiny models have two text encoders (CLIP-L-like, 32 wide, and a
+bigG-like one with a projection, 32 wide: the U-Net reads their 64-wide
+concatenation), `transformer_layers_per_block` (1, 2) and no attention in
+the first down block, as SDXL; the refiner variant has the second encoder
+only and five time ids (the aesthetic score).
+"""
+
+import json
+
+import diffusers
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers as T
+from flax import traverse_util
+
+from t2i_jax.convert import core
+from t2i_jax.convert.load import load_components
+from t2i_jax.models import unet as unet_lib
+from t2i_jax.tokenizer import Tokenizer
+
+PROMPTS = ["a red circle on a blue background", "a small yellow triangle"]
+TIME_DIM = 8  # addition_time_embed_dim of the tiny U-Nets (SDXL: 256)
+
+
+def rel(out, ref):
+    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+    return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+
+
+def _perturb(model, seed):
+    """Random weights with norms and biases off their init values."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return model.eval()
+
+
+def tiny_unet(refiner: bool):
+    torch.manual_seed(1 if refiner else 0)
+    kw = dict(
+        sample_size=16, block_out_channels=(32, 64), layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=TIME_DIM,
+        transformer_layers_per_block=(1, 2), norm_num_groups=8,
+        # base: pooled 32 + 6 ids; the refiner: pooled 32 + 5 ids (aesthetic score)
+        cross_attention_dim=32 if refiner else 64,
+        projection_class_embeddings_input_dim=32 + (5 if refiner else 6) * TIME_DIM)
+    return _perturb(diffusers.UNet2DConditionModel(**kw), 10 + refiner)
+
+
+def tiny_text(projection: bool, seed: int):
+    torch.manual_seed(seed)
+    cfg = T.CLIPTextConfig(vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=3,
+                           num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
+                           hidden_act="gelu" if projection else "quick_gelu")
+    cls = T.CLIPTextModelWithProjection if projection else T.CLIPTextModel
+    return _perturb(cls(cfg), seed + 100)
+
+
+def tiny_vae():
+    torch.manual_seed(3)
+    vae = diffusers.AutoencoderKL(
+        block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=16,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=32,
+        scaling_factor=0.13025, force_upcast=True)
+    return vae.eval()
+
+
+def tiny_scheduler():
+    return diffusers.EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                            steps_offset=1, timestep_spacing="leading")
+
+
+def build_tiny_sdxl(path, refiner: bool = False):
+    """A diffusers StableDiffusionXL(Img2Img)Pipeline with random tiny parts, saved to `path`."""
+    tok_2 = Tokenizer.bundled(pad_token="!").hf
+    if refiner:
+        pipe = diffusers.StableDiffusionXLImg2ImgPipeline(
+            vae=tiny_vae(), text_encoder=None, text_encoder_2=tiny_text(True, 7), tokenizer=None,
+            tokenizer_2=tok_2, unet=tiny_unet(True), scheduler=tiny_scheduler(), requires_aesthetics_score=True,
+            force_zeros_for_empty_prompt=False)
+    else:
+        pipe = diffusers.StableDiffusionXLPipeline(
+            vae=tiny_vae(), text_encoder=tiny_text(False, 5), text_encoder_2=tiny_text(True, 6),
+            tokenizer=Tokenizer.bundled().hf, tokenizer_2=tok_2, unet=tiny_unet(False), scheduler=tiny_scheduler())
+    pipe.save_pretrained(path)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-sdxl")
+    ref = build_tiny_sdxl(path)
+    return ref, path, load_components(str(path))
+
+
+@pytest.fixture(scope="module")
+def refiner(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-sdxl-refiner")
+    ref = build_tiny_sdxl(path, refiner=True)
+    return ref, path, load_components(str(path))
+
+
+# --------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------
+
+
+def test_tokenizers_pad_as_diffusers(base):
+    ref, _, pipe = base
+    for ours, theirs, pad in ((pipe.tokenizer, ref.tokenizer, 49407), (pipe.tokenizer_2, ref.tokenizer_2, 0)):
+        ids = ours(PROMPTS)
+        want = theirs(PROMPTS, padding="max_length", max_length=theirs.model_max_length, truncation=True,
+                      return_tensors="np").input_ids
+        np.testing.assert_array_equal(ids, want)
+        assert ids[0, -1] == pad  # tokenizer_2 pads with "!" (id 0), tokenizer 1 with <|endoftext|>
+
+
+def test_text_encoders_match_transformers(base):
+    ref, _, pipe = base
+    ids = pipe.tokenizer(PROMPTS)
+    with torch.no_grad():
+        r1 = ref.text_encoder(torch.tensor(ids, dtype=torch.long), output_hidden_states=True)
+        r2 = ref.text_encoder_2(torch.tensor(ids, dtype=torch.long), output_hidden_states=True)
+    o1 = pipe.text_encoder.apply({"params": pipe.params["text_encoder"]}, jnp.asarray(ids), output_hidden_states=True)
+    o2 = pipe.text_encoder_2.apply({"params": pipe.params["text_encoder_2"]}, jnp.asarray(ids),
+                                   output_hidden_states=True)
+    errs = {
+        "1 penultimate": rel(o1.hidden_states[-2], r1.hidden_states[-2]),
+        "2 penultimate": rel(o2.hidden_states[-2], r2.hidden_states[-2]),
+        "2 text_embeds": rel(o2.text_embeds, r2.text_embeds),
+    }
+    assert max(errs.values()) <= 1e-5, errs
+    assert pipe.text_encoder_2.with_projection and pipe.text_encoder_2.config.hidden_act == "gelu"
+
+
+def _unet_inputs(refiner: bool, h=12, w=8):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 4, h, w, generator=g)
+    ctx = torch.randn(2, 7, 32 if refiner else 64, generator=g)
+    pooled = torch.randn(2, 32, generator=g)
+    ids = torch.tensor([[48.0, 32.0, 0.0, 4.0, 6.0], [64.0, 40.0, 8.0, 0.0, 2.5]]) if refiner else \
+        torch.tensor([[48.0, 32.0, 0.0, 4.0, 48.0, 32.0], [64.0, 40.0, 8.0, 0.0, 40.0, 24.0]])
+    return x, torch.tensor([999, 17]), ctx, pooled, ids
+
+
+@pytest.mark.parametrize("which", ["base", "refiner"])
+def test_unet_matches_diffusers(base, refiner, which):
+    ref, _, pipe = base if which == "base" else refiner
+    x, t, ctx, pooled, ids = _unet_inputs(which == "refiner")
+    with torch.no_grad():
+        want = ref.unet(x, t, ctx, added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}).sample.numpy()
+    out = jax.jit(pipe.unet.apply)({"params": pipe.params["unet"]}, jnp.asarray(x.numpy().transpose(0, 2, 3, 1)),
+                                   jnp.asarray(t.numpy()), jnp.asarray(ctx.numpy()),
+                                   {"text_embeds": jnp.asarray(pooled.numpy()), "time_ids": jnp.asarray(ids.numpy())})
+    assert rel(np.asarray(out).transpose(0, 3, 1, 2), want) <= 1e-5
+    cfg = pipe.unet.config
+    assert unet_lib.text_time_sizes(cfg, 32) == (5 if which == "refiner" else 6)
+    assert cfg.transformer_layers_per_block == (1, 2) and cfg.down_block_types[0] == "DownBlock2D"
+
+
+def test_unet_needs_its_added_conditions(base):
+    _, _, pipe = base
+    x = jnp.zeros((1, 8, 8, 4))
+    with pytest.raises(ValueError, match="added_cond_kwargs"):
+        pipe.unet.apply({"params": pipe.params["unet"]}, x, jnp.array([1]), jnp.zeros((1, 3, 64)))
+
+
+def test_sd_unet_params_unchanged():
+    """The SD1/SD2 U-Net's params tree has no addition embedding (the SDXL fields default to off)."""
+    cfg = unet_lib.UNetConfig.named("tiny")
+    shapes = jax.eval_shape(unet_lib.UNet2DConditionModel(cfg).init, jax.random.key(0),
+                            *unet_lib.dummy_inputs(cfg))["params"]
+    assert "add_embedding" not in shapes and len(unet_lib.dummy_inputs(cfg)) == 3
+    with pytest.raises(ValueError, match="addition_embed_type 'text_time' needs"):
+        unet_lib.UNetConfig(addition_embed_type="text_time")
