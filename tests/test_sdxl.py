@@ -183,3 +183,70 @@ def test_sd_unet_params_unchanged():
     assert "add_embedding" not in shapes and len(unet_lib.dummy_inputs(cfg)) == 3
     with pytest.raises(ValueError, match="addition_embed_type 'text_time' needs"):
         unet_lib.UNetConfig(addition_embed_type="text_time")
+
+
+# --------------------------------------------------------------------------
+# Folders: load, export, reload
+# --------------------------------------------------------------------------
+
+
+def flat(params):
+    return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(params, sep="/").items()}
+
+
+def assert_params_equal(a, b):
+    assert sorted(a) == sorted(b)
+    for part in a:
+        fa, fb = flat(a[part]), flat(b[part])
+        assert sorted(fa) == sorted(fb), part
+        for k in fa:
+            assert fa[k].shape == fb[k].shape and np.array_equal(fa[k], fb[k]), f"{part}/{k}"
+
+
+@pytest.mark.parametrize("which", ["base", "refiner"])
+def test_folder_export_round_trip(base, refiner, which, tmp_path):
+    from t2i_jax.train.export import export_pipeline
+
+    ref, _, pipe = base if which == "base" else refiner
+    assert (pipe.text_encoder is None) == (which == "refiner")
+    assert pipe.pipeline_options == {"force_zeros_for_empty_prompt": which == "base",
+                                     "requires_aesthetics_score": which == "refiner"}
+    assert pipe.vae.config.force_upcast and pipe.vae.config.scaling_factor == 0.13025
+    export_pipeline(pipe, tmp_path / "out")
+    back = load_components(str(tmp_path / "out"))
+    assert_params_equal(pipe.params, back.params)
+    assert back.pipeline_options == pipe.pipeline_options
+    np.testing.assert_array_equal(back.tokenizer_2(PROMPTS), pipe.tokenizer_2(PROMPTS))
+    # diffusers reads the export as the pipeline it came from.
+    cls = diffusers.StableDiffusionXLPipeline if which == "base" else diffusers.StableDiffusionXLImg2ImgPipeline
+    theirs = cls.from_pretrained(tmp_path / "out")
+    for name in ("unet", "text_encoder_2") + (("text_encoder",) if which == "base" else ()):
+        a, b = getattr(theirs, name).state_dict(), getattr(ref, name).state_dict()
+        assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a), name
+    assert theirs.config.get("requires_aesthetics_score", False) == (which == "refiner")
+    assert theirs.config.force_zeros_for_empty_prompt == (which == "base")
+
+
+def test_fp16_variant_and_vae_override(base, tmp_path):
+    """`variant="fp16"` reads the *.fp16 weights of every part (text encoders too); `vae=` swaps the VAE
+    (the fp16-fix VAE's config says force_upcast false)."""
+    ref, _, pipe = base
+    ref.save_pretrained(tmp_path / "fp16", variant="fp16")
+    for f in (tmp_path / "fp16").glob("*/*.fp16.safetensors"):  # saved as fp32 under the fp16 names
+        core.write_safetensors({k: v.astype(np.float16) for k, v in core.read_safetensors(f).items()}, f,
+                               metadata={"format": "pt"})
+    assert not list((tmp_path / "fp16").glob("text_encoder*/model.safetensors"))
+    half = load_components(str(tmp_path / "fp16"), variant="fp16")
+    for part in ("unet", "text_encoder", "text_encoder_2", "vae"):
+        for k, v in flat(pipe.params[part]).items():
+            np.testing.assert_array_equal(flat(half.params[part])[k], v.astype(np.float16).astype(np.float32),
+                                          err_msg=f"{part}/{k}")
+    vae = tiny_vae()
+    vae.register_to_config(force_upcast=False)
+    with torch.no_grad():
+        vae.decoder.conv_out.bias.add_(1.0)
+    vae.save_pretrained(tmp_path / "vae-fix")
+    fixed = load_components(str(tmp_path / "fp16"), variant="fp16", vae=str(tmp_path / "vae-fix"))
+    assert not fixed.vae.config.force_upcast
+    np.testing.assert_allclose(fixed.params["vae"]["decoder"]["conv_out"]["bias"],
+                               vae.decoder.conv_out.bias.detach().numpy())

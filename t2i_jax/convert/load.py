@@ -92,6 +92,8 @@ def _scheduler_config(raw: Mapping[str, Any]) -> dict:
     return {k: v for k, v in raw.items() if not k.startswith("_")}
 
 
+# SDXL model_index.json settings the Sampler reads, with diffusers' defaults.
+SDXL_OPTIONS = {"force_zeros_for_empty_prompt": True, "requires_aesthetics_score": False}
 # diffusers pipeline classes whose folders hold an SDXL model (text_encoder_2 / tokenizer_2).
 SDXL_PIPELINES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline")
 
@@ -169,8 +171,9 @@ def _sdxl_from_diffusers(s: str, root: Path, index: Mapping[str, Any], dtype, pa
     unet, params["unet"] = diffusers_convert.load_unet(s, variant=variant, dtype=dtype, param_dtype=param_dtype,
                                                        attention_impl=attention_impl)
     vae, params["vae"] = diffusers_convert.load_vae(s, variant=variant, dtype=dtype, param_dtype=param_dtype)
+    options = {k: bool(index.get(k, default)) for k, default in SDXL_OPTIONS.items()}
     pipe = StableDiffusion(tokenizer, text_encoder, unet, vae, params, _folder_scheduler(root), source=s,
-                           tokenizer_2=tokenizer_2, text_encoder_2=text_encoder_2)
+                           tokenizer_2=tokenizer_2, text_encoder_2=text_encoder_2, pipeline_options=options)
     check_sdxl(pipe)
     return pipe
 
@@ -220,6 +223,8 @@ def _from_single_file(s: str, dtype, param_dtype, config, attention_impl):
     vae = vae_lib.AutoencoderKL(vcfg, dtype=dtype)
     side = 8 * vcfg.downsample_factor
     vae_params = load(vae, parts["vae"], (jnp.zeros((1, side, side, vcfg.in_channels), jnp.float32),))
+    if parts["family"].startswith("sdxl"):
+        return _sdxl_single_file(parts, unet, unet_params, vae, vae_params, dtype, param_dtype, attention_impl, path)
     name = "text_encoder"
     text_encoder = clip_convert.build_module(parts["text_encoder"]["config"], dtype=dtype,
                                              attention_impl=attention_impl)
@@ -230,3 +235,29 @@ def _from_single_file(s: str, dtype, param_dtype, config, attention_impl):
     return StableDiffusion(tokenizer, text_encoder, unet, vae,
                            {"text_encoder": te_params, "unet": unet_params, "vae": vae_params}, sched,
                            source=str(path))
+
+
+def _sdxl_single_file(parts, unet, unet_params, vae, vae_params, dtype, param_dtype, attention_impl, path):
+    """The bundle of an SDXL base or refiner single file (`convert.sdxl_file`): CLIP-L (base only) pads
+    with <|endoftext|>, the bigG tokenizer with "!" (id 0), as stabilityai's tokenizer_2."""
+    params = {"unet": unet_params, "vae": vae_params}
+    found = {}
+    for name, pad in (("text_encoder", "<|endoftext|>"), ("text_encoder_2", "!")):
+        if name not in parts:
+            found[name] = (None, None)
+            continue
+        module = clip_convert.build_module(parts[name]["config"], dtype=dtype, attention_impl=attention_impl)
+        expected = jax.eval_shape(module.init, jax.random.key(0), *clip_lib.dummy_inputs(module))["params"]
+        params[name], _ = core.load_params(parts[name]["state_dict"], expected, source=f"{path} ({name})",
+                                           origin=parts[name].get("origin"), ignore=(r"position_ids$",),
+                                           dtype=param_dtype)
+        found[name] = (Tokenizer.bundled(pad_token=pad), module)
+    # As stabilityai's model_index.json files say: the refiner (no CLIP-L) conditions on an aesthetic score
+    # and encodes an empty negative prompt; the base uses zeros for it.
+    refiner = parts["family"] == "sdxl_refiner"
+    options = {"force_zeros_for_empty_prompt": not refiner, "requires_aesthetics_score": refiner}
+    pipe = StableDiffusion(*found["text_encoder"], unet, vae, params, dict(parts["scheduler"]["config"]),
+                           source=str(path), tokenizer_2=found["text_encoder_2"][0],
+                           text_encoder_2=found["text_encoder_2"][1], pipeline_options=options)
+    check_sdxl(pipe)
+    return pipe

@@ -38,6 +38,10 @@ class StableDiffusion:
     source: str = ""  # where it was loaded from, for messages and metadata
     tokenizer_2: Tokenizer | None = None  # SDXL: the OpenCLIP tokenizer (pads with "!")
     text_encoder_2: Any = None  # SDXL: CLIPTextModel(with_projection=True), OpenCLIP ViT-bigG
+    # SDXL's pipeline settings from model_index.json: `force_zeros_for_empty_prompt`
+    # (base: True, the empty negative prompt is zeros, not its encoding) and
+    # `requires_aesthetics_score` (the refiner: True, its time ids end in a score).
+    pipeline_options: dict = dataclasses.field(default_factory=dict)
 
     @property
     def is_sdxl(self) -> bool:
