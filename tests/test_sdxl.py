@@ -9,7 +9,7 @@ the first down block, as SDXL; the refiner variant has the second encoder
 only and five time ids (the aesthetic score).
 """
 
-import json
+import re
 
 import diffusers
 import jax
@@ -250,3 +250,125 @@ def test_fp16_variant_and_vae_override(base, tmp_path):
     assert not fixed.vae.config.force_upcast
     np.testing.assert_allclose(fixed.params["vae"]["decoder"]["conv_out"]["bias"],
                                vae.decoder.conv_out.bias.detach().numpy())
+
+
+# --------------------------------------------------------------------------
+# Original single files (Stability's sgm layout), written by hand from the
+# published key layout and checked against diffusers' own converters
+# --------------------------------------------------------------------------
+
+
+def open_clip_layout(model, prefix: str) -> dict:
+    """A transformers CLIPTextModelWithProjection's weights in OpenCLIP's names (fused q/k/v,
+    `text_projection` as the [width, proj] matrix OpenCLIP multiplies by)."""
+    sd = {k.removeprefix("text_model."): v for k, v in model.state_dict().items()}
+    out = {"token_embedding.weight": sd["embeddings.token_embedding.weight"],
+           "positional_embedding": sd["embeddings.position_embedding.weight"],
+           "ln_final.weight": sd["final_layer_norm.weight"], "ln_final.bias": sd["final_layer_norm.bias"],
+           "text_projection": sd["text_projection.weight"].T.contiguous(),
+           "logit_scale": torch.tensor(4.6), "attn_mask": torch.full((77, 77), float("-inf")).triu(1)}
+    for i in range(model.config.num_hidden_layers):
+        a, b = f"encoder.layers.{i}.", f"transformer.resblocks.{i}."
+        for kind in ("weight", "bias"):
+            out[f"{b}attn.in_proj_{kind}"] = torch.cat([sd[f"{a}self_attn.{n}_proj.{kind}"] for n in "qkv"])
+            out[f"{b}attn.out_proj.{kind}"] = sd[f"{a}self_attn.out_proj.{kind}"]
+            for new, old in (("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"), ("mlp.c_fc", "mlp.fc1"),
+                             ("mlp.c_proj", "mlp.fc2")):
+                out[f"{b}{new}.{kind}"] = sd[f"{a}{old}.{kind}"]
+    return {prefix + k: v for k, v in out.items()}
+
+
+def sgm_state(ref) -> dict:
+    """An SDXL base (two text encoders) or refiner (bigG only, as embedder 0) single file's state dict."""
+    from test_single_file import unet_to_original, vae_to_original
+
+    unet_sd = ref.unet.state_dict()
+    add = {k: unet_sd.pop(k) for k in list(unet_sd) if k.startswith("add_embedding.")}
+    out = unet_to_original(unet_sd, ref.unet.config)
+    for k, v in add.items():  # add_embedding.linear_{1,2} -> label_emb.0.{0,2}
+        out["model.diffusion_model.label_emb.0." + ("0" if ".linear_1." in k else "2") + "." + k.split(".")[-1]] = v
+    out.update(vae_to_original(ref.vae.state_dict(), ref.vae.config))
+    n = 0
+    if ref.text_encoder is not None:
+        out.update({"conditioner.embedders.0.transformer.text_model." + k.removeprefix("text_model."): v
+                    for k, v in ref.text_encoder.state_dict().items()})
+        n = 1
+    out.update(open_clip_layout(ref.text_encoder_2, f"conditioner.embedders.{n}.model."))
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+@pytest.fixture(scope="module")
+def sgm_files(base, refiner, tmp_path_factory):
+    root = tmp_path_factory.mktemp("sgm")
+    out = {}
+    for which, (ref, _, _) in (("base", base), ("refiner", refiner)):
+        state = sgm_state(ref)
+        core.write_safetensors({k: v.numpy() for k, v in state.items()}, root / f"sd_xl_{which}.safetensors")
+        out[which] = (root / f"sd_xl_{which}.safetensors", state)
+    return out
+
+
+def test_hand_written_file_is_what_diffusers_reads(base, sgm_files):
+    """The fake file is right: diffusers' own converters give back the folder's weights from it."""
+    from diffusers.loaders import single_file_utils as dsf
+
+    ref, _, _ = base
+    _, state = sgm_files["base"]
+    for name, got in (
+        ("unet", dsf.convert_ldm_unet_checkpoint(state, ref.unet.config)),
+        ("text_encoder_2", dsf.convert_open_clip_checkpoint(ref.text_encoder_2, state,
+                                                            prefix="conditioner.embedders.1.model.")),
+    ):
+        want = {k.removeprefix("text_model.") if name == "unet" else k: v
+                for k, v in getattr(ref, name).state_dict().items()}
+        assert sorted(got) == sorted(want), name
+        assert all(torch.equal(got[k], want[k]) for k in want), name
+
+
+@pytest.mark.parametrize("which", ["base", "refiner"])
+def test_single_file_loads_the_folder_params(base, refiner, sgm_files, which):
+    from t2i_jax.convert import single_file as sf
+
+    _, _, pipe = base if which == "base" else refiner
+    path, _ = sgm_files[which]
+    parts = sf.load_single_file(path)
+    assert parts["family"] == ("sdxl" if which == "base" else "sdxl_refiner")
+    assert parts["report"].unexpected == [] and any("attn_mask" in k for k in parts["ignored"])
+    ucfg = parts["unet"]["config"]
+    assert ucfg["addition_time_embed_dim"] == TIME_DIM and ucfg["attention_head_dim"] == [1, 1]
+    from_file = load_components(str(path))
+    assert_params_equal(pipe.params, from_file.params)
+    assert from_file.pipeline_options == pipe.pipeline_options
+    assert from_file.unet.config.transformer_layers_per_block == 2 and from_file.vae.config.scaling_factor == 0.13025
+    np.testing.assert_array_equal(from_file.tokenizer_2(PROMPTS), pipe.tokenizer_2(PROMPTS))
+
+
+def test_truncated_single_file_is_named(sgm_files, tmp_path):
+    path, _ = sgm_files["base"]
+    cut = tmp_path / "sd_xl_base_cut.safetensors"
+    data = path.read_bytes()
+    cut.write_bytes(data[: len(data) - 5000])
+    with pytest.raises(core.ConversionError, match=r"sd_xl_base_cut.safetensors is truncated: tensor '.*' needs"):
+        load_components(str(cut))
+
+
+def test_mismatched_single_file_is_named(sgm_files, tmp_path):
+    from t2i_jax.convert import single_file as sf
+
+    _, state = sgm_files["base"]
+    state = {k: v.numpy() for k, v in state.items()}
+    stray = "model.diffusion_model.label_emb.0.9.weight"
+    with pytest.raises(core.ConversionError, match=rf"no SDXL table uses[\s\S]*unexpected[\s\S]*{re.escape(stray)}"):
+        sf.split_checkpoint({**state, stray: np.zeros((3, 3), np.float32)}, source="x.safetensors")
+    gone = "conditioner.embedders.1.model.transformer.resblocks.1.attn.in_proj_weight"
+    path = tmp_path / "missing.safetensors"
+    core.write_safetensors({k: v for k, v in state.items() if k != gone}, path)
+    with pytest.raises(core.ConversionError, match=r"missing from the checkpoint[\s\S]*text_model\.encoder\."
+                                                   r"layers\.1\.self_attn\.q_proj\.weight"):
+        load_components(str(path))
+    # The base's U-Net without its CLIP-L reads as a refiner: 6 time ids do not fit 5.
+    no_clip = {k.replace("embedders.1.", "embedders.0."): v for k, v in state.items()
+               if not k.startswith("conditioner.embedders.0.")}
+    with pytest.raises(core.ConversionError, match=r"takes 80 inputs, which is not the pooled text width 32 "
+                                                   r"plus 5 time ids"):
+        sf.split_checkpoint(no_clip, source="x.safetensors")
