@@ -9,6 +9,7 @@ the first down block, as SDXL; the refiner variant has the second encoder
 only and five time ids (the aesthetic score).
 """
 
+import json
 import re
 
 import diffusers
@@ -482,3 +483,38 @@ def test_base_refiner_handoff_matches_diffusers(base, refiner, samplers, name):
     assert rel(ours_mid, mid.numpy().transpose(0, 2, 3, 1)) <= 1e-4
     ours = samplers[1](PROMPTS, init_latents=ours_mid, denoising_start=0.75, **ours_kw)
     assert np.abs(ours - want).max() <= 1 / 255
+
+
+# --------------------------------------------------------------------------
+# The sampling CLI
+# --------------------------------------------------------------------------
+
+
+def test_cli_base_and_refiner(base, refiner, samplers, tmp_path):
+    """`--model BASE --refiner REFINER --high-noise-frac F`: the images of the Sampler hand-off,
+    seeds and metadata as for SD1."""
+    from PIL import Image
+
+    from t2i_jax import sample
+
+    argv = ["--model", str(base[1]), "--refiner", str(refiner[1]), "--high-noise-frac", "0.75",
+            "--prompt", PROMPTS[0], "--steps", "4", "--scheduler", "euler", "--guidance-scale", "5",
+            "--height", str(H), "--width", str(W), "--seed", "3", "--dtype", "fp32", "--attention", "xla",
+            "--no-compilation-cache", "--out", str(tmp_path / "out")]
+    assert sample.main(argv) == 0
+    rows = [json.loads(line) for line in (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and rows[0]["refiner"] == str(refiner[1]) and rows[0]["high_noise_frac"] == 0.75
+    got = np.asarray(Image.open(tmp_path / "out" / rows[0]["file"]).convert("RGB"))
+    kw = dict(seeds=[rows[0]["seed"]], steps=4, guidance_scale=5.0, scheduler="euler", height=H, width=W)
+    _, lat = samplers[0](PROMPTS[:1], denoising_end=0.75, return_latents=True, **kw)
+    want = samplers[1](PROMPTS[:1], init_latents=lat, denoising_start=0.75, **kw)
+    assert np.abs(got.astype(int) - sample_to_uint8(want)[0].astype(int)).max() <= 1
+    # A usage error before anything loads or is written.
+    assert sample.main(argv[:-2] + ["--high-noise-frac", "1.5", "--out", str(tmp_path / "bad")]) == 2
+    assert not (tmp_path / "bad").exists()
+
+
+def sample_to_uint8(images):
+    from t2i_jax import pipeline
+
+    return pipeline.to_uint8(images)
