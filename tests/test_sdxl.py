@@ -9,6 +9,7 @@ the first down block, as SDXL; the refiner variant has the second encoder
 only and five time ids (the aesthetic score).
 """
 
+import dataclasses
 import json
 import re
 
@@ -204,7 +205,7 @@ def assert_params_equal(a, b):
             assert fa[k].shape == fb[k].shape and np.array_equal(fa[k], fb[k]), f"{part}/{k}"
 
 
-@pytest.mark.parametrize("which", ["base", "refiner"])
+@pytest.mark.parametrize("which", ["base", pytest.param("refiner", marks=pytest.mark.slow)])
 def test_folder_export_round_trip(base, refiner, which, tmp_path):
     from t2i_jax.train.export import export_pipeline
 
@@ -228,6 +229,7 @@ def test_folder_export_round_trip(base, refiner, which, tmp_path):
     assert theirs.config.force_zeros_for_empty_prompt == (which == "base")
 
 
+@pytest.mark.slow
 def test_fp16_variant_and_vae_override(base, tmp_path):
     """`variant="fp16"` reads the *.fp16 weights of every part (text encoders too); `vae=` swaps the VAE
     (the fp16-fix VAE's config says force_upcast false)."""
@@ -406,7 +408,7 @@ def _nchw(x):
     return torch.tensor(np.asarray(x).transpose(0, 3, 1, 2))
 
 
-@pytest.mark.parametrize("name", list(XL_SCHEDULERS))
+@pytest.mark.parametrize("name", ["euler", pytest.param("dpmpp_2m", marks=pytest.mark.slow)])
 def test_txt2img_matches_diffusers(base, samplers, name):
     ref = _torch_pipe(base[0], name)
     lat = _latents(4)
@@ -425,6 +427,7 @@ def test_txt2img_matches_diffusers(base, samplers, name):
     assert np.abs(other - ours).max() > 4 / 255
 
 
+@pytest.mark.slow
 def test_negative_prompt_and_sizes(base, samplers):
     """An explicit negative prompt is encoded (the zeros are for none at all); negative sizes condition
     the unconditional half. One prompt: for a batch, diffusers' txt2img repeats the [negative, positive]
@@ -444,6 +447,7 @@ def test_negative_prompt_and_sizes(base, samplers):
     assert np.abs(zeros - ours).max() > 4 / 255
 
 
+@pytest.mark.slow
 def test_refiner_img2img_matches_diffusers(refiner, samplers, monkeypatch):
     """The refiner (bigG only, aesthetic-score time ids) as StableDiffusionXLImg2ImgPipeline, with our
     two noises handed to diffusers' draws (posterior sample, then forward noise)."""
@@ -469,7 +473,7 @@ def test_refiner_img2img_matches_diffusers(refiner, samplers, monkeypatch):
     assert np.abs(ours - want).max() <= 1 / 255
 
 
-@pytest.mark.parametrize("name", list(XL_SCHEDULERS))
+@pytest.mark.parametrize("name", ["euler", pytest.param("dpmpp_2m", marks=pytest.mark.slow)])
 def test_base_refiner_handoff_matches_diffusers(base, refiner, samplers, name):
     """Base with denoising_end=0.75 -> latents -> refiner with denoising_start=0.75, as diffusers."""
     ref_base, ref_refiner = _torch_pipe(base[0], name), _torch_pipe(refiner[0], name)
@@ -490,6 +494,7 @@ def test_base_refiner_handoff_matches_diffusers(base, refiner, samplers, name):
 # --------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_cli_base_and_refiner(base, refiner, samplers, tmp_path):
     """`--model BASE --refiner REFINER --high-noise-frac F`: the images of the Sampler hand-off,
     seeds and metadata as for SD1."""
@@ -518,3 +523,57 @@ def sample_to_uint8(images):
     from t2i_jax import pipeline
 
     return pipeline.to_uint8(images)
+
+
+# --------------------------------------------------------------------------
+# Full size (slow): the named configs, diffusers' layout, the single-file inference
+# --------------------------------------------------------------------------
+
+BIGG = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+            max_position_embeddings=77, projection_dim=1280, hidden_act="gelu")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["sdxl", "sdxl-refiner"])
+def test_full_size_layout(name):
+    """unet.UNetConfig.named(name) has diffusers' SDXL parameters (keys and sizes; 2.57B for the base), and a
+    full-size sgm single file (shapes only) is read back to the same config."""
+    from test_single_file import shapes_only, unet_to_original
+
+    from t2i_jax.convert import sdxl_file
+
+    cfg = unet_lib.UNetConfig.named(name)
+    with torch.device("meta"):
+        ref = diffusers.UNet2DConditionModel(**{k: v for k, v in cfg.to_diffusers().items()
+                                               if not k.startswith("_")})
+        bigg = T.CLIPTextModelWithProjection(T.CLIPTextConfig(**BIGG))
+        clip_l = T.CLIPTextModel(T.CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12))
+    shapes = jax.eval_shape(unet_lib.UNet2DConditionModel(cfg).init, jax.random.key(0),
+                            *unet_lib.dummy_inputs(cfg))["params"]
+    ours = {core.flax_path_to_torch_key(p, len(v.shape))[0]: v.shape
+            for p, v in traverse_util.flatten_dict(shapes).items()}
+    want = ref.state_dict()
+    assert sorted(ours) == sorted(want)
+    # Same sizes (Flax kernels are the torch weights transposed / permuted).
+    assert all(int(np.prod(ours[k])) == int(np.prod(want[k].shape)) for k in want)
+    if name == "sdxl":  # SDXL 1.0 base's published U-Net size
+        assert sum(int(np.prod(v.shape)) for v in want.values()) == 2_567_463_684
+    sd = dict(want)
+    add = {k: sd.pop(k) for k in list(sd) if k.startswith("add_embedding.")}
+    orig = unet_to_original(sd, ref.config)
+    for k, v in add.items():
+        orig["model.diffusion_model.label_emb.0." + ("0" if ".linear_1." in k else "2") + "." + k.split(".")[-1]] = v
+    n = 0
+    if name == "sdxl":
+        orig.update({"conditioner.embedders.0.transformer.text_model." + k.removeprefix("text_model."): v
+                     for k, v in clip_l.state_dict().items()})
+        n = 1
+    orig.update(open_clip_layout(bigg, f"conditioner.embedders.{n}.model."))
+    parts = sdxl_file.split_sdxl(shapes_only(orig), {}, strict=True, source=name)
+    got = unet_lib.UNetConfig.from_diffusers(parts["unet"]["config"])
+    assert dataclasses.replace(got, sample_size=cfg.sample_size) == cfg
+    for k, v in parts["unet"]["state_dict"].items():
+        assert tuple(v.shape) == tuple(want[k].shape), k
+    te2 = parts["text_encoder_2"]["config"]
+    assert {f: te2[f] for f in ("hidden_size", "num_hidden_layers", "projection_dim", "hidden_act")} == \
+        {"hidden_size": 1280, "num_hidden_layers": 32, "projection_dim": 1280, "hidden_act": "gelu"}
