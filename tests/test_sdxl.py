@@ -577,3 +577,19 @@ def test_full_size_layout(name):
     te2 = parts["text_encoder_2"]["config"]
     assert {f: te2[f] for f in ("hidden_size", "num_hidden_layers", "projection_dim", "hidden_act")} == \
         {"hidden_size": 1280, "num_hidden_layers": 32, "projection_dim": 1280, "hidden_act": "gelu"}
+
+
+def test_fp16_sampler_keeps_a_force_upcast_vae_in_fp32(base):
+    """As diffusers' SDXL pipelines: under fp16 the VAE (force_upcast) computes and keeps its kernels in
+    fp32 while the U-Net's are cast to fp16; a VAE that says force_upcast false follows the U-Net."""
+    from t2i_jax import pipeline
+
+    mesh = pipeline.make_mesh(devices=jax.devices()[:1])
+    s = pipeline.Sampler(base[2], mesh=mesh, dtype=jnp.float16)
+    assert s.pipe.vae.dtype == jnp.float32 and s.pipe.unet.dtype == jnp.float16
+    assert s.params["vae"]["decoder"]["conv_in"]["kernel"].dtype == jnp.float32
+    assert s.params["unet"]["conv_in"]["kernel"].dtype == jnp.float16
+    fixed = dataclasses.replace(base[2], vae=base[2].vae.clone(config=dataclasses.replace(
+        base[2].vae.config, force_upcast=False)))
+    s = pipeline.Sampler(fixed, mesh=mesh, dtype=jnp.float16)
+    assert s.pipe.vae.dtype == jnp.float16 and s.params["vae"]["decoder"]["conv_in"]["kernel"].dtype == jnp.float16
