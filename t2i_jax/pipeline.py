@@ -569,6 +569,8 @@ class Sampler:
                        or init_latents is not None):
             raise ValueError("sdxl=, denoising_start=, denoising_end= and init_latents= are SDXL settings; "
                              f"{self.pipe.source or 'this model'} is an SD 1.x/2.x model")
+        if xl and mask_images is not None:
+            raise ValueError("inpainting (mask_images=) is not supported for SDXL models yet")
         if init_latents is not None and init_images is not None:
             raise ValueError("pass init_images= (pixels) or init_latents= (the base's latents), not both")
         check_settings(steps, guidance_scale,
