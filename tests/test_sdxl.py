@@ -328,7 +328,7 @@ def test_hand_written_file_is_what_diffusers_reads(base, sgm_files):
         assert all(torch.equal(got[k], want[k]) for k in want), name
 
 
-@pytest.mark.parametrize("which", ["base", "refiner"])
+@pytest.mark.parametrize("which", ["base", pytest.param("refiner", marks=pytest.mark.slow)])
 def test_single_file_loads_the_folder_params(base, refiner, sgm_files, which):
     from t2i_jax.convert import single_file as sf
 
