@@ -1,4 +1,5 @@
-"""Text -> latents -> image: txt2img, img2img and inpainting (`t2i_jax.inpaint`), one jit per shape.
+"""Text -> latents -> image: txt2img, img2img and inpainting (`t2i_jax.inpaint`), one jit per shape;
+SD 1.x/2.x and SDXL (base and refiner, its text and time ids in `t2i_jax.sdxl`).
 
 The text encoder runs in one jitted call; the denoising loop (a
 `lax.fori_loop` over the sampler's model evaluations, with both
@@ -31,7 +32,9 @@ from jax.sharding import PartitionSpec as P
 from t2i_jax import inpaint as inpaint_lib
 from t2i_jax import parallel, schedulers
 from t2i_jax import prompts as prompt_lib
+from t2i_jax import sdxl as sdxl_lib
 from t2i_jax.models import controlnet as controlnet_lib
+from t2i_jax.models import unet as unet_lib
 from t2i_jax.models.bundle import StableDiffusion  # re-exported: the Sampler's input
 from t2i_jax.parallel import make_mesh  # re-exported: the Sampler's default mesh
 
@@ -265,7 +268,7 @@ def _emit_preview(preview: Preview, sched, vae, vae_params, st, x_in, out, i, nu
 
 def _denoise(unet, vae, sched, use_cfg, has_latents, img2img, return_latents, dtype, mesh,
              params, cond, uncond, guidance_scale, seeds, latents, init_images, state, inpaint=None,
-             control=None, *, inpaint_mode=None, preview=None):
+             control=None, *, inpaint_mode=None, vae_dtype=None, handoff=False, preview=None):
     """The whole loop and the decode; the static arguments come first (partial'd).
 
     `latents`: the starting noise (txt2img) or the noise added to the init
@@ -282,14 +285,30 @@ def _denoise(unet, vae, sched, use_cfg, has_latents, img2img, return_latents, dt
     its nets run with `params["controlnet"]` at every evaluation, inside the
     loop). `preview`: None, or a `Preview` whose host hooks the loop calls.
     Returns the images, and the final latents too when `return_latents`.
+
+    SDXL: `cond` / `uncond` are dicts of `context`, `text_embeds` (pooled)
+    and `time_ids`, the last two fed to the U-Net's add_embedding;
+    `init_images` may hold `latents` (the base's output for the refiner)
+    instead of `images`; `handoff` starts from the init latents as they are,
+    not noised (diffusers' `denoising_start`). `vae_dtype`: the VAE's compute
+    dtype (fp32 for an SDXL VAE that says `force_upcast` under fp16), else `dtype`.
     """
+    vae_dtype = vae_dtype or dtype
+    added = None
+    if isinstance(cond, Mapping):
+        added = {k: _shard_batch_axis(cfg_interleave(uncond[k], cond[k]) if use_cfg else cond[k], mesh)
+                 for k in ("text_embeds", "time_ids")}
+        cond, uncond = cond["context"], uncond["context"]
     step_keys = stream_keys(seeds, SAMPLER)
     noise = latents.astype(jnp.float32) if has_latents else seeded_normal(seeds, latents.shape[1:])
     x0 = None
     if img2img:
-        x0 = _encode_images(vae, params["vae"], init_images["images"], init_images["encoder_noise"], seeds=seeds,
-                            stream=ENCODER, dtype=dtype)
-        x = sched.add_noise_start(state, x0, noise)
+        if "latents" in init_images:
+            x0 = init_images["latents"].astype(jnp.float32)
+        else:
+            x0 = _encode_images(vae, params["vae"], init_images["images"], init_images["encoder_noise"],
+                                seeds=seeds, stream=ENCODER, dtype=vae_dtype)
+        x = x0 if handoff else sched.add_noise_start(state, x0, noise)
     else:
         x = noise * state.init_noise_sigma
     if inpaint_mode is not None:
@@ -313,12 +332,12 @@ def _denoise(unet, vae, sched, use_cfg, has_latents, img2img, return_latents, dt
         res = {} if control is None else controlnet_lib.run_controlnets(
             control, params["controlnet"], control_embeds, x1, xin, t, context, i, use_cfg=use_cfg,
             split=cfg_split, interleave=cfg_interleave)
-        out = unet.apply({"params": params["unet"]}, xin, t, context, **res).astype(jnp.float32)
+        out = unet.apply({"params": params["unet"]}, xin, t, context, added, **res).astype(jnp.float32)
         if use_cfg:
             out_u, out_c = cfg_split(_shard_batch_axis(out, mesh))
             out = out_u + guidance_scale * (out_c - out_u)
         if preview is not None:
-            _emit_preview(preview, sched, vae, params["vae"], st, x1, out, i, state.num_evals, dtype)
+            _emit_preview(preview, sched, vae, params["vae"], st, x1, out, i, state.num_evals, vae_dtype)
         keys = jax.vmap(lambda k: jax.random.fold_in(k, i))(step_keys)
         x, st = sched.step(st, out, i, x, key=keys)
         x = inpaint_lib.blend(inpaint, x, i)
@@ -327,7 +346,7 @@ def _denoise(unet, vae, sched, use_cfg, has_latents, img2img, return_latents, dt
         return _shard_batch_axis(x, mesh), st.replace(history=_shard_history(st.history, mesh, x.shape))
 
     x, _ = jax.lax.fori_loop(0, state.num_evals, body, (x, state))
-    images = vae.apply({"params": params["vae"]}, _from_latents(vae, x).astype(dtype), method=vae.decode)
+    images = vae.apply({"params": params["vae"]}, _from_latents(vae, x).astype(vae_dtype), method=vae.decode)
     images = jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
     return (images, x) if return_latents else images
 
@@ -385,6 +404,14 @@ class Sampler:
         "controlnet" (a list, replicated and cast like the U-Net's); a call
         given `control_images` runs all of them."""
         pipe = pipe.with_compute(dtype, attention_impl)
+        if pipe.is_sdxl and controlnets:
+            raise ValueError("ControlNets are not supported with SDXL models yet; build the Sampler without them")
+        # diffusers runs an SDXL VAE whose config says force_upcast in fp32 when the pipeline is fp16.
+        self._vae_upcast = bool(pipe.is_sdxl and pipe.vae.config.force_upcast
+                                and jnp.dtype(pipe.dtype) == jnp.float16)
+        self.vae_dtype = jnp.float32 if self._vae_upcast else pipe.dtype
+        if self._vae_upcast:
+            pipe = dataclasses.replace(pipe, vae=pipe.vae.clone(dtype=jnp.float32))
         for k, (net, _) in enumerate(controlnets):
             controlnet_lib.check_fits(net.config, pipe.unet.config, pipe.vae_scale, name=f"ControlNet {k}",
                                       latent_channels=pipe.latent_channels)
@@ -402,6 +429,9 @@ class Sampler:
         self._encode = jax.jit(functools.partial(_encode_text, pipe.text_encoder),
                                in_shardings=(repl, batch), out_shardings=batch)
         self._weigh = jax.jit(_weight_chunks, in_shardings=(batch, batch), out_shardings=batch)
+        if pipe.is_sdxl:
+            self._encode_xl = jax.jit(functools.partial(sdxl_lib.encode_text, pipe.text_encoder, pipe.text_encoder_2),
+                                      in_shardings=(repl, repl, batch, batch), out_shardings=(batch, batch))
         self._cast = jax.jit(functools.partial(cast_kernels, dtype=self.dtype), out_shardings=repl)
         self._loops: dict = {}
         self._schedulers: dict = {}
@@ -425,7 +455,8 @@ class Sampler:
             # copied; a trainer that donates its params to its next step would
             # then delete the Sampler's.
             tree = jax.device_put(tree, repl, may_alias=False if copy else None)
-            if self.cast_params and part in _SAMPLER_CAST_PARTS and _needs_cast(tree, self.dtype):
+            upcast = part == "vae" and self._vae_upcast  # an SDXL VAE kept in fp32
+            if self.cast_params and part in _SAMPLER_CAST_PARTS and not upcast and _needs_cast(tree, self.dtype):
                 # One part at a time: at most one part is held twice (as
                 # loaded and cast) while this runs.
                 tree = self._cast(tree)
@@ -449,7 +480,7 @@ class Sampler:
                              f"pass a subset of {sorted(self.params)}")
         checked = {}
         for part, tree in params.items():
-            cast = self.cast_params and part in _SAMPLER_CAST_PARTS
+            cast = self.cast_params and part in _SAMPLER_CAST_PARTS and not (part == "vae" and self._vae_upcast)
             old = jax.tree_util.tree_flatten_with_path(self.params[part])
             new = jax.tree_util.tree_flatten_with_path(tree)
             old_paths = [jax.tree_util.keystr(p) for p, _ in old[0]]
@@ -482,7 +513,7 @@ class Sampler:
 
     def loop(self, name: str, use_cfg: bool, has_latents: bool, img2img: bool, *,
              scheduler_options: Mapping[str, Any] | None = None, return_latents: bool = False,
-             inpaint: inpaint_lib.Mode | None = None, guess_mode: bool | None = None,
+             inpaint: inpaint_lib.Mode | None = None, guess_mode: bool | None = None, handoff: bool = False,
              preview: Preview | None = None):
         """The jitted denoise+decode function for these static choices (cached).
 
@@ -495,16 +526,18 @@ class Sampler:
         explicitly) share one compiled function. `guess_mode`: None for a
         call without ControlNets, else the program runs all of the Sampler's
         ControlNets and takes a `controlnet.Control` as a last argument.
-        `preview`: a `Preview` (a program of its own, with host callbacks).
+        `handoff` (SDXL `denoising_start`): img2img from the init latents as
+        they are, without noising them. `preview`: a `Preview` (a program of
+        its own, with host callbacks).
         """
         sched = self.scheduler(name, scheduler_options)
         key = (name, _frozen(sched.config), _frozen(sched.opts), use_cfg, has_latents, img2img,
-               bool(return_latents), inpaint, guess_mode) + ((preview,) if preview is not None else ())
+               bool(return_latents), inpaint, guess_mode, bool(handoff)) + ((preview,) if preview is not None else ())
         if key not in self._loops:
             p = self.pipe
             fn = _with_extras(functools.partial(_denoise, p.unet, p.vae, sched, use_cfg, has_latents, img2img,
                                                 bool(return_latents), self.dtype, self.mesh, inpaint_mode=inpaint,
-                                                preview=preview),
+                                                vae_dtype=self.vae_dtype, handoff=bool(handoff), preview=preview),
                               inpaint is not None, guess_mode is not None)
             repl, batch = _replicated(self.mesh), _batch_sharding(self.mesh)
             # Replicated: params, guidance scale and the scheduler state (its
@@ -568,6 +601,8 @@ class Sampler:
                 control_scales: float | Sequence[float] = 1.0,
                 control_guidance_start: float | Sequence[float] = 0.0,
                 control_guidance_end: float | Sequence[float] = 1.0, guess_mode: bool = False,
+                sdxl: sdxl_lib.Conditions | None = None, denoising_start: float | None = None,
+                denoising_end: float | None = None, init_latents: np.ndarray | None = None,
                 preview: Preview | None = None) -> tuple[Any, tuple]:
         """The jitted loop of this call and its arguments, checked and placed on
         the mesh (the prompts already encoded): `fn(*args)` is the call's
@@ -579,7 +614,18 @@ class Sampler:
         prompts = list(prompts)
         n = len(prompts)
         prompt_lib.check_syntax(prompt_syntax)
-        check_settings(steps, guidance_scale, strength if init_images is not None else None)
+        xl = self.pipe.is_sdxl
+        if not xl and (sdxl is not None or denoising_start is not None or denoising_end is not None
+                       or init_latents is not None):
+            raise ValueError("sdxl=, denoising_start=, denoising_end= and init_latents= are SDXL settings; "
+                             f"{self.pipe.source or 'this model'} is an SD 1.x/2.x model")
+        if xl and mask_images is not None:
+            raise ValueError("inpainting (mask_images=) is not supported for SDXL models yet")
+        if init_latents is not None and init_images is not None:
+            raise ValueError("pass init_images= (pixels) or init_latents= (the base's latents), not both")
+        check_settings(steps, guidance_scale,
+                       strength if (init_images is not None or init_latents is not None) and denoising_start is None
+                       else None)
         f = self.pipe.vae_scale
         check_size("height", height, f)
         check_size("width", width, f)
@@ -593,7 +639,10 @@ class Sampler:
         if scheduler_options is not None and not isinstance(scheduler_options, Mapping):
             raise ValueError(f"scheduler_options must be a dict of diffusers scheduler settings, "
                              f"e.g. {{'use_karras_sigmas': True}}; got {type(scheduler_options).__name__}")
-        img2img = init_images is not None
+        img2img = init_images is not None or init_latents is not None
+        if denoising_start is not None and not img2img:
+            raise ValueError("denoising_start= continues a run: pass the base's latents as init_latents= "
+                             "(its return_latents output) or init_images=")
         if mask_images is None and masked_encoder_noise is not None:
             raise ValueError("masked_encoder_noise= is inpainting's; pass it with mask_images= and init_images=")
         if mask_images is not None and not img2img:
@@ -614,7 +663,10 @@ class Sampler:
         sched = self.scheduler(scheduler, scheduler_options)
         batch, repl = _batch_sharding(self.mesh), _replicated(self.mesh)
         lat_shape = (n, height // f, width // f, self.pipe.latent_channels)
-        state = sched.set_timesteps(steps, lat_shape, strength=strength if img2img else 1.0)
+        if denoising_start is not None or denoising_end is not None:
+            state = self._window(sched, steps, lat_shape, denoising_start, denoising_end)
+        else:
+            state = sched.set_timesteps(steps, lat_shape, strength=strength if img2img else 1.0)
         given = latents if not img2img else noise
 
         def latent_array(name, x):
@@ -626,7 +678,9 @@ class Sampler:
         lat = latent_array("latents" if not img2img else "noise", given) if given is not None else \
             jax.device_put(np.zeros(lat_shape, np.float32), batch)
         init = None
-        if img2img:
+        if init_latents is not None:
+            init = {"latents": latent_array("init_latents", init_latents)}
+        elif img2img:
             init_images = np.asarray(init_images, np.float32)
             if init_images.shape != (n, height, width, 3):
                 raise ValueError(f"init images have shape {init_images.shape}; expected {(n, height, width, 3)}")
@@ -640,14 +694,66 @@ class Sampler:
                 latent_array("masked_encoder_noise", masked_encoder_noise)
         control = self._control(control_images, control_scales, control_guidance_start, control_guidance_end,
                                 guess_mode, n, height, width, state.num_evals)
-        cond, uncond = self._encode_pair(prompts, negative_prompts or [""] * n, use_cfg, prompt_syntax)
+        if xl:
+            cond, uncond = self._encode_xl_pair(prompts, negative_prompts, use_cfg, height, width,
+                                                sdxl or sdxl_lib.Conditions(), img2img)
+        else:
+            cond, uncond = self._encode_pair(prompts, negative_prompts or [""] * n, use_cfg, prompt_syntax)
         fn = self.loop(scheduler, use_cfg, given is not None, img2img, scheduler_options=scheduler_options,
                        return_latents=return_latents, inpaint=mode,
-                       guess_mode=None if control is None else control.guess_mode, preview=preview)
+                       guess_mode=None if control is None else control.guess_mode,
+                       handoff=denoising_start is not None, preview=preview)
         args = (self.params, cond, uncond, jax.device_put(np.float32(guidance_scale), repl),
                 jax.device_put(np.asarray(seeds, np.uint32), batch), lat, init,
                 jax.device_put(state, repl))
         return fn, args + (() if mode is None else (inp,)) + (() if control is None else (control,))
+
+    @staticmethod
+    def _window(sched, steps, shape, denoising_start, denoising_end):
+        """The scheduler state of the evaluations SDXL's `denoising_start` / `denoising_end` keep."""
+        full = sched.set_timesteps(steps, shape)
+        begin, end = sdxl_lib.timestep_window(np.asarray(full.timesteps), sched.config["num_train_timesteps"],
+                                              sched.order, denoising_start=denoising_start,
+                                              denoising_end=denoising_end)
+        state = sched.set_timesteps(steps, shape, begin=begin) if begin else full
+        keep = end - begin
+        # Every table is per evaluation (leading axis K): the first `keep` rows are this run's.
+        return state.replace(timesteps=state.timesteps[:keep],
+                             tables={k: v[:keep] for k, v in state.tables.items()})
+
+    def _encode_xl_pair(self, prompts, negative_prompts, use_cfg, height, width, cond: sdxl_lib.Conditions,
+                        img2img: bool):
+        """SDXL's (cond, uncond): dicts of `context` (both encoders' penultimate states), `text_embeds`
+        (the pooled projection) and `time_ids`, each [n, ...] split over the batch."""
+        p, n = self.pipe, len(prompts)
+        for name in ("original_size", "target_size", "negative_original_size", "negative_target_size",
+                     "crops_coords_top_left", "negative_crops_coords_top_left"):
+            sdxl_lib.check_sizes(name, getattr(cond, name))
+        batch = _batch_sharding(self.mesh)
+        num_ids = unet_lib.text_time_sizes(p.unet.config, p.text_encoder_2.config.projection_dim)
+        aesthetic = bool(p.pipeline_options.get("requires_aesthetics_score", False))
+        pos_ids, neg_ids = sdxl_lib.time_ids(cond, height, width, aesthetic=aesthetic, img2img=img2img,
+                                             num_ids=num_ids)
+
+        def encode(texts):
+            ids1 = None if p.text_encoder is None else jax.device_put(p.tokenizer(texts), batch)
+            states, pooled = self._encode_xl(self.params.get("text_encoder"), self.params["text_encoder_2"], ids1,
+                                             jax.device_put(p.tokenizer_2(texts), batch))
+            return states, pooled
+
+        def pack(states, pooled, ids):
+            return {"context": states, "text_embeds": pooled,
+                    "time_ids": jax.device_put(np.ascontiguousarray(np.broadcast_to(ids, (n, ids.size))), batch)}
+
+        states, pooled = encode(prompts)
+        pos = pack(states, pooled, pos_ids)
+        if not use_cfg:
+            return pos, pos
+        # diffusers: no negative prompt on a force_zeros_for_empty_prompt model (the base) is zeros.
+        if negative_prompts is None and p.pipeline_options.get("force_zeros_for_empty_prompt", True):
+            zeros = [jax.device_put(np.zeros(a.shape, a.dtype), batch) for a in (states, pooled)]
+            return pos, pack(*zeros, neg_ids)
+        return pos, pack(*encode(list(negative_prompts or [""] * n)), neg_ids)
 
     def _control(self, images, scales, starts, ends, guess_mode, n, height, width, num_evals):
         """The call's `controlnet.Control` (placed on the mesh), or None
@@ -709,7 +815,9 @@ class Sampler:
                  prompt_syntax: str = "a1111", control_images: Sequence[np.ndarray] | None = None,
                  control_scales: float | Sequence[float] = 1.0,
                  control_guidance_start: float | Sequence[float] = 0.0,
-                 control_guidance_end: float | Sequence[float] = 1.0, guess_mode: bool = False):
+                 control_guidance_end: float | Sequence[float] = 1.0, guess_mode: bool = False,
+                 sdxl: sdxl_lib.Conditions | None = None, denoising_start: float | None = None,
+                 denoising_end: float | None = None, init_latents: np.ndarray | None = None):
         """Generates one image per prompt; returns float32 [n, H, W, 3] in [0, 1]
         (with `return_latents`, the pair (images, final latents)).
 
@@ -759,6 +867,17 @@ class Sampler:
         (fractions of the evaluations the net acts in) each one value or one
         per net; `guess_mode` runs the nets on the conditional half only,
         with residuals weighted 0.1 .. 1.0 from the top block down.
+
+        SDXL (`pipe.is_sdxl`; `t2i_jax.sdxl`): `sdxl` holds the
+        micro-conditioning (`sdxl.Conditions`: original size, crop, target
+        size, their negative variants, the refiner's aesthetic scores;
+        default: the call's size, no crop); prompts are taken as written
+        (cut to 77 tokens, no A1111 emphasis). No `negative_prompts` on the
+        base means zeros for the unconditional text, as diffusers. The base +
+        refiner hand-off: the base with `denoising_end=0.8` and
+        `return_latents=True`, then the refiner with `init_latents=` those
+        latents and `denoising_start=0.8` (diffusers' `denoising_end` /
+        `denoising_start`, same steps and sampler on both).
         """
         fn, args = self.prepare(prompts, seeds=seeds, negative_prompts=negative_prompts, steps=steps,
                                 guidance_scale=guidance_scale, scheduler=scheduler, height=height, width=width,
@@ -768,7 +887,9 @@ class Sampler:
                                 masked_encoder_noise=masked_encoder_noise,
                                 prompt_syntax=prompt_syntax, control_images=control_images,
                                 control_scales=control_scales, control_guidance_start=control_guidance_start,
-                                control_guidance_end=control_guidance_end, guess_mode=guess_mode)
+                                control_guidance_end=control_guidance_end, guess_mode=guess_mode, sdxl=sdxl,
+                                denoising_start=denoising_start, denoising_end=denoising_end,
+                                init_latents=init_latents)
         if keep_unmasked and mask_images is None:
             raise ValueError("keep_unmasked=True needs mask_images= (and init_images=)")
         out = jax.device_get(fn(*args))

@@ -522,6 +522,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         f"or single-file checkpoint (.safetensors/.ckpt); default: the bundled shapes model "
                         f"({BUNDLED_MODEL_NAME}, 32 px, trained from scratch on synthetic shapes; its text encoder "
                         f"reads {context} tokens, start and end included, where Stable Diffusion's reads 77)")
+    p.add_argument("--refiner", default=None, metavar="MODEL",
+                   help="SDXL: a refiner (diffusers folder, hub id such as stabilityai/stable-diffusion-xl-refiner-1.0,"
+                        " or sd_xl_refiner_1.0.safetensors) that finishes the base's last steps (--high-noise-frac)")
+    p.add_argument("--high-noise-frac", type=float, default=0.8,
+                   help="with --refiner: the fraction of the schedule the base denoises (diffusers' denoising_end; "
+                        "the refiner's denoising_start)")
     p.add_argument("--prompt", action="append", default=[],
                    help="a prompt (repeatable; entries are numbered in order, then the --prompts-file lines)")
     p.add_argument("--prompts-file", help="one prompt per line, or JSONL objects with prompt and optional "
@@ -735,6 +741,13 @@ def run(args: argparse.Namespace) -> dict:
             schedulers.build(args.scheduler, None, options)
         except ValueError as e:
             raise ValueError(f"--scheduler {args.scheduler} with {_option_flags(options)}: {e}") from None
+    if args.refiner is not None:
+        if not 0.0 < args.high_noise_frac < 1.0:
+            raise ValueError(f"--high-noise-frac {args.high_noise_frac} is outside (0, 1); use e.g. 0.8")
+        for flag, given in (("--init-image", args.init_image), ("--mask", args.mask),
+                            ("--controlnet", args.controlnet)):
+            if given:
+                raise ValueError(f"--refiner runs after a txt2img base; it does not combine with {flag} yet")
     entries = _entries(args)
     enhance = enhance_settings(args)
     build_kw = {"negative_prompt": args.negative_prompt, "style": args.style, "seed": args.seed,
@@ -762,11 +775,27 @@ def run(args: argparse.Namespace) -> dict:
     print(f"loading model {args.model or BUNDLED_MODEL_NAME} ...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     pipe = load_components(BUNDLED_MODEL if args.model is None else args.model)
+    xl = pipe.is_sdxl
+    if xl:
+        for flag, given in (("--mask", args.mask), ("--controlnet", args.controlnet), ("--lora", args.lora),
+                            ("--embedding", args.embedding)):
+            if given:
+                raise ValueError(f"{pipe.source} is an SDXL model; {flag} is not supported with SDXL yet")
+    if args.refiner is not None and not xl:
+        raise ValueError(f"--refiner is for SDXL base models; {pipe.source} is an SD 1.x/2.x model")
+    refiner = None
+    if args.refiner is not None:
+        print(f"loading refiner {args.refiner} ...", file=sys.stderr, flush=True)
+        refiner = load_components(args.refiner)
+        if not refiner.is_sdxl:
+            raise ValueError(f"--refiner {args.refiner} is not an SDXL model (its U-Net has no text-time "
+                             "embedding); pass an SDXL refiner such as stabilityai/stable-diffusion-xl-refiner-1.0")
     if loras or embeddings:
         from t2i_jax.convert.lora import apply_adapters
 
         pipe = apply_adapters(pipe, loras, embeddings)
-    context = pipe.tokenizer.max_length
+    tokenizer = pipe.tokenizer or pipe.tokenizer_2  # an SDXL refiner has only the second
+    context = tokenizer.max_length
     native = pipe.unet.config.sample_size * pipe.vae_scale
     about = (f"bundled shapes model ({BUNDLED_MODEL_NAME})" if args.model is None else pipe.source)
     tip = ("; for Stable Diffusion pass --model stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -782,8 +811,8 @@ def run(args: argparse.Namespace) -> dict:
 
     def count(text: str) -> int:
         if text not in count_cache:
-            expanded_text = pipe.tokenizer.expand(text)  # multi-vector embeddings count all their tokens
-            ids = pipe.tokenizer.hf(expanded_text, padding=False, truncation=False, verbose=False)["input_ids"]
+            expanded_text = tokenizer.expand(text)  # multi-vector embeddings count all their tokens
+            ids = tokenizer.hf(expanded_text, padding=False, truncation=False, verbose=False)["input_ids"]
             count_cache[text] = len(ids)
         return count_cache[text]
 
@@ -793,6 +822,8 @@ def run(args: argparse.Namespace) -> dict:
              f"{len(unstyled)} of {len(entries)} prompt(s), e.g. {_short(unstyled[0])!r}; those are used "
              "without the style, so none of their words are cut")
     syntax = args.prompt_syntax
+    if xl:
+        syntax = "none"  # SDXL prompts are taken as written and cut to 77 tokens, as diffusers (t2i_jax.sdxl)
     texts = list(dict.fromkeys(t for j in jobs for t in (j.prompt, j.negative_prompt)))
     too_long = [t for t in texts if count(t) > context] if syntax == "none" else []  # a1111: chunks, none cut
     unbalanced = [m for m in map(prompt_lib.bracket_problems, texts) if m] if syntax == "a1111" else []
@@ -806,7 +837,7 @@ def run(args: argparse.Namespace) -> dict:
         prompt = expanded.get(id(job), job).prompt
         for t in (prompt, job.negative_prompt):
             if t not in chunk_cache:
-                chunk_cache[t] = prompt_lib.num_chunks(pipe.tokenizer, t, syntax)
+                chunk_cache[t] = prompt_lib.num_chunks(tokenizer, t, syntax)
         return max(chunk_cache[prompt], chunk_cache[job.negative_prompt] if job.guidance_scale > 1 else 1)
 
     if too_long:
@@ -823,6 +854,8 @@ def run(args: argparse.Namespace) -> dict:
         controlnet_check_fits(net.config, pipe.unet.config, pipe.vae_scale, name=f"--controlnet {m}",
                                latent_channels=pipe.latent_channels)
     sampler = pipeline.Sampler(pipe, dtype=dtype, attention_impl=args.attention, controlnets=nets)
+    refine = None if refiner is None else pipeline.Sampler(refiner, mesh=sampler.mesh, dtype=dtype,
+                                                           attention_impl=args.attention)
     ndev = sampler.num_devices
     bs = -(-(args.batch_size or ndev) // ndev) * ndev
     init = None
@@ -860,6 +893,8 @@ def run(args: argparse.Namespace) -> dict:
         common["lora"] = [[file_hash(f), w] for f, w in loras]
     if embeddings:
         common["embeddings"] = [[file_hash(f), t] for f, t in embeddings]
+    if refiner is not None:
+        common.update(refiner=refiner.source, high_noise_frac=args.high_noise_frac)
     done = read_manifest(manifest_path)
     unique: dict[str, Job] = {}  # job key -> its first job (an entry repeated with its own seed repeats jobs)
     for j in jobs:
@@ -902,15 +937,22 @@ def run(args: argparse.Namespace) -> dict:
                 if mask is not None:
                     extra["mask_images"] = np.repeat(mask[None], bs, axis=0)
                 extra.update(control)
+                negatives = [j.negative_prompt for j in padded]
+                if xl and not any(negatives):
+                    negatives = None  # as diffusers' default: the SDXL base then guides with zeros
+                if refine is not None:
+                    extra.update(denoising_end=args.high_noise_frac, return_latents=True)
                 t0 = time.perf_counter()
                 fn, fargs = sampler.prepare(
                     [expanded.get(id(j), j).prompt for j in padded], seeds=[j.seed for j in padded],
-                    negative_prompts=[j.negative_prompt for j in padded], steps=batch[0].steps,
+                    negative_prompts=negatives, steps=batch[0].steps,
                     guidance_scale=batch[0].guidance_scale, scheduler=args.scheduler, height=height,
                     width=width, strength=args.strength,
                     init_images=None if init is None else np.repeat(init[None], bs, axis=0),
                     prompt_syntax=syntax, **extra)
-                program = (batch[0].steps, batch[0].guidance_scale > 1.0, fargs[1].shape)  # [n, chunks * L, D]
+                # The text's shapes ([n, chunks * L, D]; SDXL's pooled and time ids too).
+                program = (batch[0].steps, batch[0].guidance_scale > 1.0,
+                           tuple(np.shape(a) for a in jax.tree.leaves(fargs[1])))
                 if program not in compiled:
                     bar.set_description("compiling (once per shape)")
                     t1 = time.perf_counter()
@@ -924,7 +966,15 @@ def run(args: argparse.Namespace) -> dict:
                     compile_time += time.perf_counter() - t0
                     bar.set_description("sampling")
                     t0 = time.perf_counter()
-                images = np.asarray(jax.device_get(compiled[program](*fargs)))
+                images = compiled[program](*fargs)
+                if refine is not None:  # the refiner finishes the base's latents (diffusers' hand-off)
+                    images = refine([expanded.get(id(j), j).prompt for j in padded], seeds=[j.seed for j in padded],
+                                    negative_prompts=negatives, steps=batch[0].steps,
+                                    guidance_scale=batch[0].guidance_scale, scheduler=args.scheduler,
+                                    height=height, width=width, scheduler_options=options or None,
+                                    init_latents=np.asarray(jax.device_get(images[1])),
+                                    denoising_start=args.high_noise_frac)
+                images = np.asarray(jax.device_get(images))
                 if mask is not None and args.keep_unmasked:
                     images = inpaint.composite(images, init[None], mask[None])
                 gen_time += time.perf_counter() - t0

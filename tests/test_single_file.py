@@ -420,16 +420,17 @@ def test_not_an_sd_checkpoint():
     assert "t2i_jax.convert.diffusers" in msg
 
 
-def test_sdxl_checkpoint_is_named(models):
+def test_sdxl_keys_in_an_sd1_file_are_named(models):
+    """SDXL files are split by convert.sdxl_file (tests/test_sdxl.py); an SD1 file with one stray
+    SDXL conditioner key is neither, and the error names both."""
     _, orig = models["sd1"]
     state = {k: v.numpy() for k, v in orig.items()}
     state["conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias"] = np.zeros(4, np.float32)
     with pytest.raises(core.ConversionError) as e:
         sf.split_checkpoint(state, source="sd_xl_base_1.0.safetensors")
     msg = str(e.value)
-    assert ("sd_xl_base_1.0.safetensors looks like an SDXL checkpoint: "
-            "it has 1 keys under conditioner.embedders.*") in msg
-    assert "'conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias'" in msg
+    assert "sd_xl_base_1.0.safetensors mixes an SDXL conditioner (conditioner.embedders.*)" in msg
+    assert "'cond_stage_model.transformer.text_model." in msg
 
 
 def test_unknown_keys_are_reported(models):

@@ -95,15 +95,20 @@ def expected_shapes(module) -> dict:
     return jax.eval_shape(module.init, jax.random.key(0), *clip.dummy_inputs(module))["params"]
 
 
-def _hub_patterns(prefix: str, stem: str, suffix: str) -> list[str]:
-    """The config and default-precision weights only (not fp16 copies or other frameworks)."""
-    return [f"{prefix}config.json", f"{prefix}{stem}{suffix}", f"{prefix}{stem}{suffix}.index.json",
-            f"{prefix}{stem}-*-of-*{suffix}"]
+def _hub_patterns(prefix: str, stem: str, suffix: str, variant: str | None = None) -> list[str]:
+    """The config and default-precision weights only (not fp16 copies or other frameworks),
+    or, with `variant`, the `STEM.VARIANT` weights too."""
+    out = [f"{prefix}config.json", f"{prefix}{stem}{suffix}", f"{prefix}{stem}{suffix}.index.json",
+           f"{prefix}{stem}-*-of-*{suffix}"]
+    if variant:
+        out += [f"{prefix}{stem}.{variant}{suffix}", f"{prefix}{stem}.{variant}{suffix}.index.json",
+                f"{prefix}{stem}-*-of-*.{variant}{suffix}"]
+    return out
 
 
 def load_clip(path_or_id: str | os.PathLike, *, subfolder: str | None = None, tower: str | None = None,
               dtype=jnp.float32, param_dtype=np.float32, attention_impl: str | None = None,
-              remat: bool = False, strict: bool = True):
+              remat: bool = False, strict: bool = True, variant: str | None = None):
     """Loads a transformers CLIP checkpoint as (Flax module, params).
 
     `path_or_id`: a folder with `config.json` and weights, or a hub id
@@ -111,11 +116,13 @@ def load_clip(path_or_id: str | os.PathLike, *, subfolder: str | None = None, to
     Stable Diffusion folder. `tower`: see `build_module`. `dtype` is the
     compute dtype, `param_dtype` the dtype of the returned params. With
     `strict`, any missing, unexpected or misshapen key raises
-    `core.ConversionError` whose `report` names them.
+    `core.ConversionError` whose `report` names them. `variant` (diffusers'
+    "fp16"): read `model.VARIANT.safetensors` where the folder has it, else
+    the default weights (SDXL repos ship fp16 copies of their text encoders).
     """
     prefix = f"{subfolder}/" if subfolder else ""
     on_hub = not Path(os.fspath(path_or_id)).expanduser().exists()
-    folder = hub.resolve(path_or_id, allow_patterns=_hub_patterns(prefix, "model", ".safetensors"))
+    folder = hub.resolve(path_or_id, allow_patterns=_hub_patterns(prefix, "model", ".safetensors", variant))
     if on_hub and not any((folder / prefix).glob("model*.safetensors")):
         # Older repos carry only pickles.
         folder = hub.resolve(path_or_id, allow_patterns=_hub_patterns(prefix, "pytorch_model", ".bin"))
@@ -128,7 +135,13 @@ def load_clip(path_or_id: str | os.PathLike, *, subfolder: str | None = None, to
     arch = architecture(config, str(config_path))
     module = build_module(config, tower=tower, dtype=dtype, attention_impl=attention_impl, remat=remat,
                           where=str(config_path))
-    files = core.find_weights(folder, _WEIGHT_STEMS)
+    files = None
+    if variant:
+        try:
+            files = core.find_weights(folder, _WEIGHT_STEMS, variant)
+        except FileNotFoundError:
+            pass  # the default weights below; their error names what is there
+    files = files or core.find_weights(folder, _WEIGHT_STEMS)
     state = {}
     for f in files:
         state.update(core.read_checkpoint(f))

@@ -6,6 +6,7 @@ the models, and builds a `t2i_jax.models.bundle.StableDiffusion`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -42,8 +43,15 @@ def _is_single_file(s: str) -> bool:
 
 def load_components(path_or_id: str | os.PathLike, *, dtype=jnp.float32, param_dtype=np.float32,
                     variant: str | None = None, config: Mapping[str, Mapping[str, Any]] | None = None,
-                    attention_impl: str | None = None) -> StableDiffusion:
+                    attention_impl: str | None = None, vae: str | os.PathLike | None = None) -> StableDiffusion:
     """Loads tokenizer, text encoder, VAE, U-Net and scheduler config.
+
+    SDXL models (diffusers `StableDiffusionXLPipeline` /
+    `StableDiffusionXLImg2ImgPipeline` folders and hub ids, the base and the
+    refiner, or the original `sd_xl_base_1.0.safetensors` /
+    `sd_xl_refiner_1.0.safetensors` files) also get `tokenizer_2` and
+    `text_encoder_2`; the refiner has only those (`tokenizer` and
+    `text_encoder` are None).
 
     `path_or_id` is one of:
     - a diffusers pipeline folder (`model_index.json`, `unet/`, `vae/`,
@@ -56,16 +64,27 @@ def load_components(path_or_id: str | os.PathLike, *, dtype=jnp.float32, param_d
       `{"scheduler": {"prediction_type": "v_prediction"}}` for SD2 768-v files.
 
     `dtype` is the compute dtype of the modules (bf16 on accelerators);
-    params are returned in `param_dtype`. Returns a
+    params are returned in `param_dtype`. `vae`: a diffusers AutoencoderKL
+    folder or hub id that replaces the model's VAE (e.g.
+    `madebyollin/sdxl-vae-fp16-fix`, whose config says `force_upcast: false`:
+    it decodes in fp16/bf16 without overflowing). Returns a
     `t2i_jax.models.bundle.StableDiffusion`.
     """
     s = os.fspath(path_or_id)
     if _is_single_file(s):
-        return _from_single_file(s, dtype, param_dtype, config, attention_impl)
-    if config:
+        pipe = _from_single_file(s, dtype, param_dtype, config, attention_impl)
+    elif config:
         raise ValueError("config overrides apply to single-file checkpoints; a diffusers folder brings its own "
                          "config.json files (edit those instead)")
-    return _from_diffusers(s, dtype, param_dtype, variant, attention_impl)
+    else:
+        pipe = _from_diffusers(s, dtype, param_dtype, variant, attention_impl)
+    if vae is not None:
+        module, vae_params = diffusers_convert.load_vae(vae, dtype=dtype, param_dtype=param_dtype)
+        if module.config.latent_channels != pipe.vae.config.latent_channels:
+            raise ValueError(f"vae {os.fspath(vae)!r} has {module.config.latent_channels} latent channels; "
+                             f"{s} uses {pipe.vae.config.latent_channels}: pass a VAE of this model family")
+        pipe = dataclasses.replace(pipe, vae=module, params={**pipe.params, "vae": vae_params})
+    return pipe
 
 
 def _scheduler_config(raw: Mapping[str, Any]) -> dict:
@@ -73,8 +92,14 @@ def _scheduler_config(raw: Mapping[str, Any]) -> dict:
     return {k: v for k, v in raw.items() if not k.startswith("_")}
 
 
+# SDXL model_index.json settings the Sampler reads, with diffusers' defaults.
+SDXL_OPTIONS = {"force_zeros_for_empty_prompt": True, "requires_aesthetics_score": False}
+# diffusers pipeline classes whose folders hold an SDXL model (text_encoder_2 / tokenizer_2).
+SDXL_PIPELINES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline")
+
+
 def _from_diffusers(s: str, dtype, param_dtype, variant, attention_impl):
-    root = hub.resolve(s, allow_patterns=["model_index.json", "tokenizer/*", "scheduler/*"])
+    root = hub.resolve(s, allow_patterns=["model_index.json", "tokenizer/*", "tokenizer_2/*", "scheduler/*"])
     if root.is_dir() and not (root / "model_index.json").is_file() and not (root / "unet").is_dir():
         raise FileNotFoundError(
             f"{root} is not a diffusers Stable Diffusion folder: it has no model_index.json and no unet/ "
@@ -82,8 +107,12 @@ def _from_diffusers(s: str, dtype, param_dtype, variant, attention_impl):
             "single-file checkpoint (.safetensors/.ckpt)")
     index = json.loads((root / "model_index.json").read_text()) if (root / "model_index.json").is_file() else {}
     cls = index.get("_class_name", "StableDiffusionPipeline")
-    if "XL" in cls or "Flux" in cls or "StableDiffusion3" in cls:
-        raise ValueError(f"{s} is a {cls}; t2i_jax runs Stable Diffusion 1.x/2.x pipelines")
+    sdxl = cls in SDXL_PIPELINES or (not index and (root / "text_encoder_2").is_dir())
+    if not sdxl and ("XL" in cls or "Flux" in cls or "StableDiffusion3" in cls):
+        raise ValueError(f"{s} is a {cls}; t2i_jax runs Stable Diffusion 1.x/2.x pipelines and "
+                         f"{', '.join(SDXL_PIPELINES)}")
+    if sdxl:
+        return _sdxl_from_diffusers(s, root, index, dtype, param_dtype, variant, attention_impl)
     tok_dir = root / "tokenizer"
     if tok_dir.is_dir():
         tokenizer = Tokenizer.from_pretrained(tok_dir)
@@ -95,14 +124,72 @@ def _from_diffusers(s: str, dtype, param_dtype, variant, attention_impl):
     unet, unet_params = diffusers_convert.load_unet(s, variant=variant, dtype=dtype, param_dtype=param_dtype,
                                                     attention_impl=attention_impl)
     vae, vae_params = diffusers_convert.load_vae(s, variant=variant, dtype=dtype, param_dtype=param_dtype)
+    return StableDiffusion(tokenizer, text_encoder, unet, vae,
+                           {"text_encoder": te_params, "unet": unet_params, "vae": vae_params},
+                           _folder_scheduler(root), source=s)
+
+
+def _folder_scheduler(root: Path) -> dict:
     sched_path = root / "scheduler" / "scheduler_config.json"
     if sched_path.is_file():
-        sched = _scheduler_config(json.loads(sched_path.read_text()))
-    else:
-        log.warning("%s has no scheduler/scheduler_config.json; using SD's noise schedule", root)
-        sched = dict(SD_SCHEDULER)
-    return StableDiffusion(tokenizer, text_encoder, unet, vae,
-                           {"text_encoder": te_params, "unet": unet_params, "vae": vae_params}, sched, source=s)
+        return _scheduler_config(json.loads(sched_path.read_text()))
+    log.warning("%s has no scheduler/scheduler_config.json; using SD's noise schedule", root)
+    return dict(SD_SCHEDULER)
+
+
+def _has_part(root: Path, index: Mapping[str, Any], name: str) -> bool:
+    """Whether a pipeline folder holds component `name` (model_index says [None, None] for an absent one)."""
+    entry = index.get(name)
+    if entry is not None and (not isinstance(entry, (list, tuple)) or entry[0] is None):
+        return False
+    return (root / name).is_dir() if entry is None else True
+
+
+def _sdxl_from_diffusers(s: str, root: Path, index: Mapping[str, Any], dtype, param_dtype, variant,
+                         attention_impl) -> StableDiffusion:
+    """An SDXL base or refiner pipeline folder (or hub id): both text encoders where present."""
+    params: dict = {}
+    encoders = []
+    for te_name, tok_name, pad in (("text_encoder", "tokenizer", "<|endoftext|>"),
+                                   ("text_encoder_2", "tokenizer_2", "!")):
+        if not _has_part(root, index, te_name):
+            encoders += [None, None]
+            continue
+        module, params[te_name] = clip_convert.load_clip(s, subfolder=te_name, dtype=dtype, param_dtype=param_dtype,
+                                                         attention_impl=attention_impl, variant=variant)
+        if (root / tok_name).is_dir():
+            tokenizer = Tokenizer.from_pretrained(root / tok_name)
+        else:
+            log.warning("%s has no %s/ folder; using the bundled CLIP tokenizer (padding with %r)", root,
+                        tok_name, pad)
+            tokenizer = Tokenizer.bundled(pad_token=pad)
+        encoders += [tokenizer, module]
+    tokenizer, text_encoder, tokenizer_2, text_encoder_2 = encoders
+    if text_encoder_2 is None or not text_encoder_2.with_projection:
+        raise ValueError(f"{s}: an SDXL pipeline needs text_encoder_2/, a CLIPTextModelWithProjection (its pooled "
+                         "projection conditions the U-Net); this folder has none")
+    unet, params["unet"] = diffusers_convert.load_unet(s, variant=variant, dtype=dtype, param_dtype=param_dtype,
+                                                       attention_impl=attention_impl)
+    vae, params["vae"] = diffusers_convert.load_vae(s, variant=variant, dtype=dtype, param_dtype=param_dtype)
+    options = {k: bool(index.get(k, default)) for k, default in SDXL_OPTIONS.items()}
+    pipe = StableDiffusion(tokenizer, text_encoder, unet, vae, params, _folder_scheduler(root), source=s,
+                           tokenizer_2=tokenizer_2, text_encoder_2=text_encoder_2, pipeline_options=options)
+    check_sdxl(pipe)
+    return pipe
+
+
+def check_sdxl(pipe: StableDiffusion) -> None:
+    """Raises a ValueError naming the mismatch when an SDXL bundle's text widths do not fit its U-Net."""
+    ucfg = pipe.unet.config
+    if not pipe.is_sdxl:
+        raise ValueError(f"{pipe.source}: the U-Net has addition_embed_type {ucfg.addition_embed_type!r}, not "
+                         "'text_time'; it is not an SDXL U-Net")
+    width = sum(m.config.hidden_size for m in (pipe.text_encoder, pipe.text_encoder_2) if m is not None)
+    cross = ucfg.per_block("cross_attention_dim")[0]
+    if width != cross:
+        raise ValueError(f"{pipe.source}: the text encoders' states are {width} wide together; the U-Net's "
+                         f"cross_attention_dim is {cross}. The parts come from different models")
+    unet_lib.text_time_sizes(ucfg, pipe.text_encoder_2.config.projection_dim)
 
 
 def _from_single_file(s: str, dtype, param_dtype, config, attention_impl):
@@ -136,6 +223,8 @@ def _from_single_file(s: str, dtype, param_dtype, config, attention_impl):
     vae = vae_lib.AutoencoderKL(vcfg, dtype=dtype)
     side = 8 * vcfg.downsample_factor
     vae_params = load(vae, parts["vae"], (jnp.zeros((1, side, side, vcfg.in_channels), jnp.float32),))
+    if parts["family"].startswith("sdxl"):
+        return _sdxl_single_file(parts, unet, unet_params, vae, vae_params, dtype, param_dtype, attention_impl, path)
     name = "text_encoder"
     text_encoder = clip_convert.build_module(parts["text_encoder"]["config"], dtype=dtype,
                                              attention_impl=attention_impl)
@@ -146,3 +235,29 @@ def _from_single_file(s: str, dtype, param_dtype, config, attention_impl):
     return StableDiffusion(tokenizer, text_encoder, unet, vae,
                            {"text_encoder": te_params, "unet": unet_params, "vae": vae_params}, sched,
                            source=str(path))
+
+
+def _sdxl_single_file(parts, unet, unet_params, vae, vae_params, dtype, param_dtype, attention_impl, path):
+    """The bundle of an SDXL base or refiner single file (`convert.sdxl_file`): CLIP-L (base only) pads
+    with <|endoftext|>, the bigG tokenizer with "!" (id 0), as stabilityai's tokenizer_2."""
+    params = {"unet": unet_params, "vae": vae_params}
+    found = {}
+    for name, pad in (("text_encoder", "<|endoftext|>"), ("text_encoder_2", "!")):
+        if name not in parts:
+            found[name] = (None, None)
+            continue
+        module = clip_convert.build_module(parts[name]["config"], dtype=dtype, attention_impl=attention_impl)
+        expected = jax.eval_shape(module.init, jax.random.key(0), *clip_lib.dummy_inputs(module))["params"]
+        params[name], _ = core.load_params(parts[name]["state_dict"], expected, source=f"{path} ({name})",
+                                           origin=parts[name].get("origin"), ignore=(r"position_ids$",),
+                                           dtype=param_dtype)
+        found[name] = (Tokenizer.bundled(pad_token=pad), module)
+    # As stabilityai's model_index.json files say: the refiner (no CLIP-L) conditions on an aesthetic score
+    # and encodes an empty negative prompt; the base uses zeros for it.
+    refiner = parts["family"] == "sdxl_refiner"
+    options = {"force_zeros_for_empty_prompt": not refiner, "requires_aesthetics_score": refiner}
+    pipe = StableDiffusion(*found["text_encoder"], unet, vae, params, dict(parts["scheduler"]["config"]),
+                           source=str(path), tokenizer_2=found["text_encoder_2"][0],
+                           text_encoder_2=found["text_encoder_2"][1], pipeline_options=options)
+    check_sdxl(pipe)
+    return pipe

@@ -1,4 +1,6 @@
-"""Original single-file Stable Diffusion 1.x / 2.x checkpoints -> canonical keys.
+"""Original single-file Stable Diffusion 1.x / 2.x checkpoints -> canonical keys
+(SDXL files, recognised by their `conditioner.embedders.*` keys, are split by
+`t2i_jax.convert.sdxl_file` through the same `split_checkpoint`).
 
 CompVis / Stability checkpoints (`v1-5-pruned-emaonly.safetensors`,
 `v2-1_768-ema-pruned.ckpt`, and the fine-tunes shared in the same layout) hold
@@ -262,7 +264,8 @@ def load_single_file(path: str | os.PathLike, config: Mapping[str, Mapping[str, 
 def split_checkpoint(state_dict: Mapping[str, Any], config: Mapping[str, Mapping[str, Any]] | None = None, *,
                      use_ema: bool = False, strict: bool = True, source: str = "single-file checkpoint",
                      ) -> dict[str, Any]:
-    """Splits an original SD 1.x/2.x checkpoint into canonical-keyed components.
+    """Splits an original SD 1.x/2.x checkpoint into canonical-keyed components
+    (an SDXL one too: see `t2i_jax.convert.sdxl_file.split_sdxl`).
 
     Args:
       state_dict: the flat original state dict (numpy or anything `np.asarray` takes).
@@ -287,6 +290,13 @@ def split_checkpoint(state_dict: Mapping[str, Any], config: Mapping[str, Mapping
       "warnings": what was guessed rather than read from the weights.
     """
     config = {k: dict(v) for k, v in (config or {}).items()}
+    from t2i_jax.convert import sdxl_file  # it builds on this module's tables
+
+    if sdxl_file.is_sdxl(state_dict):
+        if use_ema:
+            raise ValueError(f"use_ema=True: {source} is an SDXL checkpoint; its released files carry no EMA "
+                             "copies, load it with use_ema=False")
+        return sdxl_file.split_sdxl(state_dict, config, strict=strict, source=source)
     unknown = sorted(set(config) - set(_COMPONENTS))
     if unknown:
         raise ValueError(f"config overrides for unknown components {unknown}; expected keys among {_COMPONENTS}")
@@ -390,13 +400,6 @@ def _vae_component(sub: Mapping[str, Any], prefix: str, override: Mapping[str, A
 
 def _check_is_sd(keys: Sequence[str], source: str) -> None:
     """Raises a ConversionError naming what was found if this is no SD 1.x/2.x checkpoint."""
-    sdxl = [k for k in keys if k.startswith(SDXL_PREFIX)]
-    if sdxl:
-        raise core.ConversionError(
-            f"{source} looks like an SDXL checkpoint: it has {len(sdxl)} keys under {SDXL_PREFIX}* "
-            f"(e.g. {sdxl[0]!r}). t2i_jax reads Stable Diffusion 1.x/2.x single files, whose text encoder "
-            f"is under {CLIP_PREFIX}* or {OPEN_CLIP_PREFIX}*; SDXL is not supported"
-        )
     if not any(k.startswith(UNET_PREFIX) for k in keys):
         counts: dict[str, int] = {}
         for k in keys:
@@ -413,8 +416,8 @@ def _check_is_sd(keys: Sequence[str], source: str) -> None:
             hint = (" The keys look like a diffusers/transformers model file: load its folder with "
                     "t2i_jax.convert.diffusers or t2i_jax.convert.clip.")
         raise core.ConversionError(
-            f"{source} is not a Stable Diffusion 1.x/2.x single-file checkpoint: expected U-Net keys under "
-            f"{UNET_PREFIX!r} (with {VAE_PREFIX!r} and {CLIP_PREFIX!r} or {OPEN_CLIP_PREFIX!r}), "
+            f"{source} is not a Stable Diffusion 1.x/2.x single-file checkpoint (nor SDXL): expected U-Net keys under "
+            f"{UNET_PREFIX!r} (with {VAE_PREFIX!r} and {CLIP_PREFIX!r}, {OPEN_CLIP_PREFIX!r} or {SDXL_PREFIX!r}), "
             f"found {len(keys)} keys: {found}.{hint}"
         )
 

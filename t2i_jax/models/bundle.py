@@ -18,18 +18,35 @@ class StableDiffusion:
     """The parts of a Stable Diffusion model and their params.
 
     `params` holds `text_encoder`, `unet` and `vae` param trees.
+
+    SDXL models have a second tokenizer and text encoder (OpenCLIP ViT-bigG,
+    a `CLIPTextModel` with projection), `tokenizer_2` / `text_encoder_2`
+    with params under `text_encoder_2`; the SDXL refiner has only those, and
+    `tokenizer` / `text_encoder` are None (no `text_encoder` params).
+    SD 1.x/2.x bundles leave the second pair None.
     `scheduler_config` is the diffusers `scheduler_config.json` dict, from
     which any sampler is built (`scheduler` names one of
     `schedulers.SCHEDULERS`).
     """
 
-    tokenizer: Tokenizer
-    text_encoder: Any  # t2i_jax.models.clip.CLIPTextModel
+    tokenizer: Tokenizer | None
+    text_encoder: Any  # t2i_jax.models.clip.CLIPTextModel (None: the SDXL refiner)
     unet: Any  # t2i_jax.models.unet.UNet2DConditionModel
     vae: Any  # t2i_jax.models.vae.AutoencoderKL
     params: dict
     scheduler_config: dict
     source: str = ""  # where it was loaded from, for messages and metadata
+    tokenizer_2: Tokenizer | None = None  # SDXL: the OpenCLIP tokenizer (pads with "!")
+    text_encoder_2: Any = None  # SDXL: CLIPTextModel(with_projection=True), OpenCLIP ViT-bigG
+    # SDXL's pipeline settings from model_index.json: `force_zeros_for_empty_prompt`
+    # (base: True, the empty negative prompt is zeros, not its encoding) and
+    # `requires_aesthetics_score` (the refiner: True, its time ids end in a score).
+    pipeline_options: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def is_sdxl(self) -> bool:
+        """True for SDXL (a U-Net with the text-time addition embedding)."""
+        return getattr(self.unet.config, "addition_embed_type", None) == "text_time"
 
     @property
     def vae_scale(self) -> int:
@@ -58,5 +75,8 @@ class StableDiffusion:
             return self
         kw = {} if dtype is None else {"dtype": dtype}
         attn = {} if attention_impl is None else {"attention_impl": attention_impl}
-        return dataclasses.replace(self, text_encoder=self.text_encoder.clone(**kw, **attn),
+        def text(m):
+            return None if m is None else m.clone(**kw, **attn)
+
+        return dataclasses.replace(self, text_encoder=text(self.text_encoder), text_encoder_2=text(self.text_encoder_2),
                                    unet=self.unet.clone(**kw, **attn), vae=self.vae.clone(**kw))

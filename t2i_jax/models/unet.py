@@ -1,4 +1,4 @@
-"""The Stable Diffusion 1.x / 2.x U-Net (diffusers UNet2DConditionModel), NHWC.
+"""The Stable Diffusion 1.x / 2.x / XL U-Net (diffusers UNet2DConditionModel), NHWC.
 
 Module and parameter names follow diffusers (`conv_in`, `time_embedding`,
 `down_blocks_0/attentions_1/transformer_blocks_0/attn2/to_k`...), so a
@@ -7,6 +7,12 @@ diffusers state dict maps onto the params with no key table.
     cfg = UNetConfig.named("sd15")
     unet = UNet2DConditionModel(cfg, dtype=jnp.bfloat16)
     eps = unet.apply({"params": params}, latents_nhwc, t, text_states)
+
+SDXL (`addition_embed_type="text_time"`) also takes the pooled text
+embedding and the micro-conditioning time ids:
+
+    eps = unet.apply({"params": params}, x, t, states,
+                     added_cond_kwargs={"text_embeds": pooled, "time_ids": ids})
 """
 
 from __future__ import annotations
@@ -39,8 +45,8 @@ _UP_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
 _MID_TYPES = ("UNetMidBlock2DCrossAttn", None)
 
 # diffusers UNet2DConditionModel fields we accept only at their default (the
-# SD 1.x/2.x value): class/addition embeddings, other time embeddings, dual
-# or cross-only attention, other resnets... (SDXL, Kandinsky, IF, ...).
+# SD 1.x/2.x/XL value): class embeddings, other addition embeddings and time
+# embeddings, dual or cross-only attention, other resnets... (Kandinsky, IF, ...).
 _FIXED = {
     "only_cross_attention": False,
     "mid_block_only_cross_attention": None,
@@ -51,11 +57,8 @@ _FIXED = {
     "encoder_hid_dim": None,
     "encoder_hid_dim_type": None,
     "class_embed_type": None,
-    "addition_embed_type": None,
-    "addition_time_embed_dim": None,
     "addition_embed_type_num_heads": 64,
     "num_class_embeds": None,
-    "projection_class_embeddings_input_dim": None,
     "class_embeddings_concat": False,
     "resnet_time_scale_shift": "default",
     "resnet_skip_time_act": False,
@@ -108,6 +111,13 @@ class UNetConfig:
     attention_head_dim: int | tuple[int, ...] = 8
     use_linear_projection: bool = False  # transformer proj_in/out as Linear (SD2) or 1x1 conv (SD1)
     upcast_attention: bool = False  # attention in fp32 (SD2.1 768-v needs it in fp16)
+    # SDXL: "text_time" adds add_embedding(concat(pooled text embedding,
+    # sinusoidal embedding of each time id)) to the time embedding; None (SD1/SD2): nothing.
+    addition_embed_type: str | None = None
+    addition_time_embed_dim: int | None = None  # sinusoid width per time id (256 in SDXL)
+    # add_embedding's input width: pooled width + ids * addition_time_embed_dim
+    # (SDXL base 1280 + 6 * 256 = 2816; the refiner's 5 ids, aesthetic score for two sizes: 2560).
+    projection_class_embeddings_input_dim: int | None = None
 
     def __post_init__(self):
         n = len(self.block_out_channels)
@@ -136,6 +146,14 @@ class UNetConfig:
             if ch % self.norm_num_groups:
                 raise ValueError(f"block {i}: {ch} channels do not split into norm_num_groups={self.norm_num_groups}")
 
+        if self.addition_embed_type not in (None, "text_time"):
+            raise ValueError(f"addition_embed_type {self.addition_embed_type!r} is not supported; use None "
+                             "(SD 1.x/2.x) or 'text_time' (SDXL)")
+        if self.addition_embed_type == "text_time" and not (
+                self.addition_time_embed_dim and self.projection_class_embeddings_input_dim):
+            raise ValueError("addition_embed_type 'text_time' needs addition_time_embed_dim (256 in SDXL) and "
+                             "projection_class_embeddings_input_dim (2816 for SDXL base, 2560 for the refiner)")
+
     def per_block(self, name: str) -> tuple:
         """An int-or-tuple field as one value per down block."""
         v = getattr(self, name)
@@ -156,7 +174,8 @@ class UNetConfig:
 
     @classmethod
     def named(cls, name: str) -> UNetConfig:
-        """A named variant: "tiny" (tests, toy training), "sd15", "sd21" (768-v)."""
+        """A named variant: "tiny" (tests, toy training), "sd15", "sd21" (768-v), "sdxl"
+        (SDXL 1.0 base), "sdxl-refiner"."""
         if name not in _NAMED:
             raise ValueError(f"unknown U-Net variant {name!r}; choose one of {sorted(_NAMED)}")
         return cls(**_NAMED[name])
@@ -173,6 +192,22 @@ _NAMED: dict[str, dict[str, Any]] = {
     "sd21": dict(
         sample_size=96, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
         use_linear_projection=True, upcast_attention=True,
+    ),
+    "sdxl": dict(
+        sample_size=128, block_out_channels=(320, 640, 1280),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
+    ),
+    "sdxl-refiner": dict(
+        sample_size=128, block_out_channels=(384, 768, 1536, 1536),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=4, attention_head_dim=(6, 12, 24, 24), cross_attention_dim=1280,
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2560,
     ),
 }
 
@@ -196,7 +231,7 @@ def timestep_embedding(timesteps, dim: int, *, flip_sin_to_cos: bool, freq_shift
 
 
 class TimestepEmbedding(nn.Module):
-    """`linear_1` -> silu -> `linear_2`."""
+    """`linear_1` -> silu -> `linear_2` (the input width is the input's)."""
 
     dim: int
     dtype: Dtype = jnp.float32
@@ -316,10 +351,16 @@ class UNet2DConditionModel(nn.Module):
     remat: bool = False
 
     @nn.compact
-    def __call__(self, sample, timesteps, encoder_hidden_states, *, train: bool = False,
+    def __call__(self, sample, timesteps, encoder_hidden_states, added_cond_kwargs=None, *, train: bool = False,
                  down_block_additional_residuals=None, mid_block_additional_residual=None):
         """sample [B, H, W, in_channels]; timesteps scalar or [B]; encoder_hidden_states
         [B, L, cross_attention_dim]. Returns [B, H, W, out_channels] in fp32.
+
+        `added_cond_kwargs` (SDXL, `addition_embed_type="text_time"`, required
+        there): `{"text_embeds": [B, P] pooled text embedding, "time_ids": [B, K]}`
+        with P + K * addition_time_embed_dim = projection_class_embeddings_input_dim
+        (SDXL base: original size, crop top-left, target size, K = 6; the
+        refiner: original size, crop, aesthetic score, K = 5), as diffusers.
 
         `down_block_additional_residuals` (one per skip connection, conv_in's
         first) and `mid_block_additional_residual` are a ControlNet's outputs,
@@ -340,6 +381,21 @@ class UNet2DConditionModel(nn.Module):
         ch0 = cfg.block_out_channels[0]
         temb = timestep_embedding(t, ch0, flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift)
         temb = TimestepEmbedding(4 * ch0, dtype=self.dtype, name="time_embedding")(temb.astype(self.dtype))
+        if cfg.addition_embed_type == "text_time":
+            if added_cond_kwargs is None or not {"text_embeds", "time_ids"} <= set(added_cond_kwargs):
+                raise ValueError("this SDXL U-Net (addition_embed_type 'text_time') needs added_cond_kwargs="
+                                 "{'text_embeds': pooled [B, P], 'time_ids': [B, K]}")
+            ids = jnp.asarray(added_cond_kwargs["time_ids"])
+            ids = jnp.broadcast_to(ids, (b, ids.shape[-1]))
+            # Each id gets its own sinusoid, as diffusers' add_time_proj on the flattened ids.
+            tid = timestep_embedding(ids.reshape(-1), cfg.addition_time_embed_dim,
+                                     flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift).reshape(b, -1)
+            pooled = jnp.asarray(added_cond_kwargs["text_embeds"]).astype(jnp.float32)
+            add = jnp.concatenate([pooled, tid], axis=-1).astype(self.dtype)
+            temb = temb + TimestepEmbedding(4 * ch0, dtype=self.dtype, name="add_embedding")(add)
+        elif added_cond_kwargs is not None:
+            raise ValueError("added_cond_kwargs were given, but this U-Net has no addition embedding "
+                             "(addition_embed_type None: an SD 1.x/2.x model); drop them")
 
         x = conv(ch0, 3, name="conv_in", dtype=self.dtype)(x)
 
@@ -388,9 +444,31 @@ class UNet2DConditionModel(nn.Module):
         return x.astype(jnp.float32)
 
 
+def text_time_sizes(config: UNetConfig, pooled_dim: int) -> int:
+    """How many time ids an SDXL U-Net takes with a `pooled_dim`-wide pooled
+    text embedding (6 for SDXL base, 5 for the refiner); ValueError when the
+    widths do not add up."""
+    extra = config.projection_class_embeddings_input_dim - pooled_dim
+    if extra <= 0 or extra % config.addition_time_embed_dim:
+        raise ValueError(f"projection_class_embeddings_input_dim {config.projection_class_embeddings_input_dim} "
+                         f"is not the pooled width {pooled_dim} plus a whole number of time ids of "
+                         f"addition_time_embed_dim {config.addition_time_embed_dim}; the text encoder and the "
+                         "U-Net do not belong together")
+    return extra // config.addition_time_embed_dim
+
+
 def dummy_inputs(config: UNetConfig, batch: int = 1):
-    """Small inputs for `init` / `jax.eval_shape` (shapes do not affect params)."""
+    """Small inputs for `init` / `jax.eval_shape` (shapes do not affect params).
+
+    An SDXL U-Net gets a fourth, its `added_cond_kwargs` (one time id and the
+    rest of add_embedding's input width as the pooled embedding: the widths
+    are what init reads)."""
     side = 2 ** (len(config.block_out_channels) - 1)
     cross = config.per_block("cross_attention_dim")[0]
-    return (jnp.zeros((batch, side, side, config.in_channels), jnp.float32), jnp.zeros((batch,), jnp.int32),
-            jnp.zeros((batch, 1, cross), jnp.float32))
+    out = (jnp.zeros((batch, side, side, config.in_channels), jnp.float32), jnp.zeros((batch,), jnp.int32),
+           jnp.zeros((batch, 1, cross), jnp.float32))
+    if config.addition_embed_type == "text_time":
+        pooled = config.projection_class_embeddings_input_dim - config.addition_time_embed_dim
+        out += ({"text_embeds": jnp.zeros((batch, pooled), jnp.float32),
+                 "time_ids": jnp.zeros((batch, 1), jnp.float32)},)
+    return out

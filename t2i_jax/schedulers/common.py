@@ -314,12 +314,14 @@ class Scheduler:
         return False
 
     def set_timesteps(self, num_inference_steps: int, shape, *, strength: float = 1.0,
-                      dtype=jnp.float32) -> SchedulerState:
+                      dtype=jnp.float32, begin: int | None = None) -> SchedulerState:
         """Precompute a run of `num_inference_steps` steps for samples of `shape`.
 
         `strength` < 1 starts img2img-style at a later timestep (diffusers'
         `strength`): the state then only holds the evaluations that run, and
-        `add_noise_start` noises the init image to the first one.
+        `add_noise_start` noises the init image to the first one. `begin`
+        names that first evaluation directly instead (SDXL's
+        `denoising_start`, `t2i_jax.sdxl.timestep_window`).
         """
         n = num_inference_steps
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
@@ -327,7 +329,8 @@ class Scheduler:
         T = self.config["num_train_timesteps"]
         if n > T:
             raise ValueError(f"num_inference_steps={n} exceeds num_train_timesteps={T}; use at most {T}")
-        begin = t2img_begin(int(n), float(strength), self.order)
+        if begin is None:
+            begin = t2img_begin(int(n), float(strength), self.order)
         host = self._host(int(n), begin)
         tables = {k: jnp.asarray(np.asarray(v, F32)) for k, v in host["tables"].items()}
         return SchedulerState(

@@ -14,6 +14,12 @@ writes
 which `python -m t2i_jax.sample --model DIR`, `t2i_jax.convert.load.load_components(DIR)`
 and `diffusers.StableDiffusionPipeline.from_pretrained(DIR)` all load. Shared by the
 ldm and vae objectives (the VAE trainer writes only `vae/`).
+
+An SDXL bundle (`pipe.text_encoder_2` set) is written as a
+StableDiffusionXLPipeline folder (the refiner, without `text_encoder`, as
+StableDiffusionXLImg2ImgPipeline), adding `text_encoder_2/`
+(CLIPTextModelWithProjection) and `tokenizer_2/`, with an
+EulerDiscreteScheduler config as stabilityai's folders have.
 """
 
 from __future__ import annotations
@@ -65,6 +71,8 @@ def export_pipeline(pipe, out_dir: str | os.PathLike, *, dtype=None) -> Path:
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        return _export_sdxl(pipe, out, dtype)
     params = pipe.params
     diffusers_convert.save_unet(_np(params["unet"]), pipe.unet.config, out / "unet", dtype=dtype)
     diffusers_convert.save_vae(_np(params["vae"]), pipe.vae.config, out / "vae", dtype=dtype)
@@ -91,6 +99,47 @@ def export_pipeline(pipe, out_dir: str | os.PathLike, *, dtype=None) -> Path:
         "vae": ["diffusers", "AutoencoderKL"],
     }
     _write_json(out / "model_index.json", index)
+    return out
+
+
+def _save_tokenizer(tokenizer, text_encoder, path: Path) -> None:
+    # The tokenizer must pad to what the text encoder's position table holds
+    # (diffusers reads `model_max_length`), not to CLIP's usual 77.
+    hf = copy.deepcopy(tokenizer.hf)
+    hf.model_max_length = text_encoder.config.max_position_embeddings
+    hf.save_pretrained(os.fspath(path))
+
+
+def _export_sdxl(pipe, out: Path, dtype) -> Path:
+    """`export_pipeline` for an SDXL base or refiner bundle."""
+    params = pipe.params
+    diffusers_convert.save_unet(_np(params["unet"]), pipe.unet.config, out / "unet", dtype=dtype)
+    diffusers_convert.save_vae(_np(params["vae"]), pipe.vae.config, out / "vae", dtype=dtype)
+    index = {"_diffusers_version": target_version("diffusers"), "feature_extractor": [None, None],
+             "image_encoder": [None, None], "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
+    for te_name, tok_name, arch in (("text_encoder", "tokenizer", "CLIPTextModel"),
+                                    ("text_encoder_2", "tokenizer_2", "CLIPTextModelWithProjection")):
+        module = getattr(pipe, te_name)
+        if module is None:
+            index[te_name] = index[tok_name] = [None, None]
+            continue
+        te_params = _np(params[te_name])
+        if te_name == "text_encoder":
+            module, te_params = text_encoder_for_export(module, te_params)
+        clip_convert.save_clip(te_params, module, out / te_name, dtype=dtype)
+        _save_tokenizer(getattr(pipe, tok_name), module, out / tok_name)
+        index[te_name], index[tok_name] = ["transformers", arch], ["transformers", "CLIPTokenizer"]
+    refiner = pipe.text_encoder is None
+    opts = {"force_zeros_for_empty_prompt": not refiner, "requires_aesthetics_score": refiner,
+            **getattr(pipe, "pipeline_options", {})}
+    index["_class_name"] = "StableDiffusionXLImg2ImgPipeline" if refiner else "StableDiffusionXLPipeline"
+    index.update(opts if refiner else {"force_zeros_for_empty_prompt": opts["force_zeros_for_empty_prompt"]})
+    (out / "scheduler").mkdir(exist_ok=True)
+    sched = {k: v for k, v in pipe.scheduler_config.items() if not k.startswith("_")}
+    _write_json(out / "scheduler" / "scheduler_config.json",
+                {"_class_name": "EulerDiscreteScheduler", "_diffusers_version": target_version("diffusers"), **sched})
+    _write_json(out / "model_index.json", dict(sorted(index.items())))
     return out
 
 
