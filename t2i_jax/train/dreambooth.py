@@ -315,7 +315,7 @@ class DreamBooth:
         if self.counts[1]:
             folder = Path(workdir) / "class_images"
             if is_main:
-                n = int(config.mesh.num_devices) or jax.local_device_count()
+                n = min(int(config.mesh.num_devices) or jax.local_device_count(), jax.local_device_count())
                 self.classes = generate_class_images(
                     lambda: pipeline.Sampler(pipe, mesh=parallel.make_mesh(devices=jax.local_devices()[:n])), folder,
                     class_settings(config), int(db.num_class_images), batch_size=int(db.class_batch_size),
