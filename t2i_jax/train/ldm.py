@@ -47,6 +47,7 @@ from t2i_jax.models.bundle import StableDiffusion
 from t2i_jax.schedulers.schedule import SD_SCHEDULER
 from t2i_jax.tokenizer import Tokenizer
 from t2i_jax.train import config as config_lib
+from t2i_jax.train import dreambooth as dreambooth_lib
 from t2i_jax.train import export as export_lib
 from t2i_jax.train import inputs
 from t2i_jax.train import loop as loop_lib
@@ -104,6 +105,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.guidance_scale = 3.0
     c.eval.seed = 0
     c.eval.use_ema = True  # sample and export the EMA params (when ema_decay > 0)
+    c.dreambooth = dreambooth_lib.default_config()  # instance + class prompts, prior preservation (off)
     return c
 
 
@@ -329,8 +331,9 @@ def to_latents(vae_config, z):
 
 
 def diffusion_loss(model_output, x0, noise, timesteps, alphas_cumprod, *, prediction_type: str = "epsilon",
-                   snr_gamma: float = 0.0):
-    """Mean over the batch of (weighted) per-example MSE between the U-Net output and its target.
+                   snr_gamma: float = 0.0, per_example: bool = False):
+    """Mean over the batch of (weighted) per-example MSE between the U-Net output and its target
+    (`per_example`: the [B] values, not their mean).
 
     target: `noise` ("epsilon") or v = sqrt(abar) noise - sqrt(1 - abar) x0 ("v_prediction").
     With `snr_gamma` > 0, example b is weighted by min(SNR_b, gamma) / SNR_b (epsilon) or
@@ -349,7 +352,7 @@ def diffusion_loss(model_output, x0, noise, timesteps, alphas_cumprod, *, predic
         snr = abar / (1.0 - abar)
         clipped = jnp.minimum(snr, snr_gamma)
         err = err * (clipped / snr if prediction_type == "epsilon" else clipped / (snr + 1.0))
-    return jnp.mean(err)
+    return err if per_example else jnp.mean(err)
 
 
 # ===========================================================================
@@ -405,10 +408,16 @@ def make_objective(parts, config, cached: bool, empty_ids: np.ndarray, empty_con
         x0, ctx = condition(frozen, mb)
         xt = schedulers.add_noise(abar, x0, mb["noise"], mb["t"])
         out = unet.apply({"params": params}, xt, mb["t"], ctx)
-        loss = diffusion_loss(out, x0, mb["noise"], mb["t"], abar, prediction_type=prediction, snr_gamma=dc.snr_gamma)
-        return loss, {"latent_std": jnp.std(x0)}
+        errors = lambda gamma: diffusion_loss(out, x0, mb["noise"], mb["t"], abar, prediction_type=prediction,  # noqa: E731
+                                              snr_gamma=gamma, per_example=True)
+        if config.dreambooth.enabled:  # instance + prior_loss_weight * class loss
+            loss, aux = dreambooth_lib.prior_preservation_loss(errors(dc.snr_gamma), errors(0.0), mb["is_class"],
+                                                               config)
+        else:
+            loss, aux = jnp.mean(errors(dc.snr_gamma)), {}
+        return loss, {"latent_std": jnp.std(x0), **aux}
 
-    return loop_lib.Objective("ldm", loss_fn, batch_keys(cached), augment=augment)
+    return loop_lib.Objective("ldm", loss_fn, batch_keys(cached) + dreambooth_lib.batch_keys(config), augment=augment)
 
 
 def make_optimizer(config, total_steps: int):
@@ -510,6 +519,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     sample images or None), "skipped_images", "compile_seconds"}. Raises FloatingPointError on a
     non-finite loss, gradient norm or update.
     """
+    dream = dreambooth_lib.DreamBooth(config) if config.dreambooth.enabled else None  # checked before anything loads
     workdir, is_main, ckpt, start = workdir_lib.open_run(config, workdir)
 
     # --- model, data -------------------------------------------------------
@@ -519,10 +529,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     if res % (vae.config.downsample_factor * 2 ** (len(unet.config.block_out_channels) - 1)):
         raise ValueError(f"data.resolution {res} must be a multiple of the VAE factor {vae.config.downsample_factor}"
                          f" times the U-Net's {2 ** (len(unet.config.block_out_channels) - 1)}")
-    source, dcfg = make_source(config)
+    if dream is None:
+        source, dcfg = make_source(config)
+    else:  # class images made once by the model before training, then instance + class records
+        source, dcfg = dream.prepare(workdir, build_pipeline(parts, parts["params"]["unet"]), is_main=is_main)
     total_steps = int(config.train.steps)
     if total_steps <= 0:
-        total_steps = math.ceil(config.train.epochs * len(source) / config.batch_size)
+        total_steps = math.ceil(config.train.epochs * (dream.epoch_size if dream else len(source)) / config.batch_size)
 
     # --- sharding ----------------------------------------------------------
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, num_devices=config.mesh.num_devices)
@@ -536,8 +549,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     cached = bool(config.cache.enabled)
     if cached:
         cache = build_cache(config, source, res, parts, tokenizer, frozen, mesh)
-        it = CacheIterator(cache, config.batch_size, int(dcfg.get("seed", 0)))
+        it = CacheIterator(cache, config.batch_size, int(dcfg.get("seed", 0))) if dream is None else \
+            dream.cached_iterator(cache)
         empty_context, skipped = cache["empty"], (lambda n=len(cache["skipped"]): n)
+    elif dream is not None:
+        it, empty_context, skipped = dream.stream_iterator(tokenizer), None, (lambda: 0)
     else:
         loader = make_stream(config, source, dcfg, tokenizer)
         it, empty_context, skipped = iter(loader), None, loader.skipped_count
