@@ -13,7 +13,10 @@ writes
 
 which `python -m t2i_jax.sample --model DIR`, `t2i_jax.convert.load.load_components(DIR)`
 and `diffusers.StableDiffusionPipeline.from_pretrained(DIR)` all load. Shared by the
-ldm and vae objectives (the VAE trainer writes only `vae/`).
+ldm and vae objectives (the VAE trainer writes only `vae/`). A LoRA run exports its
+adapters alone (`export_lora`): `pytorch_lora_weights.safetensors` (diffusers/PEFT, what
+`pipe.load_lora_weights(DIR)` reads) and `lora_kohya.safetensors` (kohya/AUTOMATIC1111);
+`python -m t2i_jax.sample --lora FILE` reads either.
 """
 
 from __future__ import annotations
@@ -31,7 +34,9 @@ from t2i_jax.convert import diffusers as diffusers_convert
 from t2i_jax.convert.core import target_version
 from t2i_jax.files import atomic_write
 
-__all__ = ["export_pipeline", "scheduler_json", "text_encoder_for_export"]
+__all__ = ["export_pipeline", "export_lora", "scheduler_json", "text_encoder_for_export"]
+
+LORA_FILES = {"diffusers": "pytorch_lora_weights.safetensors", "kohya": "lora_kohya.safetensors"}
 
 # Scheduler fields a diffusers PNDMScheduler config carries beyond the noise schedule.
 _PNDM_EXTRA = {"skip_prk_steps": True}
@@ -92,6 +97,16 @@ def export_pipeline(pipe, out_dir: str | os.PathLike, *, dtype=None) -> Path:
     }
     _write_json(out / "model_index.json", index)
     return out
+
+
+def export_lora(layers, out_dir: str | os.PathLike) -> dict[str, Path]:
+    """Writes LoRA layers (`t2i_jax.convert.lora.LoraLayer`s) in both formats into `out_dir`
+    (`LORA_FILES`); returns {format: path}."""
+    from t2i_jax.convert import lora as lora_convert
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return {fmt: lora_convert.save_lora(out / name, layers, fmt=fmt) for fmt, name in LORA_FILES.items()}
 
 
 def with_sample_size(unet_config, latent_side: int):
