@@ -16,10 +16,11 @@ The export folder holds the adapters alone: `pytorch_lora_weights.safetensors`
 (AUTOMATIC1111 / ComfyUI).
 
 Memory (array sizes, BENCHMARKS.md "Training memory: LoRA vs full fine-tune"): the
-train state (adapters + AdamW moments) is 19 MB against 10.3 GB for the full
-fine-tune's (fp32 params, moments and EMA); the frozen base U-Net is 1.7 GB in bf16
-and the text encoder and VAE another 0.4 GB, so a 24 GB GPU holds batch 8 at 512 px
-with remat on; the activations dominate.
+train state (6.4 MB of adapters + their AdamW moments) is 19.1 MB against 13.75 GB
+for configs/sd15_finetune.py's (fp32 params, moments and EMA); outside the state,
+the frozen U-Net is ~1.7 GB in bf16, the text encoder ~0.25 GB (bf16) and the VAE
+~0.33 GB (fp32). The rest is activations (batch x resolution; remat is on). Not yet
+run on a GPU.
 """
 
 import ml_collections
