@@ -439,18 +439,12 @@ def setup_step(parts, config, mesh, *, cached: bool, total_steps: int, empty_con
     unet = parts["unet"]
     tx, schedule = make_optimizer(config, total_steps)
     init = lambda params: state_lib.create_state(params, tx, ema=config.ema_decay > 0, seed=config.seed)  # noqa: E731
-    frozen_keys, targets = ("vae", "text_encoder"), None
     if lora_lib.enabled(config):  # the adapters are the params; the base U-Net is frozen
-        if parts["params"]["unet"] is None:
-            raise ValueError(f"lora.rank {config.lora.rank} needs a trained U-Net to adapt; set model.init_from "
-                             "(a diffusers folder, hub id or single file), or lora.rank=0 to train from scratch")
-        targets = lora_lib.find_targets(parts["params"], config)
-        abstract_params = jax.eval_shape(lambda: lora_lib.init_adapters(jax.random.PRNGKey(0), targets,
-                                                                        int(config.lora.rank)))
-        frozen_keys += ("unet",)
+        targets, abstract_params = lora_lib.abstract_adapters(parts["params"], config)
     else:
-        abstract_params = jax.eval_shape(unet.init, jax.random.PRNGKey(0),
-                                         *unet_lib.dummy_inputs(unet.config))["params"]
+        targets, abstract_params = None, jax.eval_shape(unet.init, jax.random.PRNGKey(0),
+                                                        *unet_lib.dummy_inputs(unet.config))["params"]
+    frozen_keys = ("vae", "text_encoder") + (("unet",) if targets else ())
     abstract_state = jax.eval_shape(init, abstract_params)
     shardings = state_lib.state_shardings(abstract_state, parallel.DEFAULT_RULES, mesh, config.mesh.fsdp_min_size)
     frozen_sh = {k: jax.tree_util.tree_map(lambda _: parallel.replicated(mesh), parts["params"][k])
@@ -597,10 +591,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
     def eval_params(trained) -> dict:
         """(host) trained params -> {"unet", "text_encoder"} host params to sample and export."""
-        if not lo:
-            return {"unet": trained, "text_encoder": None}
-        merged = lora_lib.merged_params(base, trained, run["lora_targets"], lora_lib.scale(config))
-        return {"unet": merged["unet"], "text_encoder": merged["text_encoder"]}
+        merged = lora_lib.merged_params(base, trained, run["lora_targets"], lora_lib.scale(config)) if lo else None
+        return merged or {"unet": trained, "text_encoder": None}
 
     # --- loop --------------------------------------------------------------
     writer = MetricWriter(workdir, enabled=is_main, start=start)

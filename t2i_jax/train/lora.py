@@ -40,8 +40,8 @@ from flax import traverse_util
 from t2i_jax.convert import core
 from t2i_jax.convert import lora as lora_convert
 
-__all__ = ["default_config", "enabled", "scale", "Target", "find_targets", "init_adapters", "apply", "frozen_base",
-           "frozen_params", "to_layers", "merged_params", "state_bytes"]
+__all__ = ["default_config", "enabled", "scale", "Target", "find_targets", "abstract_adapters", "init_adapters",
+           "apply", "frozen_base", "frozen_params", "to_layers", "merged_params", "state_bytes"]
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +117,16 @@ def find_targets(params, config) -> list[Target]:
                              f"Dense layer of the {comp} (its layers are named like {names}); fix the pattern")
         out += found
     return out
+
+
+def abstract_adapters(params: dict, config) -> tuple[list[Target], dict]:
+    """(targets, the adapters' shapes) for the base `params` ({"unet", "text_encoder"}) and
+    `config.lora`; raises ValueError when there is no base U-Net (a from-scratch config)."""
+    if params.get("unet") is None:
+        raise ValueError(f"lora.rank {config.lora.rank} needs a trained U-Net to adapt; set model.init_from "
+                         "(a diffusers folder, hub id or single file), or lora.rank=0 to train from scratch")
+    targets = find_targets(params, config)
+    return targets, jax.eval_shape(lambda: init_adapters(jax.random.PRNGKey(0), targets, int(config.lora.rank)))
 
 
 def init_adapters(key, targets: list[Target], rank: int) -> dict:
