@@ -33,13 +33,15 @@ def prompt_sets(n: int, color: str = "teal", seed: int = 1234) -> dict[str, list
     return {"new": [new[i]["captions"][0] for i in range(n)], "original": [orig[i]["captions"][0] for i in range(n)]}
 
 
-def run(lora_file: str, n: int = 50, steps: int = 50, guidance_scale: float = 7.5, color: str = "teal") -> dict:
+def run(lora_file: str, n: int = 50, steps: int = 50, guidance_scale: float = 7.5, color: str = "teal",
+        models=("base", "lora"), weight: float = 1.0) -> dict:
     """{"base" | "lora": {"new" | "original": AdherenceReport}} on `prompt_sets(n)`."""
     base = load_components(sample.BUNDLED_MODEL)
     mesh = pipeline.make_mesh(devices=jax.devices()[:1])
     prompts = prompt_sets(n, color)
     out = {}
-    for name, pipe in (("base", base), ("lora", apply_adapters(base, loras=[(lora_file, 1.0)]))):
+    for name in models:
+        pipe = base if name == "base" else apply_adapters(base, loras=[(lora_file, weight)])
         sampler = pipeline.Sampler(pipe, mesh=mesh)
         out[name] = {}
         for which, ps in prompts.items():
@@ -56,9 +58,12 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance-scale", type=float, default=7.5)
     p.add_argument("--color", default="teal")
+    p.add_argument("--weight", type=float, default=1.0, help="the LoRA's weight (1.0: as trained)")
+    p.add_argument("--models", default="base,lora", help="which to sample: base, lora or both")
     p.add_argument("--json", help="write the accuracies here")
     args = p.parse_args(argv)
-    res = run(args.lora, args.n, args.steps, args.guidance_scale, args.color)
+    res = run(args.lora, args.n, args.steps, args.guidance_scale, args.color, tuple(args.models.split(",")),
+              args.weight)
     table = {f"{m} / {w}": r for m, d in res.items() for w, r in d.items()}
     print(adherence.format_adherence_table(table))
     if args.json:
