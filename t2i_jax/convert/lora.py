@@ -17,7 +17,8 @@ LoRA files come in two layouts, both read here for the U-Net and the CLIP text e
 Each layer W (torch layout [out, in(, kh, kw)]) becomes W + weight * alpha / rank * up @ down.
 Module paths are the canonical torch keys of our params (`core.flax_path_to_torch_key`), so the
 U-Net and text encoder need no table of their own. Textual-inversion embeddings live in
-`t2i_jax.convert.embeddings`.
+`t2i_jax.convert.embeddings`. `save_lora` writes layers (e.g. trained by `t2i_jax.train.lora`)
+in either layout.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from flax import traverse_util
 from t2i_jax.convert import core
 
 COMPONENTS = ("unet", "text_encoder")
+FORMATS = ("diffusers", "kohya")
 _KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder"}
 # (suffix, role) for the diffusers spellings, newest first.
 _DIFFUSERS_SUFFIXES = (
@@ -262,3 +264,66 @@ def apply_adapters(pipe, loras: Sequence[tuple[str | os.PathLike, float]] = (),
         read = [(read_lora(path, pipe.params), float(weight)) for path, weight in loras]
         pipe = dataclasses.replace(pipe, params=merge_loras(pipe.params, read))
     return pipe
+
+
+# --------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------
+
+
+def _suffix(table, role: str) -> str:
+    return next(s for s, r in table if r == role)  # the first (newest) spelling of a role
+
+
+def save_lora(path: str | os.PathLike, layers: Sequence[LoraLayer], *, fmt: str = "diffusers",
+              dtype=np.float32) -> Path:
+    """Writes `layers` as a LoRA safetensors file that diffusers' `load_lora_weights` and `read_lora` read.
+
+    fmt "diffusers" (PEFT, `pytorch_lora_weights.safetensors`): `unet.<module>.lora_A.weight` /
+    `lora_B.weight`, `text_encoder.<module>...` (module names as transformers 5 spells a
+    CLIPTextModel, without `text_model.`), and alpha as diffusers' `save_lora_weights` records it:
+    the PEFT LoraConfig (`r`, `lora_alpha`, `target_modules`, `alpha_pattern` for layers whose
+    alpha differs) per component in the header's `lora_adapter_metadata`.
+    fmt "kohya": `lora_unet_<module with _>.lora_down.weight`, `.lora_up.weight`, `.alpha`,
+    `lora_te_` for the text encoder (with its `text_model_` level, as AUTOMATIC1111 files have it).
+    All layers of a component must share one rank.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"LoRA format {fmt!r}: use one of {list(FORMATS)}")
+    if not layers:
+        raise ValueError(f"no LoRA layers to write to {path}")
+    state: dict[str, np.ndarray] = {}
+    meta: dict[str, object] = {}
+    prefix = {comp: p for p, comp in reversed(list(_KOHYA_PREFIXES.items()))}  # unet: lora_unet_, te: lora_te_
+    for comp in COMPONENTS:
+        mine = [layer for layer in layers if layer.component == comp]
+        if not mine:
+            continue
+        ranks = {layer.down.shape[0] for layer in mine}
+        if len(ranks) > 1:
+            raise ValueError(f"LoRA {comp} layers have ranks {sorted(ranks)}; save_lora writes one rank per component")
+        rank = ranks.pop()
+        alphas = {layer.module: layer.scale * rank for layer in mine}
+        for layer in mine:
+            down, up = np.asarray(layer.down, dtype), np.asarray(layer.up, dtype)
+            if fmt == "kohya":
+                key = prefix[comp] + layer.module.replace(".", "_")
+                state[key + _suffix(_KOHYA_SUFFIXES, "down")] = down
+                state[key + _suffix(_KOHYA_SUFFIXES, "up")] = up
+                state[key + _suffix(_KOHYA_SUFFIXES, "alpha")] = np.asarray(alphas[layer.module], dtype)
+            else:
+                module = layer.module.removeprefix("text_model.") if comp == "text_encoder" else layer.module
+                state[f"{comp}.{module}" + _suffix(_DIFFUSERS_SUFFIXES, "down")] = down
+                state[f"{comp}.{module}" + _suffix(_DIFFUSERS_SUFFIXES, "up")] = up
+        if fmt == "diffusers":
+            names = {layer.module: (layer.module.removeprefix("text_model.") if comp == "text_encoder"
+                                    else layer.module) for layer in mine}
+            common = max(set(alphas.values()), key=list(alphas.values()).count)
+            meta.update({f"{comp}.r": rank, f"{comp}.lora_alpha": common,
+                         f"{comp}.target_modules": sorted(names.values()),
+                         f"{comp}.alpha_pattern": {re.escape(names[m]): a for m, a in alphas.items() if a != common}})
+    header = {"format": "pt"}
+    if meta:
+        header["lora_adapter_metadata"] = json.dumps(meta, indent=2, sort_keys=True)
+    core.write_safetensors(state, path, metadata=header)
+    return Path(path)

@@ -227,7 +227,7 @@ _LOADER_KEYS = {
 }
 # Source-specific keys, with defaults.
 _SOURCE_KEYS = {
-    "shapes": {"split": "train", "length": None, "holdout": None, "source_seed": 0},
+    "shapes": {"split": "train", "length": None, "holdout": None, "source_seed": 0, "colors": None},
     "flickr8k": {"path": None},
     "flickr30k": {"path": None},
     "coco": {"path": None, "split": "train2017", "annotations": None, "images": None},
@@ -268,6 +268,8 @@ def source_from_config(cfg):
     name, c, lc = _split_config(cfg)
     if name == "shapes":
         kwargs = {} if c["holdout"] is None else {"holdout": [tuple(p) for p in c["holdout"]]}
+        if c["colors"] is not None:  # shape colours, e.g. with an EXTRA_COLORS one ("teal")
+            kwargs["colors"] = list(c["colors"])
         return shapes_lib.ShapesSource(_need(name, lc, "resolution"), split=c["split"], seed=c["source_seed"],
                                        length=c["length"], **kwargs)
     if name == "flickr8k":
@@ -301,7 +303,7 @@ def from_config(cfg, *, tokenizer=None, shard_index: int | None = None, shard_co
     read_threads, read_buffer, delay_ms, and the bad-image limit first_good_within (100),
     max_bad_fraction (0.5), bad_window (1000) (see `make_loader`); then per source:
       shapes: split ("train" | "eval" | "holdout"), length (None: endless), holdout
-        [(shape, colour), ...], source_seed;
+        [(shape, colour), ...], source_seed, colors (shape colours; None: shapes.COLORS);
       flickr8k, flickr30k: path (the dataset folder);
       coco: path (folder with annotations/ and <split>/), split ("train2017"), or annotations + images;
       jsonl: path, images, image_key, caption_key;

@@ -14,6 +14,11 @@ Splits (each in its own random stream, so no two splits share an image):
 - "holdout": only the held-out (shape, colour) pairs, for testing whether a
   model composes attributes it saw only apart.
 
+`EXTRA_COLORS` are colours the default source never draws (and the bundled
+model never saw), for teaching a model a new colour word (LoRA, DreamBooth):
+`ShapesSource(colors=[...])` draws shapes in the colours it names (any of
+`COLORS` and `EXTRA_COLORS`), always on a `COLORS` background.
+
 Record i of a split depends only on (seed, split, i, resolution), never on the
 length or on which other records were read.
 """
@@ -25,7 +30,8 @@ from collections.abc import Iterable
 
 import numpy as np
 
-__all__ = ["COLORS", "DEFAULT_HOLDOUT", "SHAPES", "SIZES", "SPLITS", "ShapesSource", "render", "shapes_caption"]
+__all__ = ["COLORS", "EXTRA_COLORS", "DEFAULT_HOLDOUT", "SHAPES", "SIZES", "SPLITS", "ShapesSource", "render",
+           "shapes_caption"]
 
 # name -> RGB. Chosen far apart in RGB so nearest-colour classification of
 # generated images is unambiguous.
@@ -39,6 +45,11 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "white": (245, 245, 245),
     "black": (15, 15, 15),
 }
+# Colours outside the default palette: drawn only where a source names them (`colors`), and
+# scored only where an evaluation names them (`t2i_jax.eval.adherence.evaluate(extra_colors=)`),
+# so nothing the default palette gives changes. Teal is >= 53 Lab units from every colour above.
+EXTRA_COLORS: dict[str, tuple[int, int, int]] = {"teal": (0, 128, 128)}
+_RGB = {**COLORS, **EXTRA_COLORS}
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 # name -> extent of the shape (diameter / side / base) as a fraction of the image side.
 SIZES: dict[str, float] = {"small": 0.2, "medium": 0.4, "large": 0.65}
@@ -84,8 +95,8 @@ def render(shape: str, color: str, size: str, background: str, center: tuple[flo
     else:
         raise ValueError(f"unknown shape {shape!r}; choose from {list(SHAPES)}")
     img = np.empty((resolution, resolution, 3), np.uint8)
-    img[...] = COLORS[background]
-    img[mask] = COLORS[color]
+    img[...] = _RGB[background]
+    img[mask] = _RGB[color]
     return img
 
 
@@ -97,13 +108,15 @@ class ShapesSource:
     """
 
     def __init__(self, resolution: int = 64, *, split: str = "train", seed: int = 0, length: int | None = None,
-                 holdout: Iterable[tuple[str, str]] = DEFAULT_HOLDOUT):
+                 holdout: Iterable[tuple[str, str]] = DEFAULT_HOLDOUT, colors: Iterable[str] | None = None):
         """Args:
           resolution: image side in pixels (at least 16).
           split: "train", "eval" (train combinations, other images) or "holdout".
           seed: selects the stream; a split's records are a function of (seed, split, index).
           length: number of records; None for an effectively infinite source (2**31 - 1).
           holdout: (shape, colour) pairs kept out of train/eval and used alone in holdout.
+          colors: the shape colours drawn (names from `COLORS` or `EXTRA_COLORS`); None: `COLORS`.
+            A colour named k times is drawn k times as often. Backgrounds are always `COLORS`.
         """
         if split not in SPLITS:
             raise ValueError(f"unknown shapes split {split!r}; choose from {list(SPLITS)}")
@@ -112,6 +125,10 @@ class ShapesSource:
         if length is not None and length <= 0:
             raise ValueError(f"shapes length {length} must be positive, or None for an endless source")
         holdout = tuple(sorted((str(s), str(c)) for s, c in holdout))
+        shape_colors = tuple(COLORS) if colors is None else tuple(str(c) for c in colors)
+        unknown = [c for c in shape_colors if c not in _RGB]
+        if unknown or not shape_colors:
+            raise ValueError(f"shapes colors {unknown or list(shape_colors)}: choose from {list(_RGB)}")
         for s, c in holdout:
             if s not in SHAPES or c not in COLORS:
                 raise ValueError(f"held-out pair ({s!r}, {c!r}) is not a (shape, colour) pair; shapes are "
@@ -121,9 +138,10 @@ class ShapesSource:
         self.seed = seed
         self.length = length
         self.holdout = holdout
+        self.colors = None if colors is None else shape_colors
         combos = [
             (shape, color, size, bg)
-            for shape, color, size, bg in itertools.product(SHAPES, COLORS, SIZES, COLORS)
+            for shape, color, size, bg in itertools.product(SHAPES, shape_colors, SIZES, COLORS)
             if bg != color and ((shape, color) in holdout) == (split == "holdout")
         ]
         if not combos:
@@ -135,7 +153,8 @@ class ShapesSource:
 
     def __repr__(self) -> str:
         return (f"ShapesSource(resolution={self.resolution}, split={self.split!r}, seed={self.seed}, "
-                f"length={self.length}, holdout={self.holdout})")
+                f"length={self.length}, holdout={self.holdout}"
+                + ("" if self.colors is None else f", colors={self.colors}") + ")")
 
     def attributes(self, index: int) -> dict:
         """The drawn attributes of record `index`: shape, color, size, background, center (row, col)."""

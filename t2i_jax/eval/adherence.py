@@ -22,6 +22,11 @@ to the background colour. That is a 50% threshold between the two, so a
 symmetric blur moves no straight edge, and noise flips a pixel only when it
 moves it halfway across palette colours at least ~100 RGB units apart.
 
+Colours outside the default palette (`shapes.EXTRA_COLORS`, e.g. "teal" for a
+LoRA taught a new colour) join the palette only where a call names them
+(`extra_colors`), so every default classification stays as it was; captions
+with those words always parse.
+
 The image is classified from its pixels alone; only then are the predictions
 compared with what the prompt says (`parse_caption`, the inverse of
 `shapes.shapes_caption`, tolerant of wording).
@@ -36,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from t2i_jax.data.shapes import COLORS, SHAPES, SIZES
+from t2i_jax.data.shapes import COLORS, EXTRA_COLORS, SHAPES, SIZES
 
 __all__ = ["ATTRIBUTES", "ShapesPrompt", "parse_caption", "srgb_to_lab", "nearest_color", "shape_features",
            "classify_shape", "classify_size", "analyze_image",
@@ -44,6 +49,7 @@ __all__ = ["ATTRIBUTES", "ShapesPrompt", "parse_caption", "srgb_to_lab", "neares
 
 ATTRIBUTES = ("background", "color", "shape", "size")
 _COLOR_NAMES = tuple(COLORS)
+_COLOR_WORDS = {**COLORS, **EXTRA_COLORS}  # what a caption may name
 # Features of the ideal shapes (see `shape_features`): (bounding-box fill
 # ratio, skewness, corner fullness). A triangle's two base corners are full.
 _PROTOTYPES = {"square": (1.0, 0.0, 1.0), "circle": (np.pi / 4, 0.0, 0.0),
@@ -105,7 +111,7 @@ def parse_caption(text: str) -> ShapesPrompt | None:
     if not shape_at or len({words[i] for i in shape_at}) > 1:
         return None
     shape_pos = shape_at[0]
-    color_at = [i for i, w in enumerate(words) if w in COLORS]
+    color_at = [i for i, w in enumerate(words) if w in _COLOR_WORDS]
     background, bg_pos = None, None
     for i, w in enumerate(words):
         if w == "background":
@@ -143,13 +149,26 @@ def srgb_to_lab(rgb: np.ndarray) -> np.ndarray:
 _PALETTE_LAB = srgb_to_lab(np.array([COLORS[n] for n in _COLOR_NAMES]))
 
 
-def nearest_color(rgb: Sequence[float], exclude: str | None = None) -> tuple[str, float]:
-    """The palette colour nearest to an sRGB colour in Lab, and its distance (CIE76 delta E)."""
-    d = np.linalg.norm(_PALETTE_LAB - srgb_to_lab(np.asarray(rgb, np.float64)), axis=-1)
-    if exclude is not None:
-        d[_COLOR_NAMES.index(exclude)] = np.inf
+def _palette(extra_colors: Sequence[str]) -> tuple[tuple[str, ...], np.ndarray]:
+    if not extra_colors:
+        return _COLOR_NAMES, _PALETTE_LAB
+    unknown = [c for c in extra_colors if c not in EXTRA_COLORS]
+    if unknown:
+        raise ValueError(f"extra_colors {unknown} are not shapes.EXTRA_COLORS ({list(EXTRA_COLORS)})")
+    names = _COLOR_NAMES + tuple(c for c in extra_colors if c not in _COLOR_NAMES)
+    return names, srgb_to_lab(np.array([_COLOR_WORDS[n] for n in names]))
+
+
+def nearest_color(rgb: Sequence[float], exclude: str | None = None,
+                  extra_colors: Sequence[str] = ()) -> tuple[str, float]:
+    """The palette colour nearest to an sRGB colour in Lab, and its distance (CIE76 delta E);
+    `extra_colors` (names in `shapes.EXTRA_COLORS`) join the palette."""
+    names, lab = _palette(extra_colors)
+    d = np.linalg.norm(lab - srgb_to_lab(np.asarray(rgb, np.float64)), axis=-1)
+    if exclude is not None and exclude in names:
+        d[names.index(exclude)] = np.inf
     k = int(np.argmin(d))
-    return _COLOR_NAMES[k], float(d[k])
+    return names[k], float(d[k])
 
 
 def _as_uint8_rgb(image: np.ndarray) -> np.ndarray:
@@ -255,11 +274,13 @@ def _core_median(im: np.ndarray, d_bg: np.ndarray, where: np.ndarray) -> np.ndar
     return np.median(im[where][d >= np.median(d)], axis=0)
 
 
-def analyze_image(image: np.ndarray) -> dict[str, Any]:
+def analyze_image(image: np.ndarray, extra_colors: Sequence[str] = ()) -> dict[str, Any]:
     """Predicted shapes attributes of one image, from its pixels alone.
 
     Args:
       image: HWC uint8 RGB (or float in [0, 1]; gray and RGBA are accepted).
+      extra_colors: `shapes.EXTRA_COLORS` names that may be the shape's colour (never the
+        background's: sources draw backgrounds from `COLORS` only).
     Returns {"background", "color", "shape", "size"} (shape, colour and size
     are None when no shape is found) and the measurements behind them:
     "background_rgb", "color_rgb", "fill", "skew", "corners", "extent"
@@ -294,7 +315,7 @@ def analyze_image(image: np.ndarray) -> dict[str, Any]:
     alpha = (im.astype(np.float64) - bg_rgb) @ v / max(float(v @ v), 1e-9)
     f = shape_features(mask, alpha)
     out.update(
-        color=nearest_color(color_rgb, exclude=background)[0],
+        color=nearest_color(color_rgb, exclude=background, extra_colors=extra_colors)[0],
         shape=classify_shape(f),
         size=classify_size(f["extent"] / side),
         color_rgb=[float(c) for c in color_rgb],
@@ -332,8 +353,9 @@ class AdherenceReport:
         return dataclasses.asdict(self)
 
 
-def evaluate(images: Sequence[np.ndarray], prompts: Sequence[str]) -> AdherenceReport:
-    """Scores each image against the shapes attributes its prompt states.
+def evaluate(images: Sequence[np.ndarray], prompts: Sequence[str], extra_colors: Sequence[str] = ()) -> AdherenceReport:
+    """Scores each image against the shapes attributes its prompt states; `extra_colors`
+    (`shapes.EXTRA_COLORS` names) join the shape-colour palette (`analyze_image`).
 
     Images whose prompt does not parse (`parse_caption` gives None) are listed
     in `per_image` but left out of every accuracy.
@@ -345,7 +367,7 @@ def evaluate(images: Sequence[np.ndarray], prompts: Sequence[str]) -> AdherenceR
     counts = {a: 0 for a in (*ATTRIBUTES, "all")}
     for image, prompt in zip(images, prompts):
         parsed = parse_caption(prompt)
-        pred = analyze_image(image)
+        pred = analyze_image(image, extra_colors)
         row: dict[str, Any] = {"prompt": prompt, "parsed": parsed is not None,
                                "predicted": {a: pred[a] for a in ATTRIBUTES},
                                "measurements": {k: v for k, v in pred.items() if k not in ATTRIBUTES}}

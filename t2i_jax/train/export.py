@@ -20,6 +20,11 @@ StableDiffusionXLPipeline folder (the refiner, without `text_encoder`, as
 StableDiffusionXLImg2ImgPipeline), adding `text_encoder_2/`
 (CLIPTextModelWithProjection) and `tokenizer_2/`, with an
 EulerDiscreteScheduler config as stabilityai's folders have.
+
+ldm and vae objectives (the VAE trainer writes only `vae/`). A LoRA run exports its
+adapters alone (`export_lora`): `pytorch_lora_weights.safetensors` (diffusers/PEFT, what
+`pipe.load_lora_weights(DIR)` reads) and `lora_kohya.safetensors` (kohya/AUTOMATIC1111);
+`python -m t2i_jax.sample --lora FILE` reads either.
 """
 
 from __future__ import annotations
@@ -37,7 +42,9 @@ from t2i_jax.convert import diffusers as diffusers_convert
 from t2i_jax.convert.core import target_version
 from t2i_jax.files import atomic_write
 
-__all__ = ["export_pipeline", "scheduler_json", "text_encoder_for_export"]
+__all__ = ["export_pipeline", "export_lora", "scheduler_json", "text_encoder_for_export"]
+
+LORA_FILES = {"diffusers": "pytorch_lora_weights.safetensors", "kohya": "lora_kohya.safetensors"}
 
 # Scheduler fields a diffusers PNDMScheduler config carries beyond the noise schedule.
 _PNDM_EXTRA = {"skip_prk_steps": True}
@@ -141,6 +148,15 @@ def _export_sdxl(pipe, out: Path, dtype) -> Path:
                 {"_class_name": "EulerDiscreteScheduler", "_diffusers_version": target_version("diffusers"), **sched})
     _write_json(out / "model_index.json", dict(sorted(index.items())))
     return out
+
+def export_lora(layers, out_dir: str | os.PathLike) -> dict[str, Path]:
+    """Writes LoRA layers (`t2i_jax.convert.lora.LoraLayer`s) in both formats into `out_dir`
+    (`LORA_FILES`); returns {format: path}."""
+    from t2i_jax.convert import lora as lora_convert
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return {fmt: lora_convert.save_lora(out / name, layers, fmt=fmt) for fmt, name in LORA_FILES.items()}
 
 
 def with_sample_size(unet_config, latent_side: int):

@@ -51,6 +51,7 @@ from t2i_jax.train import dreambooth as dreambooth_lib
 from t2i_jax.train import export as export_lib
 from t2i_jax.train import inputs
 from t2i_jax.train import loop as loop_lib
+from t2i_jax.train import lora as lora_lib
 from t2i_jax.train import state as state_lib
 from t2i_jax.train import workdir as workdir_lib
 from t2i_jax.train.metrics import MetricWriter
@@ -106,6 +107,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.seed = 0
     c.eval.use_ema = True  # sample and export the EMA params (when ema_decay > 0)
     c.dreambooth = dreambooth_lib.default_config()  # instance + class prompts, prior preservation (off)
+    c.lora = lora_lib.default_config()  # rank > 0: train LoRA adapters only (t2i_jax.train.lora)
     return c
 
 
@@ -371,6 +373,8 @@ def make_objective(parts, config, cached: bool, empty_ids: np.ndarray, empty_con
     abar = jnp.asarray(schedulers.from_config("ddpm", parts["scheduler_config"]).alphas_cumprod)
     num_t = abar.shape[0]
     prediction = parts["scheduler_config"]["prediction_type"]
+    lo = lora_lib.enabled(config)  # params are then {"unet": adapters[, "text_encoder": adapters]}
+    lora_kw = dict(lora_scale=lora_lib.scale(config), dropout=float(config.lora.dropout)) if lo else {}
 
     def augment(frozen, batch, key):
         """The step's randomness for the whole batch: timesteps, noise, posterior noise, caption dropout."""
@@ -387,10 +391,13 @@ def make_objective(parts, config, cached: bool, empty_ids: np.ndarray, empty_con
                "drop": jax.random.uniform(k_drop, (b,)) < dc.caption_dropout}
         if dc.noise_offset:
             rnd["noise"] = rnd["noise"] + dc.noise_offset * jax.random.normal(k_off, (b, 1, 1, lat_shape[-1]))
+        if lo and lora_kw["dropout"]:  # per-example keys: micro-batches draw what the whole batch does
+            rnd["lora_rng"] = jax.random.split(jax.random.fold_in(key, 7), b)
         return {**batch, **rnd}
 
-    def condition(frozen, mb):
-        """(latents, text states) of a micro-batch, with its caption dropout applied."""
+    def condition(frozen, mb, te_adapters=None):
+        """(latents, text states) of a micro-batch, with its caption dropout applied (and the text
+        encoder's LoRA adapters, whose gradients then flow through it)."""
         drop = mb["drop"]
         if cached:
             z = mb["mean"] + mb["std"] * mb["eps_z"]
@@ -400,14 +407,19 @@ def make_objective(parts, config, cached: bool, empty_ids: np.ndarray, empty_con
             post = vae.apply({"params": frozen["vae"]}, mb["image"], method=vae.encode)
             z = post.mean + post.std * mb["eps_z"]
             ids = jnp.where(drop[:, None], jnp.asarray(empty_ids)[None], mb["input_ids"])
-            ctx = te.apply({"params": frozen["text_encoder"]}, ids).last_hidden_state
-        return jax.lax.stop_gradient(to_latents(vae.config, z)), jax.lax.stop_gradient(ctx)
+            ctx = lora_lib.apply(te, {"params": frozen["text_encoder"]}, te_adapters, ids, rng=mb.get("lora_rng"),
+                                 **lora_kw).last_hidden_state
+        return jax.lax.stop_gradient(to_latents(vae.config, z)), ctx if te_adapters else jax.lax.stop_gradient(ctx)
 
     def loss_fn(params, frozen, mb, step):
         del step
-        x0, ctx = condition(frozen, mb)
+        x0, ctx = condition(frozen, mb, params.get("text_encoder") if lo else None)
         xt = schedulers.add_noise(abar, x0, mb["noise"], mb["t"])
-        out = unet.apply({"params": params}, xt, mb["t"], ctx)
+        if lo:
+            out = lora_lib.apply(unet, {"params": frozen["unet"]}, params.get("unet"), xt, mb["t"], ctx,
+                                 rng=mb.get("lora_rng"), **lora_kw)
+        else:
+            out = unet.apply({"params": params}, xt, mb["t"], ctx)
         errors = lambda gamma: diffusion_loss(out, x0, mb["noise"], mb["t"], abar, prediction_type=prediction,  # noqa: E731
                                               snr_gamma=gamma, per_example=True)
         if config.dreambooth.enabled:  # instance + prior_loss_weight * class loss
@@ -430,22 +442,28 @@ def setup_step(parts, config, mesh, *, cached: bool, total_steps: int, empty_con
 
     Returns {"step_fn" (jitted `(state, acc, frozen, batch) -> (state, acc)`, state and accumulator
     donated), "objective", "tx", "schedule", "init" (params -> fresh state, traceable),
-    "abstract_state", "shardings" (of the state), "frozen_shardings", "empty_ids"}.
+    "abstract_state", "shardings" (of the state), "frozen_shardings", "empty_ids", "lora_targets"
+    (None without LoRA)}. With LoRA, frozen holds "unet" too (`lora.frozen_base`).
     """
     unet = parts["unet"]
     tx, schedule = make_optimizer(config, total_steps)
     init = lambda params: state_lib.create_state(params, tx, ema=config.ema_decay > 0, seed=config.seed)  # noqa: E731
-    abstract_params = jax.eval_shape(unet.init, jax.random.PRNGKey(0), *unet_lib.dummy_inputs(unet.config))["params"]
+    if lora_lib.enabled(config):  # the adapters are the params; the base U-Net is frozen
+        targets, abstract_params = lora_lib.abstract_adapters(parts["params"], config)
+    else:
+        targets, abstract_params = None, jax.eval_shape(unet.init, jax.random.PRNGKey(0),
+                                                        *unet_lib.dummy_inputs(unet.config))["params"]
+    frozen_keys = ("vae", "text_encoder") + (("unet",) if targets else ())
     abstract_state = jax.eval_shape(init, abstract_params)
     shardings = state_lib.state_shardings(abstract_state, parallel.DEFAULT_RULES, mesh, config.mesh.fsdp_min_size)
     frozen_sh = {k: jax.tree_util.tree_map(lambda _: parallel.replicated(mesh), parts["params"][k])
-                 for k in ("vae", "text_encoder")}
+                 for k in frozen_keys}
     empty_ids = parts["tokenizer"]([""])[0]
     objective = make_objective(parts, config, cached, empty_ids, empty_context)
     step_fn = loop_lib.make_train_step(objective, tx, schedule, config, mesh, shardings, frozen_sh)
     return {"step_fn": step_fn, "objective": objective, "tx": tx, "schedule": schedule, "init": init,
             "abstract_state": abstract_state, "shardings": shardings, "frozen_shardings": frozen_sh,
-            "empty_ids": empty_ids}
+            "empty_ids": empty_ids, "lora_targets": targets}
 
 
 def parts_from_pipeline(pipe: StableDiffusion, config) -> dict:
@@ -478,14 +496,17 @@ class SampleWriter:
     def __init__(self, parts, config):
         self.parts, self.config, self.sampler = parts, config, None
 
-    def __call__(self, unet_params, path: Path) -> np.ndarray:
+    def __call__(self, unet_params, path: Path, text_encoder_params=None) -> np.ndarray:
         from PIL import Image
 
         from t2i_jax import pipeline
 
         params = {**self.parts["params"], "unet": unet_params}
+        if text_encoder_params is not None:  # a text encoder with LoRA merged in
+            params["text_encoder"] = text_encoder_params
         if self.sampler is None:
             pipe = build_pipeline(self.parts, unet_params)
+            pipe.params = params
             self.sampler = pipeline.Sampler(pipe, mesh=parallel.make_mesh(devices=jax.local_devices()[:1]))
         else:
             self.sampler.update_params(params)
@@ -543,10 +564,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     if config.batch_size % n_dev or (config.batch_size // config.train.grad_accum) % n_dev:
         raise ValueError(f"batch_size {config.batch_size} / grad_accum {config.train.grad_accum} must be a multiple "
                          f"of the {n_dev} devices")
+    lo = lora_lib.enabled(config)
     frozen_host = {"vae": parts["params"]["vae"], "text_encoder": parts["params"]["text_encoder"]}
+    if lo and parts["params"]["unet"] is not None:  # the base weights, frozen in the compute dtype
+        frozen_host = lora_lib.frozen_params(parts["params"], config)
     frozen = put_global(frozen_host, jax.tree_util.tree_map(lambda _: parallel.replicated(mesh), frozen_host))
 
     cached = bool(config.cache.enabled)
+    if cached and lo and config.lora.text_encoder_targets:
+        log.warning("cache.enabled with lora.text_encoder_targets %r: the text encoder is trained, so its states "
+                    "cannot be cached; streaming images and captions instead (cache off)",
+                    config.lora.text_encoder_targets)
+        cached = False
     if cached:
         cache = build_cache(config, source, res, parts, tokenizer, frozen, mesh)
         it = CacheIterator(cache, config.batch_size, int(dcfg.get("seed", 0))) if dream is None else \
@@ -563,6 +592,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     # --- checkpoint: resume or start -------------------------------------------
     def fresh():
         host_params = parts["params"]["unet"]
+        if lo:
+            return jax.jit(lambda k: init(lora_lib.init_adapters(k, run["lora_targets"], int(config.lora.rank))),
+                           out_shardings=shardings)(jax.random.PRNGKey(config.seed))
         if host_params is None:
             return jax.jit(lambda k: init(unet.init(k, *unet_lib.dummy_inputs(unet.config))["params"]),
                            out_shardings=shardings)(jax.random.PRNGKey(config.seed))
@@ -570,7 +602,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             put_global(host_params, shardings.params))
 
     state, start = loop_lib.init_or_resume(ckpt, start, fresh, run["abstract_state"], shardings, it)
+    base = dict(parts["params"]) if lo else None  # LoRA: the host base weights, merged with the adapters to sample
     parts["params"]["unet"] = None
+
+    def eval_params(trained) -> dict:
+        """(host) trained params -> {"unet", "text_encoder"} host params to sample and export."""
+        merged = lora_lib.merged_params(base, trained, run["lora_targets"], lora_lib.scale(config)) if lo else None
+        return merged or {"unet": trained, "text_encoder": None}
 
     # --- loop --------------------------------------------------------------
     writer = MetricWriter(workdir, enabled=is_main, start=start)
@@ -580,9 +618,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
     def sample(step, state):
         nonlocal samples
-        host = parallel.to_host(state.ema_params if use_ema else state.params)  # a collective
+        host = eval_params(parallel.to_host(state.ema_params if use_ema else state.params))  # a collective
         if is_main:
-            samples = sample_writer(host, workdir / "samples" / f"step_{step}.png")
+            samples = sample_writer(host["unet"], workdir / "samples" / f"step_{step}.png", host["text_encoder"])
 
     evals = [(int(config.eval.every), sample)] if config.eval.prompts else []
     try:
@@ -598,12 +636,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
     # --- eval after, export ----------------------------------------------------
     if stopped is None and (config.eval.prompts or config.export):
-        host = parallel.to_host(state.ema_params if use_ema else state.params)
+        trained = parallel.to_host(state.ema_params if use_ema else state.params)
+        host = eval_params(trained)
         if is_main:
             if config.eval.prompts:
-                samples = sample_writer(host, workdir / "samples" / f"step_{final_step}.png")
-            if config.export:
-                pipe = build_pipeline(parts, host, source=str(workdir / "export"))
+                samples = sample_writer(host["unet"], workdir / "samples" / f"step_{final_step}.png",
+                                        host["text_encoder"])
+            if config.export and lo:  # the adapters alone, as diffusers/PEFT and kohya files
+                export_lib.export_lora(lora_lib.to_layers(trained, run["lora_targets"], lora_lib.scale(config)),
+                                       workdir / "export")
+            elif config.export:
+                pipe = build_pipeline(parts, host["unet"], source=str(workdir / "export"))
                 pipe.unet = pipe.unet.clone(config=export_lib.with_sample_size(unet.config,
                                                                                res // vae.config.downsample_factor))
                 export_lib.export_pipeline(pipe, workdir / "export")
