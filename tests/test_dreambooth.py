@@ -310,6 +310,25 @@ def test_train_resume_exact(tiny, tmp_path):
     assert rows[0]["instance_loss"] != rows[1]["instance_loss"]
 
 
+def test_dreambooth_as_lora(tiny, tmp_path):
+    """DreamBooth with `lora.rank` set: the train state holds only the adapters of the U-Net's attention
+    (the tiny U-Net's middle block), the loss is still instance + prior, and the adapters train."""
+    from flax import traverse_util
+
+    c = tiny_config(tiny, steps=2)
+    c.lora.rank = 2
+    c.optim.lr = 3e-2
+    out = ldm.train_and_evaluate(c, tmp_path)
+    flat = traverse_util.flatten_dict(jax.device_get(out["state"].params))
+    assert flat and {k[-1] for k in flat} == {"lora_down", "lora_up"}
+    assert {k[0] for k in flat} == {"unet"} and all(k[-2] in ("to_q", "to_k", "to_v", "to_out_0") for k in flat)
+    assert min(float(np.abs(v).max()) for k, v in flat.items() if k[-1] == "lora_up") > 0  # moved off zero
+    rows = _rows(tmp_path)
+    assert len(rows) == 2 and sorted(p.name for p in (tmp_path / "class_images").iterdir())[-1] == "manifest.json"
+    for r in rows:
+        assert r["loss"] == pytest.approx(r["instance_loss"] + r["prior_loss"], rel=1e-5)
+
+
 # ---------------------------------------------------------------------------
 # Errors and configs.
 # ---------------------------------------------------------------------------
