@@ -7,6 +7,14 @@ from setuptools import find_packages, setup
 # Install `torch==2.13.0` (or your own CUDA build) *before* this package so pip
 # does not pull a different torch for you.
 TORCH = ["torch", "diffusers"]
+# The TPU compiler, for ahead-of-time compiles for TPU topologies on any machine
+# (`python -m t2i_jax.bench --aot tpu:v5e:4x4`, tests/test_aot.py). 0.0.52 is the
+# newest on the index and is verified with jax 0.10.2 here; jax 0.10.2's own `tpu`
+# extra pins libtpu==0.0.42.* (its METADATA). jax 0.11.2 was not on the index when
+# this was written, so its pin could not be read: when jax moves, take the libtpu
+# its METADATA names (`Requires-Dist: libtpu==...; extra == "tpu"`) and rerun
+# tests/test_aot.py.
+TPU_AOT = ["libtpu==0.0.52"]
 
 setup(
     name="t2i_jax",
@@ -41,6 +49,7 @@ setup(
     ],
     extras_require={
         "torch": TORCH,
+        "tpu-aot": TPU_AOT,
         # peft: the tests make LoRAs with it and load them with diffusers' load_lora_weights.
         "test": TORCH + ["pytest", "pytest-xdist", "ruff", "peft"],
     },

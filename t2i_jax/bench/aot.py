@@ -83,6 +83,7 @@ class AotSettings:
     grad_accum: int = 1
     fsdp_min_size: int | None = None  # train: tensors with fewer elements stay replicated (default: the config's)
     clip_overrides: tuple[tuple[str, object], ...] = ()  # train_clip: transformers CLIPConfig fields (tests)
+    unet_overrides: tuple[tuple[str, object], ...] = ()  # UNetConfig fields replaced (tests: a smaller U-Net)
 
 
 # --------------------------------------------------------------------------
@@ -149,9 +150,9 @@ def per_chip_bytes(tree) -> int:
     return int(total)
 
 
-def _modules(model: str, dtype, *, remat: bool = False):
+def _modules(model: str, dtype, *, remat: bool = False, unet_overrides=()):
     spec = core.MODELS[model]
-    ucfg = unet_lib.UNetConfig.named(spec.unet)
+    ucfg = dataclasses.replace(unet_lib.UNetConfig.named(spec.unet), **dict(unet_overrides))
     vcfg = vae_lib.VAEConfig.named(spec.vae)
     tcfg = dataclasses.replace(clip_lib.named_config(spec.text).text, **dict(spec.text_overrides))
     unet = unet_lib.UNet2DConditionModel(ucfg, dtype=dtype, remat=remat)
@@ -425,7 +426,7 @@ def _resolution(model: str, resolution: int | None) -> int:
 def compile_sample(s: AotSettings, mesh: Mesh, chip: tpu_chips.Chip) -> dict:
     """`pipeline.Sampler`'s txt2img loop (denoise + decode) for `s.batch` images on `mesh`."""
     dtype = jnp.bfloat16
-    unet, vae, text, tok = _modules(s.model, dtype)
+    unet, vae, text, tok = _modules(s.model, dtype, unet_overrides=s.unet_overrides)
     n = mesh.devices.size
     b = s.batch or n
     res = _resolution(s.model, s.resolution)
@@ -468,13 +469,16 @@ def compile_sample(s: AotSettings, mesh: Mesh, chip: tpu_chips.Chip) -> dict:
     u_compiled, u_s = _compile(jax.jit(unet_eval, out_shardings=batch), *u_args)
     u_cost = _cost(u_compiled)
     extra = max(trips - 1, 0) * per_trip
-    out = _figures(compiled, chip, items_per_chip=b / n, param_bytes=per_chip_bytes(params),
+    # The loop reads the U-Net's and the VAE's params; jit drops the unused text encoder's.
+    loop_params = per_chip_bytes({k: params[k] for k in ("unet", "vae")})
+    out = _figures(compiled, chip, items_per_chip=b / n, param_bytes=loop_params,
                    extra_flops=extra * (u_cost["flops"] or 0.0), extra_bytes=extra * (u_cost["bytes_accessed"] or 0.0),
                    compile_s=compile_s + u_s)
     out.update(item="image", batch=b, resolution=res, steps=s.steps, scheduler=s.scheduler, cfg=use_cfg,
                loop_trips=trips, unet_evals_per_trip=per_trip, unet_evals=trips * per_trip, unet_rows_per_eval=rows,
                unet_eval_cost_per_chip=u_cost, loop_program_cost_per_chip=_cost(compiled),
                unet_eval_collectives=collectives(u_compiled.as_text())["counts"],
+               text_encoder_bytes_per_chip=per_chip_bytes(params["text_encoder"]),
                flops_method=("XLA's count of the loop program (one trip + the rest) + (trips - 1) x evals per trip "
                              "x the U-Net evaluation compiled alone"))
     return out
@@ -513,7 +517,7 @@ def train_ldm_program(s: AotSettings, mesh: Mesh, config: ml_collections.ConfigD
     if s.fsdp_min_size is not None:
         config.mesh.fsdp_min_size = s.fsdp_min_size
     dtype = jnp.dtype(config.model.dtype)
-    unet, vae, text, tok = _modules(s.model, dtype, remat=remat)
+    unet, vae, text, tok = _modules(s.model, dtype, remat=remat, unet_overrides=s.unet_overrides)
     b = s.batch or mesh.devices.size
     config.batch_size = b
     res = _resolution(s.model, s.resolution)
