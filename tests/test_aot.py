@@ -199,10 +199,11 @@ def test_sd15_train_step_fits_v5e_4x4_with_the_planners_choice():
     print(plan.table(report))
     choice = report["choice"]
     assert choice is not None and choice["memory_per_chip"]["total"] <= 16 * 2**30
-    flops = [r["flops_per_item"] for r in report["candidates"] if not r["remat"] and r.get("flops_per_item")]
-    # The model's count is the step without recomputation (remat adds a forward).
-    ref = flops[0] if flops else choice["flops_per_item"]
-    assert ref == pytest.approx(MAXDIFFUSION_TRAIN_FLOPS_PER_SAMPLE, rel=0.05)
+    # The recipes' count is the model's: forward + backward (3 forwards). Under remat XLA also counts
+    # the forward it recomputes (4 forwards), so a remat step's count is scaled by 3/4.
+    flops = [r["flops_per_item"] * (0.75 if r["remat"] else 1.0) for r in report["candidates"]
+             if r.get("flops_per_item")]
+    assert flops and flops[0] == pytest.approx(MAXDIFFUSION_TRAIN_FLOPS_PER_SAMPLE, rel=0.05)
 
 
 @pytest.mark.slow
