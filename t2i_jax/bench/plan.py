@@ -81,7 +81,8 @@ def plan(s: aot.AotSettings, log: Callable[[str], None] = lambda m: None, *,
                            compile_s=time.perf_counter() - t0)
             total = row.get("memory_per_chip", {}).get("total")
             log(f"plan: fsdp={fsdp} remat={remat}: {'fits' if row['fits'] else 'does not fit'}"
-                + (f" ({total / 2**30:.2f} GiB per chip)" if total else ""))
+                + (f" ({total / 2**30:.2f} GiB per chip)" if total else "")
+                + (f": {row['compile_error'][:300]}" if "compile_error" in row else ""))
         candidates[key] = row
         return row["fits"]
 
