@@ -22,9 +22,8 @@ which compiles the trainer's step for the topology; see BENCHMARKS.md, "TPU, com
 of time"). The state (fp32 U-Net params, two AdamW moments, the EMA copy: 12.8 GiB) shards
 over fsdp; the frozen VAE and text encoder (0.77 GiB) stay replicated:
 - v5e-16 (`tpu:v5e:4x4`, 16 GiB per chip), batch 128: fsdp 1 cannot fit (arguments and
-  gradients alone 16.78 GiB per chip); fsdp 2 and fsdp 4, both with remat, were compiled and
-  refused by the TPU compiler for want of HBM; fsdp 8 did not finish compiling on the 2-core
-  machine before this was written. 8 images per chip does not fit a v5e at 512 px with XLA's
+  gradients alone 16.78 GiB per chip); fsdp 2, 4 and 8, each with remat, were compiled and
+  refused by the TPU compiler for want of HBM; fsdp 16 did not finish compiling here. 8 images per chip does not fit a v5e at 512 px with XLA's
   attention: use `--config.train.grad_accum=2` (or more) for 4 per chip per micro-batch and
   run the planner again.
 - v5e-256 (`tpu:v5e:16x16`), batch 2048: per-chip memory depends on the fsdp degree and the
