@@ -23,7 +23,8 @@ of time"). The state (fp32 U-Net params, two AdamW moments, the EMA copy: 12.8 G
 over fsdp; the frozen VAE and text encoder (0.77 GiB) stay replicated:
 - v5e-16 (`tpu:v5e:4x4`, 16 GiB per chip), batch 128: fsdp 1 cannot fit (arguments and
   gradients alone 16.78 GiB per chip); fsdp 2, 4 and 8, each with remat, were compiled and
-  refused by the TPU compiler for want of HBM; fsdp 16 did not finish compiling here. 8 images per chip does not fit a v5e at 512 px with XLA's
+  refused by the TPU compiler for want of HBM; fsdp 16 could not be compiled here (the compiler process was killed
+  for host RAM at 13.5 GB). 8 images per chip does not fit a v5e at 512 px with XLA's
   attention: use `--config.train.grad_accum=2` (or more) for 4 per chip per micro-batch and
   run the planner again.
 - v5e-256 (`tpu:v5e:16x16`), batch 2048: per-chip memory depends on the fsdp degree and the
