@@ -9,6 +9,14 @@ from setuptools import find_packages, setup
 TORCH = ["torch", "diffusers"]
 # python -m t2i_jax.serve: the ASGI app and its server.
 SERVE = ["starlette", "uvicorn"]
+# The TPU compiler, for ahead-of-time compiles for TPU topologies on any machine
+# (`python -m t2i_jax.bench --aot tpu:v5e:4x4`, tests/test_aot.py). 0.0.52 is the
+# newest on the index and is verified with jax 0.10.2 here; jax 0.10.2's own `tpu`
+# extra pins libtpu==0.0.42.* (its METADATA). jax 0.11.2 was not on the index when
+# this was written, so its pin could not be read: when jax moves, take the libtpu
+# its METADATA names (`Requires-Dist: libtpu==...; extra == "tpu"`) and rerun
+# tests/test_aot.py.
+TPU_AOT = ["libtpu==0.0.52"]
 
 setup(
     name="t2i_jax",
@@ -43,10 +51,11 @@ setup(
     ],
     extras_require={
         "torch": TORCH,
-        # peft: the tests make LoRAs with it and load them with diffusers' load_lora_weights.
+        "tpu-aot": TPU_AOT,
         "serve": SERVE,
+        # peft: the tests make LoRAs with it and load them with diffusers' load_lora_weights;
         # httpx: the server tests' client; playwright: the page's test, driving Debian's chromium (never
-        # `playwright install`).
-        "test": TORCH + SERVE + ["pytest", "pytest-xdist", "ruff", "peft", "httpx", "playwright"],
+        # `playwright install`); libtpu: tests/test_aot.py compiles for TPU topologies.
+        "test": TORCH + SERVE + TPU_AOT + ["pytest", "pytest-xdist", "ruff", "peft", "httpx", "playwright"],
     },
 )

@@ -14,6 +14,24 @@ For an SD 2.x 768-v model set `--config.diffusion.prediction_type=v_prediction`
 (and data.resolution=768). Memory: on one 80 GB GPU, batch 8 per device fits;
 add `--config.train.grad_accum=N` for larger effective batches, or
 `--config.mesh.fsdp=N` to shard params and optimizer state over N devices.
+
+TPU pods, 8 images per chip at 512 px (this config's batch per device; set
+`--config.batch_size` to 8 x chips), as checked by the memory planner
+(`python -m t2i_jax.bench --plan tpu:v5e:4x4 --model sd15 --resolution 512 --batch 128`,
+which compiles the trainer's step for the topology; see BENCHMARKS.md, "TPU, compiled ahead
+of time"). The state (fp32 U-Net params, two AdamW moments, the EMA copy: 12.8 GiB) shards
+over fsdp; the frozen VAE and text encoder (0.77 GiB) stay replicated:
+- v5e-16 (`tpu:v5e:4x4`, 16 GiB per chip), batch 128: fsdp 1 cannot fit (arguments and
+  gradients alone 16.78 GiB per chip); fsdp 2, 4 and 8, each with remat, were compiled and
+  refused by the TPU compiler for want of HBM; fsdp 16 could not be compiled here (the compiler process was killed
+  for host RAM at 13.5 GB). 8 images per chip does not fit a v5e at 512 px with XLA's
+  attention: use `--config.train.grad_accum=2` (or more) for 4 per chip per micro-batch and
+  run the planner again.
+- v5e-256 (`tpu:v5e:16x16`), batch 2048: per-chip memory depends on the fsdp degree and the
+  images per chip only (the data axis adds no state), so the v5e-16 answer holds; not compiled
+  at 256 chips.
+- v6e-8 (`tpu:v6e:2x4`, 32 GiB per chip), batch 64: fsdp 1 passes the planner's lower bound
+  (16.78 GiB); its compile (remat) did not finish before this was written.
 """
 
 import ml_collections

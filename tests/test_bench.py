@@ -31,6 +31,9 @@ def report(tmp_path_factory):
     return on_disk
 
 
+# Behind --slow: the four-mode report against diffusers took ~220 s of the fast suite (its fixture). The FLOP
+# counts, the peak table and the settings errors below stay fast.
+@pytest.mark.slow
 def test_report_holds_every_figure(report):
     assert report["command"].startswith("python -m t2i_jax.bench --model tiny")
     for pkg in ("jax", "jaxlib", "flax", "torch", "diffusers"):
@@ -66,6 +69,7 @@ def test_report_holds_every_figure(report):
     assert report["torch"]["batch_size"] == 1 and report["torch"]["dtype"] == "fp32"
 
 
+@pytest.mark.slow
 def test_sample_counts_the_same_work_as_diffusers(report):
     ours, theirs = report["results"]["sample"]["ours"], report["results"]["sample"]["diffusers"]
     assert ours["model_evals"] == theirs["model_evals"] == 3  # PNDM (PLMS): steps + 1
@@ -81,6 +85,7 @@ def test_sample_counts_the_same_work_as_diffusers(report):
     assert p["unet_per_eval"] / 16 == pytest.approx(report["results"]["unet"]["ours"]["flops_per_item"], rel=0.01)
 
 
+@pytest.mark.slow
 def test_profile_traces_each_mode(report):
     for mode, res in report["results"].items():
         prof = res["ours"]["profile"]
@@ -93,6 +98,7 @@ def test_profile_traces_each_mode(report):
         assert "/host:CPU" in prof["summary"]["processes"]
 
 
+@pytest.mark.slow
 def test_attention_plan_on_cpu_is_xla_everywhere(report):
     plan = report["attention"]
     assert report["settings"]["attention"] == "auto"
@@ -144,6 +150,7 @@ def test_profile_summary_without_device_events():
     assert s["device"].startswith("/device:GPU:0") and "no timed events" in s["note"]
 
 
+@pytest.mark.slow
 def test_train_step_learns_something_finite(report):
     ours = report["results"]["train"]["ours"]
     assert math.isfinite(ours["final_loss"]) and 0.1 < ours["final_loss"] < 10
@@ -153,6 +160,7 @@ def test_train_step_learns_something_finite(report):
     assert ours["cached"] and ours["step"].startswith("t2i_jax.train.ldm.setup_step")
 
 
+@pytest.mark.slow
 def test_train_stream_times_the_step_with_the_frozen_encoders(report):
     stream = report["results"]["train_stream"]
     assert "diffusers" not in stream  # no counterpart in the reference

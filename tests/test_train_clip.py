@@ -338,6 +338,8 @@ def test_cli_run_with_overrides(tmp_path):
         assert Checkpointer(tmp_path / name / "checkpoints").all_steps() == [steps]
 
 
+# Behind --slow (~31 s): signals in the one train loop are checked fast by test_train_faults.py.
+@pytest.mark.slow
 def test_sigterm_saves_and_resumes(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"

@@ -152,6 +152,9 @@ def _losses(d):
     return [r["loss"] for r in metrics_lib.read_jsonl(d / "metrics.jsonl")]
 
 
+# Behind --slow (~85 s): the LDM trainer's exact resume is also checked fast in LoRA mode
+# (test_lora_train.py) and with DreamBooth (test_dreambooth.py::test_train_resume_exact), both through this loop.
+@pytest.mark.slow
 def test_resume_equals_uninterrupted(tmp_path):
     full = ldm.train_and_evaluate(tiny_config(6), tmp_path / "full")
     first = ldm.train_and_evaluate(tiny_config(3), tmp_path / "split")

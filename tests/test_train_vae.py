@@ -90,6 +90,9 @@ def test_export_loads_in_diffusers(vae_run):
     assert np.linalg.norm(np.asarray(ours) - theirs) / np.linalg.norm(theirs) < 1e-5
 
 
+# Behind --slow (~32 s): the one train loop's exact resume is checked fast for the LDM objective
+# (test_lora_train.py, test_dreambooth.py) and for CLIP (test_train_clip.py).
+@pytest.mark.slow
 def test_resume_equals_uninterrupted(tmp_path):
     """Across the discriminator's start step."""
     full = vae_train.train_and_evaluate(tiny_config(DISC_START + 2), tmp_path / "full")

@@ -1,4 +1,10 @@
-"""CLI: `python -m t2i_jax.bench --model sd15 --modes unet,sample,train --json out.json`."""
+"""CLI: `python -m t2i_jax.bench --model sd15 --modes unet,sample,train --json out.json`.
+
+Ahead of time for a TPU topology, on any machine with libtpu (`pip install -e ".[tpu-aot]"`):
+`--aot tpu:v5e:4x4 --what sample,train_ldm,train_clip` compiles and reports per-chip memory, FLOPs,
+bytes, roofline bounds and collectives; `--plan tpu:v5e:16x16 --batch 2048` finds the smallest FSDP
+degree and remat policy whose LDM train step fits the chip.
+"""
 
 from __future__ import annotations
 
@@ -39,7 +45,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=int, default=None,
                    help="image side in pixels, a multiple of 8 (default: native, 512 for sd15, 768 for sd21)")
     p.add_argument("--steps", type=_positive_int("steps"), default=50, help="sampler steps")
-    p.add_argument("--batch-size", type=_positive_int("batch size"), default=None,
+    p.add_argument("--batch-size", "--batch", type=_positive_int("batch size"), default=None,
                    help="global batch, split over all devices (default: one per device)")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
                    help="compute dtype (default: bf16 on GPU/TPU, fp32 on CPU); params stay fp32")
@@ -70,7 +76,41 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--profile-iters", type=_positive_int("profile iters"), default=3,
                    help="calls traced per mode with --profile")
     p.add_argument("--json", default=None, help="write every figure to this JSON file (atomically)")
+    g = p.add_argument_group("TPU, ahead of time (needs libtpu; no TPU needed)")
+    g.add_argument("--aot", default=None, metavar="TOPOLOGY",
+                   help="compile for this TPU topology instead of timing here, e.g. tpu:v5e:4x4, tpu:v6e:2x2, "
+                        "tpu:v5p:2x2x1; --model, --resolution, --batch, --steps, --scheduler apply")
+    g.add_argument("--plan", default=None, metavar="TOPOLOGY",
+                   help="memory planner: the smallest FSDP degree and remat policy whose LDM train step at "
+                        "--batch fits a chip of this topology, found by compiling a few candidates")
+    g.add_argument("--what", default="sample,train_ldm,train_clip",
+                   help="with --aot, comma-separated: sample (denoise+decode loop), train_ldm (the LDM trainer's "
+                        "step, cached latents), train_clip (CLIP's contrastive step)")
+    g.add_argument("--fsdp", type=_positive_int("fsdp"), default=None,
+                   help="with --aot: FSDP degree of the train steps (default: the config's mesh.fsdp)")
     return p
+
+
+def aot_main(args: argparse.Namespace, argv: list[str]) -> dict:
+    """--aot / --plan: compile for a TPU topology; prints the table, writes --json."""
+    from t2i_jax.bench import aot
+    from t2i_jax.bench import plan as plan_lib
+
+    topology = args.plan or args.aot
+    s = aot.AotSettings(topology=topology, model=args.model, resolution=args.resolution, batch=args.batch_size,
+                        what=tuple(w.strip() for w in args.what.split(",") if w.strip()), steps=args.steps,
+                        scheduler=args.scheduler, guidance_scale=args.guidance_scale, fsdp=args.fsdp,
+                        remat=True if args.remat else None)
+    started = time.time()
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    report = plan_lib.plan(s, log) if args.plan else aot.run(s, log)
+    report = {"command": "python -m t2i_jax.bench " + shlex.join(argv), "argv": argv,
+              "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), "versions": versions(),
+              "host": platform.node(), "cpu_count": os.cpu_count(), "wall_s": time.time() - started, **report}
+    print(plan_lib.table(report) if args.plan else aot.table(report), flush=True)
+    if args.json:
+        write_json(args.json, report)
+    return report
 
 
 def settings_from_args(args: argparse.Namespace) -> core.BenchSettings:
@@ -154,7 +194,12 @@ def table(report: dict) -> str:
 def main(argv: Sequence[str] | None = None) -> dict:
     """Parses flags, runs the benchmark, prints the table, writes --json."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    if args.aot and args.plan:
+        p.error("--aot and --plan are separate runs; give one of them")
+    if args.aot or args.plan:
+        return aot_main(args, argv)
     settings = settings_from_args(args)
     started = time.time()
     report = core.run(settings, log=lambda m: print(m, file=sys.stderr, flush=True))
