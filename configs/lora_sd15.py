@@ -23,38 +23,21 @@ the frozen U-Net is ~1.7 GB in bf16, the text encoder ~0.25 GB (bf16) and the VA
 run on a GPU.
 """
 
-import ml_collections
-
-from t2i_jax.train import ldm
+from configs import sd15_finetune
 
 
 def get_config(arg=None):
-    c = ldm.default_config()
-    c.model.init_from = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-    c.model.dtype = "bfloat16"
-    c.model.remat = True
-    c.model.attention_impl = ""  # "cudnn" on NVIDIA GPUs
+    # sd15_finetune's model, data, dtype, remat and eval; LoRA's own optimizer and schedule.
+    c = sd15_finetune.get_config(arg)
     c.lora.rank = 8
     c.lora.alpha = 8.0
     c.lora.dropout = 0.0
     c.lora.targets = "to_q|to_k|to_v|to_out"
     c.lora.text_encoder_targets = ""
-    c.data = ml_collections.ConfigDict({"name": "jsonl", "path": arg or "", "images": "", "resolution": 512,
-                                        "seed": 0, "random_flip": True, "worker_count": 4})
-    c.batch_size = 8
     c.train.steps = 3000
-    c.train.log_every = 50
     c.train.checkpoint_every = 500
     c.optim.lr = 1e-4
     c.optim.warmup_steps = 0
-    c.optim.weight_decay = 1e-2
-    c.optim.grad_clip = 1.0
     c.ema_decay = 0.0
-    c.diffusion.prediction_type = ""  # keep the model's own (epsilon for SD 1.5)
-    c.diffusion.snr_gamma = 5.0
-    c.diffusion.caption_dropout = 0.1
     c.eval.every = 500
-    c.eval.prompts = ["a photo of an astronaut riding a horse", "a watercolor painting of a fox"]
-    c.eval.steps = 25
-    c.eval.guidance_scale = 7.5
     return c
