@@ -23,12 +23,21 @@ the frozen U-Net is ~1.7 GB in bf16, the text encoder ~0.25 GB (bf16) and the VA
 run on a GPU.
 """
 
-from configs import sd15_finetune
+import importlib.util
+from pathlib import Path
+
+
+def _base():
+    # By path, as configs/bundled_ldm.py does: the config loads from any working directory.
+    spec = importlib.util.spec_from_file_location("sd15_finetune", Path(__file__).with_name("sd15_finetune.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def get_config(arg=None):
     # sd15_finetune's model, data, dtype, remat and eval; LoRA's own optimizer and schedule.
-    c = sd15_finetune.get_config(arg)
+    c = _base().get_config(arg)
     c.lora.rank = 8
     c.lora.alpha = 8.0
     c.lora.dropout = 0.0
