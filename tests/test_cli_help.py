@@ -66,3 +66,14 @@ def test_quiet_console_drops_the_tpu_backend_notice_only(caplog):
         log.warning("Unable to initialize backend 'tpu': INTERNAL: Failed to open libtpu.so")
         log.warning("An NVIDIA GPU may be present on this machine, but a CUDA-enabled jaxlib is not installed.")
     assert [r.getMessage()[:9] for r in caplog.records] == ["An NVIDIA"]
+
+
+def test_train_help_exits_0_and_a_missing_config_does_not():
+    import subprocess
+    import sys
+
+    ok = subprocess.run([sys.executable, "-m", "t2i_jax.train", "--help"], capture_output=True, text=True,
+                        timeout=300)
+    assert ok.returncode == 0 and "--workdir" in ok.stdout, (ok.returncode, ok.stderr[-500:])
+    bad = subprocess.run([sys.executable, "-m", "t2i_jax.train"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "--config and --workdir are required" in bad.stderr, bad.stderr[-500:]

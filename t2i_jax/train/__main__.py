@@ -100,5 +100,13 @@ def _train(config, workdir, distributed) -> dict:
     return result
 
 
+HELP_FLAGS = ("--help", "-h", "--helpshort", "--helpfull", "-?")
+
 if __name__ == "__main__":
-    app.run(main)
+    try:
+        app.run(main)
+    except SystemExit as e:
+        # absl prints the usage for --help and exits 1; the convention (and this project's other CLIs) is 0.
+        if e.code == 1 and any(a in HELP_FLAGS for a in sys.argv[1:]):
+            sys.exit(0)
+        raise
