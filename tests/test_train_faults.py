@@ -23,6 +23,7 @@ sys.path.insert(0, str(REPO))
 from test_train_clip import quick_config  # noqa: E402  (clip_shapes, small and quiet)
 
 from launch import local_multiprocess  # noqa: E402
+from t2i_jax.train import checkpoint as checkpoint_lib  # noqa: E402
 from t2i_jax.train import clip as clip_train  # noqa: E402
 from t2i_jax.train import metrics as metrics_lib  # noqa: E402
 from t2i_jax.train.__main__ import EXIT_STOPPED  # noqa: E402
@@ -65,6 +66,23 @@ def test_config_changes_lists_leaves_and_absent_keys():
     allowed = check_resume({"optim": {"lr": 1.0}}, {"optim": {"lr": 2.0}}, step=2, directory="d",
                            allow="optim.*")
     assert allowed == [("optim.lr", 1.0, 2.0)]
+
+
+def test_a_key_added_since_the_checkpoint_at_its_default_is_no_change():
+    # A checkpoint written before `lora` existed resumes with the key at its default (LoRA off) ...
+    saved = {"train": {"steps": 2}}
+    new = {"train": {"steps": 2}, "lora": {"rank": 0, "alpha": 0.0}}
+    defaults = {"train": {"steps": 100}, "lora": {"rank": 0, "alpha": 0.0}}
+    assert check_resume(saved, new, step=2, directory="d", defaults=defaults) == []
+    # ... but not with it turned on, and without the defaults every added key is a change.
+    with pytest.raises(ConfigMismatchError, match=r"lora.rank: \"<absent>\" in the checkpoint, now 4"):
+        check_resume(saved, {**new, "lora": {"rank": 4, "alpha": 0.0}}, step=2, directory="d", defaults=defaults)
+    with pytest.raises(ConfigMismatchError, match="lora.alpha"):
+        check_resume(saved, new, step=2, directory="d")
+    # The trainers' own defaults are the ones a Checkpointer applies.
+    ldm = checkpoint_lib._trainer_defaults("ldm")
+    assert ldm["lora"]["rank"] == 0 and ldm["objective"] == "ldm"
+    assert checkpoint_lib._trainer_defaults("no_such_trainer") is None
 
 
 def test_resume_with_changed_model_or_batch_is_refused_and_keeps_the_record(two_step_run, tmp_path):

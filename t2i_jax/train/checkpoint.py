@@ -23,6 +23,7 @@ and both values, unless `train.allow_changes` names it.
 from __future__ import annotations
 
 import fnmatch
+import importlib
 import json
 import logging
 import re
@@ -86,16 +87,22 @@ def _matches(key: str, patterns) -> bool:
                for p in patterns if p)
 
 
-def check_resume(saved: Mapping, new: Mapping, *, step: int, directory, allow: str | tuple = ()) -> list:
+def check_resume(saved: Mapping, new: Mapping, *, step: int, directory, allow: str | tuple = (),
+                 defaults: Mapping | None = None) -> list:
     """Checks that a run may resume with config `new` from a checkpoint saved with `saved`.
 
     Returns the changes it allows (keys in `RESUMABLE` or in `allow`: comma-separated keys or
     globs, `train.allow_changes`); raises ConfigMismatchError listing every other change with
-    both values and the two ways out.
+    both values and the two ways out. `defaults` (the trainer's `default_config()`): a key the
+    checkpoint's config lacks (it was written before the key existed) whose new value is its
+    default is no change, since the default keeps what that version did.
     """
     if isinstance(allow, str):
         allow = tuple(a.strip() for a in allow.split(",") if a.strip())
     changes = config_changes(saved, new)
+    if defaults is not None:
+        known = traverse_util.flatten_dict(json.loads(json.dumps(_as_dict(defaults), default=str)), sep=".")
+        changes = [c for c in changes if not (c[1] == _ABSENT and c[0] in known and known[c[0]] == c[2])]
     refused = [c for c in changes if not _matches(c[0], RESUMABLE + tuple(allow))]
     if refused:
         lines = "\n".join(f"  {k}: {json.dumps(a, default=str)} in the checkpoint, now {json.dumps(b, default=str)}"
@@ -107,6 +114,18 @@ def check_resume(saved: Mapping, new: Mapping, *, step: int, directory, allow: s
             f"Resume with the checkpoint's values (its config is in {directory}/{step}/config), use a new "
             f"--workdir for a new run, or accept the change with --config.train.allow_changes={keys}")
     return [c for c in changes if c not in refused]
+
+
+def _trainer_defaults(objective) -> dict | None:
+    """`t2i_jax.train.<objective>.default_config()` as a dict, or None for an unknown objective."""
+    if not isinstance(objective, str) or not objective.isidentifier():
+        return None
+    try:
+        module = importlib.import_module(f"t2i_jax.train.{objective}")
+    except ImportError:
+        return None
+    make = getattr(module, "default_config", None)
+    return _as_dict(make()) if callable(make) else None
 
 
 def _short(e: BaseException, head: int = 120, tail: int = 280) -> str:
@@ -221,7 +240,8 @@ class Checkpointer:
                 f"run in another --workdir")
         new = _as_dict(config)
         allow = new.get("train", {}).get("allow_changes", "")
-        changes = check_resume(self.restore_config(step), new, step=step, directory=self.directory, allow=allow)
+        changes = check_resume(self.restore_config(step), new, step=step, directory=self.directory, allow=allow,
+                               defaults=_trainer_defaults(new.get("objective")))
         for k, a, b in changes:
             log.info("resume: %s changed from %s to %s", k, json.dumps(a, default=str), json.dumps(b, default=str))
         return changes
