@@ -25,6 +25,7 @@ PROMPT = ["a red circle on a blue background"]
 SIZE = 32  # pixels; the tiny VAE halves each side
 # Convolutions in every place the original layout renames (resnets, the shortcut, down- and upsampler).
 CONV_TARGETS = ["conv1", "conv2", "conv_shortcut", "time_emb_proj", "conv", "proj_in"]
+SEED = 7
 KW = dict(steps=3, guidance_scale=5.0, scheduler="euler", height=SIZE, width=SIZE)
 
 
@@ -40,19 +41,24 @@ def _save_peft(folder, ref, seed, alpha, unet_targets=UNET_TARGETS):
 
 
 @pytest.fixture(scope="module")
-def xl(tmp_path_factory):
+def xl(tmp_path_factory, compilation_cache):  # the CLI test reads the Sampler's compiled programs
     root = tmp_path_factory.mktemp("sdxl-adapters")
     made = build_tiny_sdxl(root / "model")
     a = _save_peft(root / "a", made, seed=1, alpha=8)  # scale 2
     b = _save_peft(root / "b", made, seed=4, alpha=4, unet_targets=CONV_TARGETS)  # scale 1, convolutions
     bundle = load_components(str(root / "model"))
     # `a` as kohya writes an SDXL LoRA (lora_unet_input_blocks_..., lora_te1_, lora_te2_), by save_lora.
-    kohya = lora.save_lora(root / "a_kohya.safetensors", lora.read_lora(a, bundle.params), fmt="kohya")
+    # Written without `params`, as the trainer's export does: the layers themselves say SDXL.
+    layers = lora.read_lora(a, bundle.params)
+    kohya = lora.save_lora(root / "a_kohya.safetensors", layers, fmt="kohya")
+    saved = lora.save_lora(root / "a_saved.safetensors", layers, fmt="diffusers")
     ref = diffusers.StableDiffusionXLPipeline.from_pretrained(root / "model")
     ref.set_progress_bar_config(disable=True)
-    for name, path in (("a", a), ("b", b), ("a_kohya", kohya)):
+    for name, path in (("a", a), ("b", b), ("a_kohya", kohya), ("a_saved", saved)):
         ref.load_lora_weights(str(path), adapter_name=name)
-    latents = np.random.RandomState(0).randn(1, SIZE // 2, SIZE // 2, 4).astype(np.float32)
+    # The Sampler's own starting latents for SEED, handed to diffusers: our calls then take seeds, as the CLI,
+    # and the CLI test reads the TI Sampler's compiled program from the module's compilation cache.
+    latents = np.asarray(pipeline.seeded_normal([SEED], (SIZE // 2, SIZE // 2, 4)))
     mesh = pipeline.make_mesh(devices=jax.devices()[:1])
     # One sampler for every LoRA case: merged params keep the base's shapes (update_params, no recompile).
     return dict(root=root, ref=ref, bundle=bundle, a=a, b=b, kohya=kohya, latents=latents, mesh=mesh,
@@ -75,7 +81,7 @@ def _ours(s, loras=(), sampler=None, bundle=None, prompt=PROMPT):
     merged = lora.apply_adapters(bundle or s["bundle"], loras=loras)
     sampler = sampler or s["sampler"]
     sampler.update_params(merged.params)
-    return sampler(prompt, seeds=[0], latents=s["latents"], **KW), merged
+    return sampler(prompt, seeds=[SEED], **KW), merged
 
 
 def _changed(merged, base):
@@ -119,9 +125,11 @@ def test_two_loras_and_kohya_match_diffusers(xl):
     assert np.abs(_reference(xl, ["a_kohya"], [1.0]) - want).max() <= 1 / 255
     kohya, _ = _ours(xl, loras=[(xl["kohya"], 1.0)])
     assert np.abs(kohya - want).max() <= 1 / 255
+    # save_lora's diffusers/PEFT file (text_encoder_2 with its text_model. level), read by diffusers.
+    assert np.abs(_reference(xl, ["a_saved"], [1.0]) - want).max() <= 1 / 255
 
 
-def test_sgm_names_of_convolutions():
+def test_sgm_names_of_convolutions(xl, tmp_path):
     """The original layout's resnet, sampler and embedding names (layers_per_block 2), which kohya's
     conv LoRAs use, as diffusers' `_maybe_map_sgm_blocks_to_diffusers` reads them back."""
     names = {
@@ -139,6 +147,17 @@ def test_sgm_names_of_convolutions():
     # An up block without attention (the refiner's first) has its upsampler at .1.
     assert lora.sgm_name("up_blocks.0.upsamplers.0.conv", 2, frozenset({1, 2})) == "output_blocks.2.1.conv"
     assert lora.sgm_name("down_blocks.1.resnets.0.norm1") is None
+    # A U-Net-only conv LoRA written with the bundle's params: its layout, and read back to the same layers.
+    layers = [x for x in lora.read_lora(xl["b"], xl["bundle"].params) if x.component == "unet"]
+    path = lora.save_lora(tmp_path / "b_kohya.safetensors", layers, fmt="kohya", params=xl["bundle"].params)
+    keys = set(core.read_safetensors(path))
+    assert "lora_unet_output_blocks_2_2_conv.lora_down.weight" in keys  # up_blocks.0's upsampler
+    assert "lora_unet_input_blocks_4_0_skip_connection.alpha" in keys
+    back = {x.module: x for x in lora.read_lora(path, xl["bundle"].params)}
+    assert sorted(back) == sorted(x.module for x in layers)
+    for x in layers:
+        np.testing.assert_array_equal(back[x.module].up, x.up)
+        assert back[x.module].scale == x.scale
 
 
 def test_unmatched_lora_keys_are_named(xl, tmp_path):
@@ -204,15 +223,15 @@ def test_embedding_family_errors(xl, embedded, tmp_path):
         lora.apply_adapters(xl["bundle"], embeddings=[(tmp_path / "wide.safetensors", "<wide>")])
 
 
-def test_cli_with_lora_and_embedding(xl, embedded, tmp_path, monkeypatch):
+def test_cli_with_lora_and_embedding(xl, embedded, tmp_path, monkeypatch, capsys):
     prompt = "a xl-style circle"
     make_mesh = pipeline.make_mesh  # one device: a batch of 1, not one image per fake device
     monkeypatch.setattr(pipeline, "make_mesh", lambda devices=None: make_mesh(devices=jax.devices()[:1]))
 
     def argv(out, lora_file):
         return ["--model", str(xl["root"] / "model"), "--prompt", prompt, "--steps", "3", "--scheduler", "euler",
-                "--guidance-scale", "5", "--height", str(SIZE), "--width", str(SIZE), "--seed", "7", "--dtype", "fp32",
-                "--attention", "xla", "--no-compilation-cache", "--embedding", str(embedded["path"]),
+                "--guidance-scale", "5", "--height", str(SIZE), "--width", str(SIZE), "--seed", str(SEED),
+                "--no-compilation-cache", "--embedding", str(embedded["path"]),
                 "--lora", lora_file, "--out", str(out)]
 
     out = tmp_path / "out"
@@ -225,11 +244,42 @@ def test_cli_with_lora_and_embedding(xl, embedded, tmp_path, monkeypatch):
     got = np.asarray(Image.open(out / entry["file"]).convert("RGB"))
     merged = lora.apply_adapters(embedded["bundle"], loras=[(xl["kohya"], 0.6)])
     embedded["sampler"].update_params(merged.params)
-    want = pipeline.to_uint8(embedded["sampler"]([prompt], seeds=[7], **KW))
+    assert entry["seed"] == SEED
+    want = pipeline.to_uint8(embedded["sampler"]([prompt], seeds=[SEED], **KW))
     assert got.std() > 10 and np.abs(got.astype(int) - want[0].astype(int)).max() <= 1
     # A name this U-Net lacks (SD1's fourth down block) is a usage error, before any image is written.
     bad = tmp_path / "bad.safetensors"
     core.write_safetensors({"lora_unet_down_blocks_3_attentions_0_proj_in.lora_down.weight":
                             np.zeros((4, 8), np.float32)}, bad)
+    capsys.readouterr()
     assert sample.main(argv(tmp_path / "bad_out", str(bad))) == 2
+    assert "1 of its 1 keys match no layer of this model: 'lora_unet_down_blocks_3_attentions_0_proj_in" in (
+        capsys.readouterr().err)
     assert not list((tmp_path / "bad_out").glob("*.png"))
+
+
+@pytest.mark.slow
+def test_refiner_takes_clip_g(xl, embedded, tmp_path_factory, monkeypatch):
+    """An SDXL refiner has only the second encoder: an SDXL embedding adds its clip_g rows there, and
+    `--refiner` with `--embedding` gives the refiner the token too (the LoRA is the base's only)."""
+    root = tmp_path_factory.mktemp("sdxl-refiner")
+    build_tiny_sdxl(root / "model", refiner=True)
+    refiner = load_components(str(root / "model"))
+    ours = lora.apply_adapters(refiner, embeddings=[(embedded["path"], None)])
+    assert ours.text_encoder is None and ours.tokenizer is None
+    table = ours.params["text_encoder_2"]["text_model"]["embeddings"]["token_embedding"]["embedding"]
+    np.testing.assert_array_equal(np.asarray(table[49408:]), embedded["tensors"]["clip_g"].numpy())
+    assert ours.tokenizer_2.expansions == {"xl-style": "xl-style xl-style_1"}
+    assert ours.tokenizer_2(["a xl-style"])[0, 2:4].tolist() == [49408, 49409]
+    make_mesh = pipeline.make_mesh
+    monkeypatch.setattr(pipeline, "make_mesh", lambda devices=None: make_mesh(devices=jax.devices()[:1]))
+    out = root / "out"
+    argv = ["--model", str(xl["root"] / "model"), "--refiner", str(root / "model"), "--high-noise-frac", "0.75",
+            "--prompt", "a xl-style circle", "--steps", "4", "--scheduler", "euler", "--height", str(SIZE),
+            "--width", str(SIZE), "--no-compilation-cache", "--embedding", str(embedded["path"]),
+            "--lora", f"{xl['kohya']}:0.6", "--out", str(out)]
+    assert sample.main(argv) == 0
+    (entry,) = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    from PIL import Image
+
+    assert np.asarray(Image.open(out / entry["file"])).std() > 10
