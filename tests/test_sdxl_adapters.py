@@ -283,3 +283,20 @@ def test_refiner_takes_clip_g(xl, embedded, tmp_path_factory, monkeypatch):
     from PIL import Image
 
     assert np.asarray(Image.open(out / entry["file"])).std() > 10
+
+
+@pytest.mark.slow
+def test_kohya_conv_lora_in_the_original_layout_matches_diffusers(xl):
+    """The convolution LoRA `b` (resnets, shortcut, down- and upsampler, time_emb_proj) written by save_lora in
+    kohya's original-layout names: diffusers' own converter reads it to the PEFT file's image, and so do we."""
+    path = lora.save_lora(xl["root"] / "b_kohya.safetensors", lora.read_lora(xl["b"], xl["bundle"].params),
+                          fmt="kohya")
+    keys = set(core.read_safetensors(path))
+    assert {"lora_unet_input_blocks_3_0_op.lora_down.weight", "lora_unet_input_blocks_1_0_emb_layers_1.alpha",
+            "lora_unet_middle_block_2_out_layers_3.lora_up.weight"} <= keys
+    xl["ref"].load_lora_weights(str(path), adapter_name="b_kohya")
+    want = _reference(xl, ["b"], [1.0])
+    assert np.abs(want - _reference(xl, ["a"], [0.0])).max() > 0.03
+    assert np.abs(_reference(xl, ["b_kohya"], [1.0]) - want).max() <= 1 / 255
+    ours, _ = _ours(xl, loras=[(path, 1.0)])
+    assert np.abs(ours - want).max() <= 1 / 255
