@@ -223,19 +223,21 @@ def test_embedding_family_errors(xl, embedded, tmp_path):
         lora.apply_adapters(xl["bundle"], embeddings=[(tmp_path / "wide.safetensors", "<wide>")])
 
 
-def test_cli_with_lora_and_embedding(xl, embedded, tmp_path, monkeypatch, capsys):
-    prompt = "a xl-style circle"
+CLI_PROMPT = "a xl-style circle"
+
+
+def _cli(xl, embedded, out, lora_file, monkeypatch):
     make_mesh = pipeline.make_mesh  # one device: a batch of 1, not one image per fake device
     monkeypatch.setattr(pipeline, "make_mesh", lambda devices=None: make_mesh(devices=jax.devices()[:1]))
+    return sample.main(["--model", str(xl["root"] / "model"), "--prompt", CLI_PROMPT, "--steps", "3",
+                        "--scheduler", "euler", "--guidance-scale", "5", "--height", str(SIZE), "--width", str(SIZE),
+                        "--seed", str(SEED), "--no-compilation-cache", "--embedding", str(embedded["path"]),
+                        "--lora", lora_file, "--out", str(out)])
 
-    def argv(out, lora_file):
-        return ["--model", str(xl["root"] / "model"), "--prompt", prompt, "--steps", "3", "--scheduler", "euler",
-                "--guidance-scale", "5", "--height", str(SIZE), "--width", str(SIZE), "--seed", str(SEED),
-                "--no-compilation-cache", "--embedding", str(embedded["path"]),
-                "--lora", lora_file, "--out", str(out)]
 
+def test_cli_with_lora_and_embedding(xl, embedded, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    assert sample.main(argv(out, f"{xl['kohya']}:0.6")) == 0
+    assert _cli(xl, embedded, out, f"{xl['kohya']}:0.6", monkeypatch) == 0
     (entry,) = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
     assert entry["lora"] == [[sample.file_hash(str(xl["kohya"])), 0.6]]
     assert entry["embeddings"] == [[sample.file_hash(str(embedded["path"])), None]]
@@ -245,17 +247,20 @@ def test_cli_with_lora_and_embedding(xl, embedded, tmp_path, monkeypatch, capsys
     merged = lora.apply_adapters(embedded["bundle"], loras=[(xl["kohya"], 0.6)])
     embedded["sampler"].update_params(merged.params)
     assert entry["seed"] == SEED
-    want = pipeline.to_uint8(embedded["sampler"]([prompt], seeds=[SEED], **KW))
+    want = pipeline.to_uint8(embedded["sampler"]([CLI_PROMPT], seeds=[SEED], **KW))
     assert got.std() > 10 and np.abs(got.astype(int) - want[0].astype(int)).max() <= 1
-    # A name this U-Net lacks (SD1's fourth down block) is a usage error, before any image is written.
+
+
+@pytest.mark.slow
+def test_cli_names_unmatched_lora_keys(xl, embedded, tmp_path, monkeypatch, capsys):
+    """A name this U-Net lacks (SD1's fourth down block) is a usage error, before any image is written."""
     bad = tmp_path / "bad.safetensors"
     core.write_safetensors({"lora_unet_down_blocks_3_attentions_0_proj_in.lora_down.weight":
                             np.zeros((4, 8), np.float32)}, bad)
-    capsys.readouterr()
-    assert sample.main(argv(tmp_path / "bad_out", str(bad))) == 2
+    assert _cli(xl, embedded, tmp_path / "out", str(bad), monkeypatch) == 2
     assert "1 of its 1 keys match no layer of this model: 'lora_unet_down_blocks_3_attentions_0_proj_in" in (
         capsys.readouterr().err)
-    assert not list((tmp_path / "bad_out").glob("*.png"))
+    assert not list((tmp_path / "out").glob("*.png"))
 
 
 @pytest.mark.slow
