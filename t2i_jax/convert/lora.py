@@ -331,8 +331,10 @@ def apply_adapters(pipe, loras: Sequence[tuple[str | os.PathLike, float]] = (),
 
     `loras`: (file, weight) pairs, merged together (weights as diffusers' `set_adapters`
     adapter_weights: 1.0 is the LoRA as trained). `embeddings`: (file, token or None for the
-    file's own name); see `t2i_jax.convert.embeddings.add_embeddings`. Build the `Sampler`
-    from the returned bundle: it then compiles with the merged params.
+    file's own name); see `t2i_jax.convert.embeddings.add_embeddings`. SD 1.x/2.x and SDXL
+    bundles alike: an SDXL LoRA's text_encoder_2 layers merge into the second encoder, an SDXL
+    embedding's clip_l / clip_g vectors into the first / second. Build the `Sampler` from the
+    returned bundle: it then compiles with the merged params.
     """
     from t2i_jax.convert import embeddings as emb_lib
 
