@@ -586,10 +586,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="ControlNet guess mode: the nets see only the prompt half, residuals weighted 0.1..1")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
                    help="LoRA file (diffusers/PEFT or kohya; .safetensors, .bin, .pt) merged into the U-Net and "
-                        "text encoder before compiling, at WEIGHT (default 1.0); repeatable, merged together")
+                        "text encoder(s) before compiling, at WEIGHT (default 1.0); repeatable, merged together; "
+                        "SD 1.x/2.x and SDXL (the base model, not a --refiner)")
     p.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]",
-                   help="textual-inversion embedding (.pt, .safetensors, .bin); write its token (the file's own "
-                        "name, or TOKEN) in the prompts; repeatable")
+                   help="textual-inversion embedding (.pt, .safetensors, .bin; for SDXL one file with clip_l and "
+                        "clip_g); write its token (the file's own name, or TOKEN) in the prompts; repeatable")
     p.add_argument("--dtype", choices=["bf16", "fp32", "fp16"], default=None,
                    help="compute dtype (default: bf16 on GPU/TPU, fp32 on CPU); params stay as loaded")
     p.add_argument("--attention", choices=["auto", "xla", "cudnn"], default="auto",
@@ -777,8 +778,7 @@ def run(args: argparse.Namespace) -> dict:
     pipe = load_components(BUNDLED_MODEL if args.model is None else args.model)
     xl = pipe.is_sdxl
     if xl:
-        for flag, given in (("--mask", args.mask), ("--controlnet", args.controlnet), ("--lora", args.lora),
-                            ("--embedding", args.embedding)):
+        for flag, given in (("--mask", args.mask), ("--controlnet", args.controlnet)):
             if given:
                 raise ValueError(f"{pipe.source} is an SDXL model; {flag} is not supported with SDXL yet")
     if args.refiner is not None and not xl:
@@ -794,6 +794,8 @@ def run(args: argparse.Namespace) -> dict:
         from t2i_jax.convert.lora import apply_adapters
 
         pipe = apply_adapters(pipe, loras, embeddings)
+        if refiner is not None and embeddings:  # its one encoder gets clip_g, so the prompt's tokens read the same
+            refiner = apply_adapters(refiner, embeddings=embeddings)
     tokenizer = pipe.tokenizer or pipe.tokenizer_2  # an SDXL refiner has only the second
     context = tokenizer.max_length
     native = pipe.unet.config.sample_size * pipe.vae_scale

@@ -254,3 +254,15 @@ def test_misshapen_lora_and_embedding_forms(setup, tmp_path):
     core.write_safetensors({"<w>": np.ones((1, 48), np.float32)}, tmp_path / "wide_emb.safetensors")
     with pytest.raises(ValueError, match="vectors of width 48; this text encoder takes 32"):
         lora.apply_adapters(setup["bundle"], embeddings=[(tmp_path / "wide_emb.safetensors", None)])
+
+
+def test_sd1_kohya_export_keeps_diffusers_names(setup, tmp_path):
+    """SDXL's original-layout names are for SDXL only: an SD1 LoRA is written as before (diffusers
+    module names, `lora_te_`), with or without the bundle's params."""
+    layers = lora.read_lora(setup["a"], setup["bundle"].params)
+    for params in (None, setup["bundle"].params):
+        path = lora.save_lora(tmp_path / "k.safetensors", layers, fmt="kohya", params=params)
+        keys = set(core.read_safetensors(path))
+        assert len(keys) == 3 * len(layers)
+        assert all(re.match(r"lora_(unet_(down_blocks|mid_block|up_blocks)_|te_text_model_encoder_layers_)", k)
+                   for k in keys), sorted(keys)[:3]
