@@ -136,6 +136,17 @@ def test_time_ids_from_original_sizes_and_crops(tiny):
     assert not {"original_size", "crop_top_left", "input_ids_2"} & set(sd1)
 
 
+def test_original_size_follows_exif_orientation(tmp_path):
+    """A JPEG stored 40 wide x 24 high with EXIF orientation 6 (turned 90 degrees) is 40 x 24 (h, w)
+    as shown; its original size is read before the JPEG draft decode shrinks it."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(np.full((24, 40, 3), 128, np.uint8)).save(tmp_path / "r.jpg", exif=exif)
+    arr, original = data_lib.decode_image(str(tmp_path / "r.jpg"), 8, with_size=True)
+    assert original == (40, 24) and arr.shape == (13, 8, 3)
+    assert data_lib.decode_image(np.zeros((5, 7, 3), np.uint8), 4, with_size=True)[1] == (5, 7)
+
+
 def test_time_ids_match_the_sampler_formula():
     """`example_time_ids` is `t2i_jax.sdxl.time_ids` (the sampler's): original + crop + target."""
     np.testing.assert_array_equal(sdxl_cond.example_time_ids((768, 1360), (0, 172), 1024),
