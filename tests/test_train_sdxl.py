@@ -369,12 +369,14 @@ def test_lora_round_trip_through_diffusers(tiny, tmp_path):
     plain = np.asarray(unet.apply({"params": base}, x, t, ctx, added))
     assert rel(ours, plain) > 1e-3  # the adapters change the output
     ref = diffusers.StableDiffusionXLPipeline.from_pretrained(root / "model")
-    ref.load_lora_weights(str(tmp_path / "lora" / "export"), weight_name="pytorch_lora_weights.safetensors")
-    with torch.no_grad():
-        got = ref.unet(torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(t), torch.from_numpy(ctx),
-                       added_cond_kwargs={k: torch.from_numpy(np.asarray(v)) for k, v in added.items()}
-                       ).sample.permute(0, 2, 3, 1).numpy()
-    assert rel(ours, got) < 1e-5
+    for name in ("pytorch_lora_weights.safetensors", "lora_kohya.safetensors"):  # diffusers/PEFT, kohya
+        ref.unload_lora_weights()
+        ref.load_lora_weights(str(tmp_path / "lora" / "export"), weight_name=name)
+        with torch.no_grad():
+            got = ref.unet(torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(t), torch.from_numpy(ctx),
+                           added_cond_kwargs={k: torch.from_numpy(np.asarray(v)) for k, v in added.items()}
+                           ).sample.permute(0, 2, 3, 1).numpy()
+        assert rel(ours, got) < 1e-5, name
     # The sampler's path: the adapters merged into the base kernels.
     merged = lora_lib.merged_params(parts["params"], adapters, targets, 2.0)
     assert rel(np.asarray(unet.apply({"params": merged["unet"]}, x, t, ctx, added)), got) < 1e-5
