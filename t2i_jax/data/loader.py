@@ -111,6 +111,8 @@ def make_loader(
     random_crop: bool = False,
     random_flip: bool = False,
     tokenizer=None,
+    tokenizer_2=None,
+    size_conditioning: bool = False,
     skips: SkipLog | None = None,
     worker_count: int = 0,
     worker_buffer_size: int = 1,
@@ -133,6 +135,9 @@ def make_loader(
       shard_index, shard_count: this host's slice; default jax.process_index() / process_count().
       random_crop: random instead of center crop. random_flip: horizontal flip with p = 0.5.
       tokenizer: a `t2i_jax.tokenizer.Tokenizer`; adds `input_ids` int32 [B, max_length].
+      tokenizer_2: SDXL's second tokenizer; adds `input_ids_2` int32 [B, max_length].
+      size_conditioning: SDXL: adds `original_size` and `crop_top_left` int32 [B, 2], each
+        image's (height, width) before the resize and (top, left) of its crop.
       skips: where skipped images are counted; default a new SkipLog (file-backed when
         worker_count > 0, so counts from worker processes add up).
       worker_count: grain worker processes (0: in this process). worker_buffer_size: batches
@@ -179,9 +184,12 @@ def make_loader(
                                                 drop_remainder=True)
     sampler = grain.samplers.IndexSampler(num_records=len(source), shard_options=shard_options, shuffle=shuffle,
                                           num_epochs=num_epochs, seed=seed)
-    ops = [DecodeImage(resolution), DropBad(skips, limit), Preprocess(resolution, random_crop, random_flip)]
+    ops = [DecodeImage(resolution, record_size=size_conditioning), DropBad(skips, limit),
+           Preprocess(resolution, random_crop, random_flip, record_crop=size_conditioning)]
     if tokenizer is not None:
         ops.append(Tokenize(tokenizer))
+    if tokenizer_2 is not None:
+        ops.append(Tokenize(tokenizer_2, key="input_ids_2"))
     ops.append(grain.transforms.Batch(batch_size=per_host, drop_remainder=True))
     if delay_ms:
         ops.append(Delay(float(delay_ms)))

@@ -183,8 +183,11 @@ def _on_white(img: Image.Image) -> Image.Image:
     return Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img).convert("RGB")
 
 
-def decode_image(image, resolution: int | None = None) -> np.ndarray:
+def decode_image(image, resolution: int | None = None, *, with_size: bool = False):
     """Path, encoded bytes or array -> uint8 RGB [H, W, 3]; shorter side resized to `resolution`.
+
+    `with_size`: returns (array, (height, width) of the image before any resize, after its EXIF
+    orientation), the original size SDXL's micro-conditioning reads.
 
     Applies EXIF orientation. Modes: 16-bit grayscale (PIL "I;16*", and "I", taken as 16-bit
     values clipped to [0, 65535]) and uint16 arrays are scaled to 8 bits as round(v * 255 / 65535);
@@ -195,8 +198,13 @@ def decode_image(image, resolution: int | None = None) -> np.ndarray:
     """
     if isinstance(image, np.ndarray):
         img = _array_to_image(image)
+        original = (img.size[1], img.size[0])
     else:
         img = Image.open(io.BytesIO(image) if isinstance(image, (bytes, bytearray, np.bytes_)) else image)
+        # Read before `draft` shrinks a JPEG; EXIF orientations 5-8 turn the image by 90 degrees.
+        original = (img.size[1], img.size[0])
+        if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):
+            original = original[::-1]
         if resolution is not None and img.format == "JPEG":
             # Let libjpeg decode at a reduced scale that still covers the target size.
             scale = resolution / min(img.size)
@@ -212,17 +220,20 @@ def decode_image(image, resolution: int | None = None) -> np.ndarray:
         scale = resolution / min(w, h)
         size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
         img = img.resize(size, Image.Resampling.BICUBIC)
-    return np.asarray(img, dtype=np.uint8)
+    arr = np.asarray(img, dtype=np.uint8)
+    return (arr, original) if with_size else arr
 
 
 @dataclass
 class DecodeImage(grain.transforms.Map):
     """Decodes `image` and resizes its shorter side to `resolution`; marks failures.
 
-    A failure returns `{"error": reason, "key": path}` for `DropBad` to remove.
+    A failure returns `{"error": reason, "key": path}` for `DropBad` to remove. With
+    `record_size`, adds `original_size`: int32 [2], (height, width) before the resize (SDXL).
     """
 
     resolution: int
+    record_size: bool = False
 
     def map(self, element: dict) -> dict:
         if ERROR_KEY in element:  # the source could not read this record (e.g. `TfdsSource`)
@@ -230,13 +241,15 @@ class DecodeImage(grain.transforms.Map):
         image = element["image"]
         where = image if isinstance(image, str) else element.get("key", "<unknown>")
         try:
-            arr = decode_image(image, self.resolution)
+            arr, original = decode_image(image, self.resolution, with_size=True)
         # Any failure of one image (OSError, PIL's SyntaxError/ValueError,
         # DecompressionBombError...) must cost that image, never the run.
         except Exception as e:  # noqa: BLE001
             return {ERROR_KEY: f"{type(e).__name__}: {e}", "key": where}
         out = dict(element)
         out["image"] = arr
+        if self.record_size:
+            out["original_size"] = np.asarray(original, np.int32)
         return out
 
 
@@ -310,11 +323,16 @@ class Preprocess(grain.transforms.RandomMap):
     Input: a decoded record with shorter side == resolution. Output: the record with
     `image` float32 [R, R, 3] in [-1, 1] and `caption` (one of `captions`, drawn per
     record and epoch) instead of `captions`. Other fields pass through.
+
+    With `record_crop`, adds `crop_top_left`: int32 [2], (top, left) of the crop in the resized
+    image as the model sees it: for a flipped image, in the flipped one (diffusers' SDXL training
+    script flips, then crops), so left becomes w - R - left.
     """
 
     resolution: int
     random_crop: bool = False
     random_flip: bool = False
+    record_crop: bool = False
 
     def random_map(self, element: dict, rng: np.random.Generator) -> dict:
         out = dict(element)
@@ -330,22 +348,27 @@ class Preprocess(grain.transforms.RandomMap):
         else:
             top, left = (h - r) // 2, (w - r) // 2
         img = img[top:top + r, left:left + r]
-        if self.random_flip and u_flip < 0.5:
+        flip = self.random_flip and u_flip < 0.5
+        if flip:
             img = img[:, ::-1]
         out["image"] = img.astype(np.float32) / 127.5 - 1.0
+        if self.record_crop:
+            out["crop_top_left"] = np.asarray((top, w - r - left if flip else left), np.int32)
         out["caption"] = captions[int(pick)]
         return out
 
 
 @dataclass
 class Tokenize(grain.transforms.Map):
-    """Adds `input_ids`: the caption's token ids, int32 [max_length], from a `t2i_jax.tokenizer.Tokenizer`."""
+    """Adds `key` (`input_ids`): the caption's token ids, int32 [max_length], from a
+    `t2i_jax.tokenizer.Tokenizer`."""
 
     tokenizer: object
+    key: str = "input_ids"
 
     def map(self, element: dict) -> dict:
         out = dict(element)
-        out["input_ids"] = np.asarray(self.tokenizer(element["caption"])[0], dtype=np.int32)
+        out[self.key] = np.asarray(self.tokenizer(element["caption"])[0], dtype=np.int32)
         return out
 
 

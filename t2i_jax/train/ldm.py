@@ -19,12 +19,15 @@ number of hosts; without it each host streams its own shard (grain).
 At `eval.every` steps and at the end, sample images from the (EMA) params
 go to `workdir/samples/step_N.png`; the result is exported as a diffusers
 StableDiffusionPipeline folder in `workdir/export`.
+
+An SDXL base in `model.init_from` is fine-tuned with both text encoders frozen and
+per-image time ids (`t2i_jax.train.sdxl_cond`), and exported as a
+StableDiffusionXLPipeline folder.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -49,11 +52,12 @@ from t2i_jax.tokenizer import Tokenizer
 from t2i_jax.train import config as config_lib
 from t2i_jax.train import dreambooth as dreambooth_lib
 from t2i_jax.train import export as export_lib
-from t2i_jax.train import inputs
+from t2i_jax.train import inputs, sdxl_cond
 from t2i_jax.train import loop as loop_lib
 from t2i_jax.train import lora as lora_lib
 from t2i_jax.train import state as state_lib
 from t2i_jax.train import workdir as workdir_lib
+from t2i_jax.train.ldm_cache import CacheIterator, build_cache, put_global
 from t2i_jax.train.metrics import MetricWriter
 
 log = logging.getLogger(__name__)
@@ -69,6 +73,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.objective = "ldm"
     c.model = ml_collections.ConfigDict()
     c.model.init_from = ""  # SD pipeline folder / hub id / single file: every component from it
+    c.model.vae_from = ""  # with init_from: a diffusers VAE (folder / hub id) replacing its VAE
     c.model.unet = "tiny"  # from scratch: a UNetConfig.named variant ...
     c.model.overrides = ml_collections.ConfigDict()  # ... with these UNetConfig fields changed
     c.model.dtype = "float32"  # compute dtype ("bfloat16" on accelerators); params stay fp32
@@ -122,151 +127,13 @@ def make_source(config):
     return data_lib.source_from_config(dcfg), dcfg
 
 
-def make_stream(config, source, dcfg, tokenizer):
+def make_stream(config, source, dcfg, tokenizer, tokenizer_2=None):
     """The per-host grain loader: images and their captions' token ids (tokenized by the loader's
-    workers, not on the train loop's thread)."""
+    workers, not on the train loop's thread). SDXL (`tokenizer_2`): also the second tokenizer's ids
+    and each image's original size and crop."""
     return data_lib.make_loader(source, global_batch_size=config.batch_size, resolution=dcfg["resolution"],
-                                tokenizer=tokenizer, **inputs.loader_kwargs(dcfg))
-
-
-class CacheIterator:
-    """Batches from an in-memory cache, drawn by (seed, step) only: an epoch is a permutation of
-    the records from `default_rng([seed, epoch])`; each host returns its rows of the global batch.
-
-    Checkpointable like a grain iterator (`get_state` / `set_state` bytes).
-    """
-
-    def __init__(self, cache: dict, global_batch: int, seed: int):
-        self.cache, self.global_batch, self.seed, self.step = cache, global_batch, seed, 0
-        self.n = len(cache["mean"])
-        per = global_batch // jax.process_count()
-        self.rows = slice(jax.process_index() * per, (jax.process_index() + 1) * per)
-        self._perms: dict[int, np.ndarray] = {}  # the epochs' permutations in use (at most two)
-
-    def _perm(self, epoch: int) -> np.ndarray:
-        if epoch not in self._perms:
-            if len(self._perms) >= 2:
-                self._perms.pop(min(self._perms))
-            self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.n)
-        return self._perms[epoch]
-
-    def indices(self, step: int) -> tuple[np.ndarray, np.ndarray]:
-        """(record indices, caption indices) of the global batch of `step`."""
-        pos = step * self.global_batch + np.arange(self.global_batch)
-        epochs = pos // self.n
-        idx = np.empty_like(pos)
-        for e in np.unique(epochs):
-            idx[epochs == e] = self._perm(int(e))[pos[epochs == e] % self.n]
-        u = np.random.default_rng([self.seed, step, 1]).random(self.global_batch)
-        cap = self.cache["cap_start"][idx] + (u * self.cache["cap_count"][idx]).astype(np.int64)
-        return idx, cap
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict:
-        idx, cap = (a[self.rows] for a in self.indices(self.step))
-        self.step += 1
-        return {"mean": self.cache["mean"][idx], "std": self.cache["std"][idx],
-                "context": self.cache["context"][cap]}
-
-    def get_state(self) -> bytes:
-        return json.dumps({"step": self.step, "seed": self.seed, "records": self.n}).encode()
-
-    def set_state(self, state) -> None:
-        s = json.loads(state.decode() if isinstance(state, bytes) else state)
-        if (s["seed"], s["records"]) != (self.seed, self.n):
-            raise ValueError(f"the checkpoint's data cache had seed {s['seed']} and {s['records']} records; this run "
-                             f"has seed {self.seed} and {self.n}: resume with the config it was saved with")
-        self.step = s["step"]
-
-    def start_prefetch(self) -> None:  # grain's checkpoint handler calls it after a restore
-        pass
-
-
-def put_global(tree, shardings):
-    """Host arrays, the same on every host, -> global arrays with `shardings` (each device takes its part)."""
-    return jax.tree_util.tree_map(
-        lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda idx, x=x: np.asarray(x)[idx]),
-        tree, shardings)
-
-
-def _encode_in_chunks(fn, params, arrays: list, chunk: int, mesh) -> list:
-    """Runs jitted `fn(params, *chunk_arrays)` over the leading axis of host arrays (the same on
-    every host); each host feeds its rows, results come back whole on every host."""
-    n_dev, n_proc = mesh.devices.size, jax.process_count()
-    chunk = max(n_dev, -(-chunk // n_dev) * n_dev)
-    per = chunk // n_proc
-    out = []
-    for i in range(0, len(arrays[0]), chunk):
-        parts = []
-        for a in arrays:
-            c = a[i:i + chunk]
-            if len(c) < chunk:
-                c = np.concatenate([c, np.repeat(c[-1:], chunk - len(c), 0)])
-            parts.append(c[jax.process_index() * per:(jax.process_index() + 1) * per])
-        res = fn(params, *parallel.host_to_global(parts, mesh))
-        out.append(jax.tree_util.tree_map(lambda x, n=min(chunk, len(arrays[0]) - i): np.asarray(x)[:n], res))
-    return jax.tree_util.tree_map(lambda *xs: np.concatenate(xs), *out)
-
-
-def build_cache(config, source, res: int, parts, tokenizer, frozen, mesh) -> dict:
-    """Encodes records [0, cache.size) once, `cache.batch_size` images at a time as they are read:
-    {"mean", "std" [N, h, w, c], "context" [M, L, D] for every caption, "cap_start", "cap_count" [N]},
-    "empty" [L, D] (the "" caption's states) and "skipped" [(key, reason)]: a record whose image
-    does not decode is left out and counted, as the streaming loader does."""
-    n = int(config.cache.size) or len(source)
-    if n > 10_000_000:
-        raise ValueError(f"{source!r} is endless; set cache.size to the number of records to cache")
-    rep = parallel.replicated(mesh)
-    vae, te = parts["vae"], parts["text_encoder"]
-
-    def enc_img(fp, x):
-        post = vae.apply({"params": fp["vae"]}, x, method=vae.encode)
-        return post.mean, post.std
-
-    def enc_txt(fp, ids):
-        return te.apply({"params": fp["text_encoder"]}, ids).last_hidden_state.astype(jnp.float32)
-
-    enc_img, enc_txt = jax.jit(enc_img, out_shardings=rep), jax.jit(enc_txt, out_shardings=rep)
-    bs = int(config.cache.batch_size)
-    means, stds, pending, captions, start, count, skipped = [], [], [], [], [], [], []
-
-    def flush():
-        if pending:
-            m, sd = _encode_in_chunks(enc_img, frozen, [np.stack(pending)], bs, mesh)
-            means.append(m)
-            stds.append(sd)
-            pending.clear()
-
-    for i in range(n):
-        rec = source[i]
-        try:
-            img = data_lib.decode_image(rec["image"], res)
-        except Exception as e:  # noqa: BLE001  one bad image costs that image, as in the streaming loader
-            key = str(rec.get("key", i))
-            log.warning("cache: skipping image %s: %s", key, e)
-            skipped.append((key, str(e)))
-            continue
-        h, w = img.shape[:2]
-        top, left = (h - res) // 2, (w - res) // 2
-        pending.append(img[top:top + res, left:left + res].astype(np.float32) / 127.5 - 1.0)
-        start.append(len(captions))
-        count.append(len(rec["captions"]))
-        captions += list(rec["captions"])
-        if len(pending) == bs:
-            flush()
-    flush()
-    if not start:
-        names = ", ".join(k for k, _ in skipped[:5])
-        raise ValueError(f"none of the {n} records of {source!r} has an image that decodes (e.g. {names}); "
-                         "check the dataset's image paths")
-    mean, std = np.concatenate(means), np.concatenate(stds)
-    context = _encode_in_chunks(enc_txt, frozen, [tokenizer(captions + [""])], bs, mesh)
-    log.info("cached %d records (%d captions, %d images skipped): latents %s, text states %s", len(start),
-             len(captions), len(skipped), mean.shape[1:], context.shape[1:])
-    return {"mean": mean, "std": std, "context": context[:-1], "empty": context[-1],
-            "cap_start": np.asarray(start), "cap_count": np.asarray(count), "skipped": skipped}
+                                tokenizer=tokenizer, tokenizer_2=tokenizer_2,
+                                size_conditioning=tokenizer_2 is not None, **inputs.loader_kwargs(dcfg))
 
 
 # ===========================================================================
@@ -291,18 +158,18 @@ def _text_encoder(config, kw):
 
 def make_parts(config) -> dict:
     """{"tokenizer", "text_encoder", "vae", "unet", "scheduler_config", "params": {text_encoder, vae, unet
-    (host params or None: from scratch)}}."""
+    (host params or None: from scratch)}}; an SDXL `init_from` adds "tokenizer_2", "text_encoder_2"
+    (params too) and "pipeline_options"."""
     m = config.model
     dtype = jnp.dtype(m.dtype)
     kw = dict(dtype=dtype, attention_impl=m.attention_impl or None)
     if m.init_from:
-        pipe = load_components(m.init_from, dtype=dtype, attention_impl=m.attention_impl or None)
-        unet = pipe.unet.clone(remat=m.remat)
-        sched = dict(pipe.scheduler_config)
-        if config.diffusion.prediction_type:
-            sched["prediction_type"] = config.diffusion.prediction_type
-        return {"tokenizer": pipe.tokenizer, "text_encoder": pipe.text_encoder, "vae": pipe.vae, "unet": unet,
-                "scheduler_config": sched, "params": dict(pipe.params)}
+        pipe = load_components(m.init_from, dtype=dtype, attention_impl=m.attention_impl or None,
+                               vae=m.get("vae_from") or None)
+        return parts_from_pipeline(pipe, config)
+    if m.get("vae_from"):
+        raise ValueError(f"model.vae_from {m.vae_from!r} replaces the VAE of model.init_from, which is not set; "
+                         "set model.init_from, or vae.path for a from-scratch U-Net")
     tokenizer, te, te_params = _text_encoder(config, kw)
     if config.vae.path:
         vae, vae_params = diffusers_convert.load_vae(config.vae.path, dtype=dtype)
@@ -361,13 +228,17 @@ def diffusion_loss(model_output, x0, noise, timesteps, alphas_cumprod, *, predic
 # Step (the shared tail is t2i_jax.train.loop)
 # ===========================================================================
 
-def batch_keys(cached: bool) -> tuple[str, ...]:
-    """The host arrays of a train batch: cached posteriors and text states, or images and token ids."""
+def batch_keys(cached: bool, xl: bool = False) -> tuple[str, ...]:
+    """The host arrays of a train batch: cached posteriors and text states, or images and token ids
+    (`xl`: SDXL's, `sdxl_cond.batch_keys`)."""
+    if xl:
+        return sdxl_cond.batch_keys(cached)
     return ("mean", "std", "context") if cached else ("image", "input_ids")
 
 
-def make_objective(parts, config, cached: bool, empty_ids: np.ndarray, empty_context) -> loop_lib.Objective:
-    """The diffusion loss of the U-Net on (micro-)batches conditioned by the frozen VAE and text encoder."""
+def make_objective(parts, config, cached: bool, empty_ids, empty_context, empty_pooled=None) -> loop_lib.Objective:
+    """The diffusion loss of the U-Net on (micro-)batches conditioned by the frozen VAE and text encoder
+    (SDXL: both encoders and time ids; `empty_ids` is then `sdxl_cond.empty_ids`' pair)."""
     dc = config.diffusion
     unet, vae, te = parts["unet"], parts["vae"], parts["text_encoder"]
     abar = jnp.asarray(schedulers.from_config("ddpm", parts["scheduler_config"]).alphas_cumprod)
@@ -375,6 +246,7 @@ def make_objective(parts, config, cached: bool, empty_ids: np.ndarray, empty_con
     prediction = parts["scheduler_config"]["prediction_type"]
     lo = lora_lib.enabled(config)  # params are then {"unet": adapters[, "text_encoder": adapters]}
     lora_kw = dict(lora_scale=lora_lib.scale(config), dropout=float(config.lora.dropout)) if lo else {}
+    xl = sdxl_cond.is_sdxl(unet)
 
     def augment(frozen, batch, key):
         """The step's randomness for the whole batch: timesteps, noise, posterior noise, caption dropout."""
@@ -396,30 +268,37 @@ def make_objective(parts, config, cached: bool, empty_ids: np.ndarray, empty_con
         return {**batch, **rnd}
 
     def condition(frozen, mb, te_adapters=None):
-        """(latents, text states) of a micro-batch, with its caption dropout applied (and the text
-        encoder's LoRA adapters, whose gradients then flow through it)."""
+        """(latents, text states, SDXL's added_cond_kwargs or None) of a micro-batch, with its caption
+        dropout applied (and the text encoder's LoRA adapters, whose gradients then flow through it)."""
         drop = mb["drop"]
+        z = mb["mean"] + mb["std"] * mb["eps_z"] if cached else None
+        if z is None:
+            post = vae.apply({"params": frozen["vae"]}, mb["image"], method=vae.encode)
+            z = post.mean + post.std * mb["eps_z"]
+        x0 = jax.lax.stop_gradient(to_latents(vae.config, z))
+        if xl:
+            ctx, added = sdxl_cond.condition(parts, frozen, mb, cached=cached,
+                                             empty=empty_context if cached else empty_ids, empty_pooled=empty_pooled)
+            return x0, jax.lax.stop_gradient(ctx), jax.lax.stop_gradient(added)
         if cached:
-            z = mb["mean"] + mb["std"] * mb["eps_z"]
             ctx = jnp.where(drop[:, None, None], jnp.asarray(empty_context)[None].astype(mb["context"].dtype),
                             mb["context"])
         else:
-            post = vae.apply({"params": frozen["vae"]}, mb["image"], method=vae.encode)
-            z = post.mean + post.std * mb["eps_z"]
             ids = jnp.where(drop[:, None], jnp.asarray(empty_ids)[None], mb["input_ids"])
             ctx = lora_lib.apply(te, {"params": frozen["text_encoder"]}, te_adapters, ids, rng=mb.get("lora_rng"),
                                  **lora_kw).last_hidden_state
-        return jax.lax.stop_gradient(to_latents(vae.config, z)), ctx if te_adapters else jax.lax.stop_gradient(ctx)
+        return x0, ctx if te_adapters else jax.lax.stop_gradient(ctx), None
 
     def loss_fn(params, frozen, mb, step):
         del step
-        x0, ctx = condition(frozen, mb, params.get("text_encoder") if lo else None)
+        x0, ctx, added = condition(frozen, mb, params.get("text_encoder") if lo else None)
         xt = schedulers.add_noise(abar, x0, mb["noise"], mb["t"])
+        args = (xt, mb["t"], ctx) + ((added,) if added is not None else ())
         if lo:
-            out = lora_lib.apply(unet, {"params": frozen["unet"]}, params.get("unet"), xt, mb["t"], ctx,
-                                 rng=mb.get("lora_rng"), **lora_kw)
+            out = lora_lib.apply(unet, {"params": frozen["unet"]}, params.get("unet"), *args, rng=mb.get("lora_rng"),
+                                 **lora_kw)
         else:
-            out = unet.apply({"params": params}, xt, mb["t"], ctx)
+            out = unet.apply({"params": params}, *args)
         errors = lambda gamma: diffusion_loss(out, x0, mb["noise"], mb["t"], abar, prediction_type=prediction,  # noqa: E731
                                               snr_gamma=gamma, per_example=True)
         if config.dreambooth.enabled:  # instance + prior_loss_weight * class loss
@@ -429,7 +308,8 @@ def make_objective(parts, config, cached: bool, empty_ids: np.ndarray, empty_con
             loss, aux = jnp.mean(errors(dc.snr_gamma)), {}
         return loss, {"latent_std": jnp.std(x0), **aux}
 
-    return loop_lib.Objective("ldm", loss_fn, batch_keys(cached) + dreambooth_lib.batch_keys(config), augment=augment)
+    return loop_lib.Objective("ldm", loss_fn, batch_keys(cached, xl) + dreambooth_lib.batch_keys(config),
+                              augment=augment)
 
 
 def make_optimizer(config, total_steps: int):
@@ -437,13 +317,15 @@ def make_optimizer(config, total_steps: int):
     return state_lib.make_optimizer(ml_collections.ConfigDict({**config.optim.to_dict(), "total_steps": total_steps}))
 
 
-def setup_step(parts, config, mesh, *, cached: bool, total_steps: int, empty_context=None) -> dict:
+def setup_step(parts, config, mesh, *, cached: bool, total_steps: int, empty_context=None, empty_pooled=None
+               ) -> dict:
     """The trainer's step and the layout around it, for `train_and_evaluate` and the benchmark.
 
     Returns {"step_fn" (jitted `(state, acc, frozen, batch) -> (state, acc)`, state and accumulator
     donated), "objective", "tx", "schedule", "init" (params -> fresh state, traceable),
     "abstract_state", "shardings" (of the state), "frozen_shardings", "empty_ids", "lora_targets"
-    (None without LoRA)}. With LoRA, frozen holds "unet" too (`lora.frozen_base`).
+    (None without LoRA)}. With LoRA, frozen holds "unet" too (`lora.frozen_base`); with SDXL
+    "text_encoder_2" too, and cached runs take the "" caption's pooled embedding (`empty_pooled`).
     """
     unet = parts["unet"]
     tx, schedule = make_optimizer(config, total_steps)
@@ -453,13 +335,14 @@ def setup_step(parts, config, mesh, *, cached: bool, total_steps: int, empty_con
     else:
         targets, abstract_params = None, jax.eval_shape(unet.init, jax.random.PRNGKey(0),
                                                         *unet_lib.dummy_inputs(unet.config))["params"]
-    frozen_keys = ("vae", "text_encoder") + (("unet",) if targets else ())
+    xl = sdxl_cond.is_sdxl(unet)
+    frozen_keys = ("vae", "text_encoder") + (("text_encoder_2",) if xl else ()) + (("unet",) if targets else ())
     abstract_state = jax.eval_shape(init, abstract_params)
     shardings = state_lib.state_shardings(abstract_state, parallel.DEFAULT_RULES, mesh, config.mesh.fsdp_min_size)
     frozen_sh = {k: jax.tree_util.tree_map(lambda _: parallel.replicated(mesh), parts["params"][k])
                  for k in frozen_keys}
-    empty_ids = parts["tokenizer"]([""])[0]
-    objective = make_objective(parts, config, cached, empty_ids, empty_context)
+    empty_ids = sdxl_cond.empty_ids(parts) if xl else parts["tokenizer"]([""])[0]
+    objective = make_objective(parts, config, cached, empty_ids, empty_context, empty_pooled)
     step_fn = loop_lib.make_train_step(objective, tx, schedule, config, mesh, shardings, frozen_sh)
     return {"step_fn": step_fn, "objective": objective, "tx": tx, "schedule": schedule, "init": init,
             "abstract_state": abstract_state, "shardings": shardings, "frozen_shardings": frozen_sh,
@@ -471,8 +354,12 @@ def parts_from_pipeline(pipe: StableDiffusion, config) -> dict:
     sched = dict(pipe.scheduler_config)
     if config.diffusion.prediction_type:
         sched["prediction_type"] = config.diffusion.prediction_type
-    return {"tokenizer": pipe.tokenizer, "text_encoder": pipe.text_encoder, "vae": pipe.vae,
-            "unet": pipe.unet.clone(remat=config.model.remat), "scheduler_config": sched, "params": dict(pipe.params)}
+    parts = {"tokenizer": pipe.tokenizer, "text_encoder": pipe.text_encoder, "vae": pipe.vae,
+             "unet": pipe.unet.clone(remat=config.model.remat), "scheduler_config": sched, "params": dict(pipe.params)}
+    if pipe.is_sdxl:
+        parts.update(tokenizer_2=pipe.tokenizer_2, text_encoder_2=pipe.text_encoder_2,
+                     pipeline_options=dict(pipe.pipeline_options))
+    return parts
 
 
 # ===========================================================================
@@ -483,7 +370,9 @@ def build_pipeline(parts, unet_params, source: str = "") -> StableDiffusion:
     """A `StableDiffusion` of the frozen parts and these U-Net params (host arrays)."""
     return StableDiffusion(parts["tokenizer"], parts["text_encoder"], parts["unet"].clone(remat=False),
                            parts["vae"], {**parts["params"], "unet": unet_params}, parts["scheduler_config"],
-                           source=source)
+                           source=source, tokenizer_2=parts.get("tokenizer_2"),
+                           text_encoder_2=parts.get("text_encoder_2"),
+                           pipeline_options=dict(parts.get("pipeline_options", {})))
 
 
 class SampleWriter:
@@ -546,6 +435,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     # --- model, data -------------------------------------------------------
     parts = make_parts(config)
     unet, vae, tokenizer = parts["unet"], parts["vae"], parts["tokenizer"]
+    xl = sdxl_cond.is_sdxl(unet)
+    if xl:
+        sdxl_cond.check(config, parts)
     res = int(config.data.resolution)
     if res % (vae.config.downsample_factor * 2 ** (len(unet.config.block_out_channels) - 1)):
         raise ValueError(f"data.resolution {res} must be a multiple of the VAE factor {vae.config.downsample_factor}"
@@ -565,7 +457,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         raise ValueError(f"batch_size {config.batch_size} / grad_accum {config.train.grad_accum} must be a multiple "
                          f"of the {n_dev} devices")
     lo = lora_lib.enabled(config)
-    frozen_host = {"vae": parts["params"]["vae"], "text_encoder": parts["params"]["text_encoder"]}
+    frozen_host = {k: parts["params"][k] for k in ("vae", "text_encoder") + (("text_encoder_2",) if xl else ())}
     if lo and parts["params"]["unet"] is not None:  # the base weights, frozen in the compute dtype
         frozen_host = lora_lib.frozen_params(parts["params"], config)
     frozen = put_global(frozen_host, jax.tree_util.tree_map(lambda _: parallel.replicated(mesh), frozen_host))
@@ -584,9 +476,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     elif dream is not None:
         it, empty_context, skipped = dream.stream_iterator(tokenizer), None, (lambda: 0)
     else:
-        loader = make_stream(config, source, dcfg, tokenizer)
+        loader = make_stream(config, source, dcfg, tokenizer, parts.get("tokenizer_2"))
         it, empty_context, skipped = iter(loader), None, loader.skipped_count
-    run = setup_step(parts, config, mesh, cached=cached, total_steps=total_steps, empty_context=empty_context)
+    prepare = sdxl_cond.stream_prepare(res, sdxl_cond.num_time_ids(parts)) if xl and not cached else None
+    run = setup_step(parts, config, mesh, cached=cached, total_steps=total_steps, empty_context=empty_context,
+                     empty_pooled=cache.get("empty_pooled") if cached else None)
     shardings, init = run["shardings"], run["init"]
 
     # --- checkpoint: resume or start -------------------------------------------
@@ -628,7 +522,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             run["objective"], config, tx=run["tx"], schedule=run["schedule"], mesh=mesh, ckpt=ckpt, writer=writer,
             is_main=is_main, state=state, state_shardings=shardings, frozen=frozen,
             frozen_shardings=run["frozen_shardings"], data_iter=it, start=start, total_steps=total_steps,
-            evals=evals, skipped=skipped)
+            prepare=prepare, evals=evals, skipped=skipped)
     finally:
         writer.close()
         ckpt.close()

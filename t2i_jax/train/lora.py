@@ -151,8 +151,9 @@ def frozen_base(tree, dtype):
 
 def frozen_params(params: dict, config) -> dict:
     """The frozen step argument of a LoRA run from host {"unet", "text_encoder", "vae"} params:
-    U-Net and text encoder through `frozen_base` in `config.model.dtype`, the VAE as it is."""
-    return {"vae": params["vae"], **{k: frozen_base(params[k], config.model.dtype) for k in COMPONENTS}}
+    U-Net and text encoder (SDXL: both) through `frozen_base` in `config.model.dtype`, the VAE as it is."""
+    keys = COMPONENTS + (("text_encoder_2",) if params.get("text_encoder_2") is not None else ())
+    return {"vae": params["vae"], **{k: frozen_base(params[k], config.model.dtype) for k in keys}}
 
 
 # ===========================================================================
