@@ -16,6 +16,7 @@ import diffusers
 import jax
 import numpy as np
 import pytest
+import safetensors.numpy
 import torch
 from flax import traverse_util
 from PIL import Image
@@ -377,6 +378,10 @@ def test_lora_round_trip_through_diffusers(tiny, tmp_path):
                            added_cond_kwargs={k: torch.from_numpy(np.asarray(v)) for k, v in added.items()}
                            ).sample.permute(0, 2, 3, 1).numpy()
         assert rel(ours, got) < 1e-5, name
+    # kohya SDXL files name the U-Net in the original (sgm) layout, as A1111's do.
+    kohya = safetensors.numpy.load_file(tmp_path / "lora" / "export" / "lora_kohya.safetensors")
+    assert any(k.startswith("lora_unet_input_blocks_") for k in kohya), sorted(kohya)[:4]
+    assert not any(k.startswith("lora_unet_down_blocks_") for k in kohya)
     # The sampler's path: the adapters merged into the base kernels.
     merged = lora_lib.merged_params(parts["params"], adapters, targets, 2.0)
     assert rel(np.asarray(unet.apply({"params": merged["unet"]}, x, t, ctx, added)), got) < 1e-5
