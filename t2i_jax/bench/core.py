@@ -35,6 +35,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from t2i_jax import parallel, pipeline, schedulers
+from t2i_jax import sdxl as sdxl_lib
 from t2i_jax.bench import devices as devices_lib
 from t2i_jax.bench import flops as flops_lib
 from t2i_jax.bench import profile as profile_lib
@@ -48,6 +49,7 @@ from t2i_jax.tokenizer import Tokenizer
 MODES = ("unet", "sample", "train", "train_stream")
 # Modes the diffusers reference also runs (train_stream has no counterpart there).
 REFERENCE_MODES = ("unet", "sample", "train")
+SDXL_MODES = ("unet", "sample")  # the LDM trainer has no SDXL step (yet)
 ATTENTION = ("auto", "xla", "cudnn")
 PROMPT = "a photograph of an astronaut riding a horse on the moon"
 
@@ -66,12 +68,60 @@ class ModelSpec:
     # Replacements in the text encoder config (the tiny CLIP is narrower than
     # the tiny U-Net's cross-attention).
     text_overrides: tuple[tuple[str, Any], ...] = ()
+    # Replacements in the named U-Net and VAE configs (a tiny SDXL is the SDXL
+    # layout at toy widths; SDXL's VAE is SD's with another latent scale).
+    unet_overrides: tuple[tuple[str, Any], ...] = ()
+    vae_overrides: tuple[tuple[str, Any], ...] = ()
+    # SDXL: the second text encoder (OpenCLIP ViT-bigG, with projection), as
+    # a named CLIP text config plus replacements; None for SD 1.x/2.x.
+    text_2: str | None = None
+    text_2_overrides: tuple[tuple[str, Any], ...] = ()
+    scheduler: str = "pndm"  # the sampler of the model's diffusers pipeline (SD: PNDM; SDXL: Euler)
 
+    @property
+    def is_sdxl(self) -> bool:
+        """Two text encoders, pooled text and time ids into the U-Net."""
+        return self.text_2 is not None
+
+    def unet_config(self) -> unet_lib.UNetConfig:
+        return dataclasses.replace(unet_lib.UNetConfig.named(self.unet), **dict(self.unet_overrides))
+
+    def vae_config(self) -> vae_lib.VAEConfig:
+        return dataclasses.replace(vae_lib.VAEConfig.named(self.vae), **dict(self.vae_overrides))
+
+    def text_config(self) -> clip_lib.CLIPTextConfig:
+        return dataclasses.replace(clip_lib.named_config(self.text).text, **dict(self.text_overrides))
+
+    def text_2_config(self) -> clip_lib.CLIPTextConfig | None:
+        if self.text_2 is None:
+            return None
+        return dataclasses.replace(clip_lib.named_config(self.text_2).text, **dict(self.text_2_overrides))
+
+
+# OpenCLIP ViT-bigG/14's text tower, SDXL's second encoder (diffusers' text_encoder_2/config.json).
+_BIGG = (("hidden_size", 1280), ("intermediate_size", 5120), ("num_hidden_layers", 32),
+         ("num_attention_heads", 20), ("hidden_act", "gelu"), ("projection_dim", 1280))
+# SDXL's layout at toy widths, as tests/test_sdxl.py builds it: no attention in
+# the first block, 1 and 2 transformer layers, pooled 32 + 6 time ids of 8.
+_TINY_SDXL_UNET = (("sample_size", 16), ("block_out_channels", (32, 64)),
+                   ("down_block_types", ("DownBlock2D", "CrossAttnDownBlock2D")),
+                   ("up_block_types", ("CrossAttnUpBlock2D", "UpBlock2D")), ("transformer_layers_per_block", (1, 2)),
+                   ("attention_head_dim", (2, 4)), ("norm_num_groups", 8), ("cross_attention_dim", 64),
+                   ("addition_time_embed_dim", 8), ("projection_class_embeddings_input_dim", 32 + 6 * 8))
+_TINY_TEXT = (("hidden_size", 32), ("intermediate_size", 64))
+_SDXL_VAE = (("scaling_factor", 0.13025),)
 
 MODELS = {
     "tiny": ModelSpec("tiny", "tiny", "tiny", (("hidden_size", 64), ("intermediate_size", 128))),
     "sd15": ModelSpec("sd15", "sd", "vit-l-14"),
     "sd21": ModelSpec("sd21", "sd", "sd2-text"),
+    # SDXL 1.0 base: CLIP ViT-L (768) + OpenCLIP bigG (1280) side by side -> 2048-wide context.
+    "sdxl": ModelSpec("sdxl", "sd", "vit-l-14", vae_overrides=_SDXL_VAE, text_2="vit-l-14", text_2_overrides=_BIGG,
+                      scheduler="euler"),
+    "tiny-sdxl": ModelSpec("sdxl", "tiny", "tiny", _TINY_TEXT, unet_overrides=_TINY_SDXL_UNET,
+                           vae_overrides=_SDXL_VAE, text_2="tiny",
+                           text_2_overrides=_TINY_TEXT + (("hidden_act", "gelu"), ("projection_dim", 32)),
+                           scheduler="euler"),
 }
 
 
@@ -82,13 +132,14 @@ class BenchSettings:
     model: str = "tiny"  # one of MODELS
     resolution: int | None = None  # image side in pixels (default: the model's native size)
     steps: int = 50  # sampler steps (PNDM runs steps + 1 model evaluations)
+    num_devices: int | None = None  # use the first N devices (default: all)
     batch_size: int | None = None  # global batch (default: one per device)
     dtype: str | None = None  # compute dtype "bf16"/"fp32" (default: bf16 on GPU/TPU, fp32 on CPU)
     modes: tuple[str, ...] = MODES
     attention: str = "auto"  # "auto" (cuDNN flash attention where it applies, else XLA), "xla" or "cudnn"
     warmup: int = 2  # untimed calls after compilation
     iters: int = 10  # timed calls
-    scheduler: str = "pndm"  # sampler (SD's default pipeline uses PNDM)
+    scheduler: str | None = None  # sampler (default: the model's pipeline's, PNDM for SD, Euler for SDXL)
     guidance_scale: float = 7.5  # > 1: classifier-free guidance, the U-Net runs on 2x the batch
     unet_cfg: bool = False  # unet mode: run the CFG-sized batch (2x), as sampling does
     remat: bool = False  # train mode: recompute block activations in the backward pass
@@ -128,6 +179,11 @@ def validate(s: BenchSettings, num_devices: int) -> None:
     for m in s.modes:
         if m not in MODES:
             raise ValueError(f"unknown mode {m!r}; choose from {', '.join(MODES)}")
+    if MODELS[s.model].is_sdxl:
+        train = [m for m in s.modes if m not in SDXL_MODES]
+        if train:
+            raise ValueError(f"mode {train[0]!r} is not available for {s.model}: the LDM trainer takes SD 1.x/2.x "
+                             f"U-Nets only; use --modes {','.join(SDXL_MODES)}")
     if s.dtype not in (None, "bf16", "fp32"):
         raise ValueError(f"dtype {s.dtype!r} is not bf16 or fp32")
     if s.attention not in ATTENTION:
@@ -144,7 +200,7 @@ def validate(s: BenchSettings, num_devices: int) -> None:
         raise ValueError(f"--compare {s.compare!r}: only 'diffusers' is supported")
     if s.torch_dtype not in (None, "fp16", "bf16", "fp32"):
         raise ValueError(f"torch dtype {s.torch_dtype!r} is not fp16, bf16 or fp32")
-    if s.scheduler not in schedulers.SCHEDULERS:
+    if s.scheduler is not None and s.scheduler not in schedulers.SCHEDULERS:
         raise ValueError(f"unknown scheduler {s.scheduler!r}; choose one of {sorted(schedulers.SCHEDULERS)}")
     pipeline.check_settings(s.steps, s.guidance_scale)
 
@@ -161,20 +217,26 @@ class Resolved:
     num_devices: int
     dtype: str
     platform: str
+    scheduler: str  # the sampler of the sample mode
 
 
 def resolve(s: BenchSettings, devices: Sequence[jax.Device]) -> Resolved:
-    """Fills the defaults (validating first)."""
+    """Fills the defaults (validating first); `s.num_devices` keeps the first N of `devices`."""
+    if s.num_devices is not None:
+        if not _is_positive_int(s.num_devices) or s.num_devices > len(devices):
+            raise ValueError(f"num_devices {s.num_devices!r} must be a positive integer up to the {len(devices)} "
+                             f"devices here, e.g. 1")
+        devices = list(devices)[:s.num_devices]
     n = len(devices)
     validate(s, n)
     spec = MODELS[s.model]
-    ucfg = unet_lib.UNetConfig.named(spec.unet)
-    factor = vae_lib.VAEConfig.named(spec.vae).downsample_factor
-    res = s.resolution or ucfg.sample_size * factor
+    ucfg = spec.unet_config()
+    factor = spec.vae_config().downsample_factor
+    res = s.resolution or ucfg.sample_size * factor  # 512 sd15, 768 sd21, 1024 sdxl
     bs = s.batch_size or n
     platform = devices[0].platform
     dtype = s.dtype or ("fp32" if platform == "cpu" else "bf16")
-    return Resolved(s.model, res, res // factor, bs, bs // n, n, dtype, platform)
+    return Resolved(s.model, res, res // factor, bs, bs // n, n, dtype, platform, s.scheduler or spec.scheduler)
 
 
 # --------------------------------------------------------------------------
@@ -182,57 +244,140 @@ def resolve(s: BenchSettings, devices: Sequence[jax.Device]) -> Resolved:
 # --------------------------------------------------------------------------
 
 
-def random_params(module, dummy: Sequence, key, sharding) -> dict:
-    """Random params of `module`'s shape, made on device (no init compile of
-    the model itself): norm scales 1, biases 0, embeddings N(0, 0.02),
-    kernels N(0, 1/fan_in), so activations stay O(1) in any dtype.
+# Below this many params, `random_params` draws on the host: XLA:CPU takes
+# seconds to compile the slicing program of a model with hundreds of leaves,
+# numpy draws a few million numbers in milliseconds.
+HOST_DRAW_MAX = 1 << 24
 
-    One normal draw of the total size is cut into the leaves: a draw per
-    leaf would compile hundreds of RNG kernels (slow on XLA:CPU).
+
+def random_params(module, dummy: Sequence, key, sharding) -> dict:
+    """Random params of `module`'s shape (no init compile of the model
+    itself): norm scales 1, biases 0, embeddings N(0, 0.02), kernels
+    N(0, 1/fan_in), so activations stay O(1) in any dtype.
+
+    Large models are made on device: one normal draw of the total size is
+    cut into the leaves (a draw per leaf would compile hundreds of RNG
+    kernels, slow on XLA:CPU). Small ones (under `HOST_DRAW_MAX` params) are
+    drawn on the host with numpy, seeded from `key`, and placed.
     """
     shapes = jax.eval_shape(module.init, jax.random.key(0), *dummy)["params"]
     flat, treedef = jax.tree_util.tree_flatten_with_path(shapes)
     sizes = [math.prod(leaf.shape) for _, leaf in flat]
 
-    def make(key):
-        pool = jax.random.normal(key, (sum(sizes),), jnp.float32)
+    def cut(pool, xp):
         leaves, start = [], 0
         for (path, leaf), size in zip(flat, sizes):
             name = getattr(path[-1], "key", str(path[-1]))
             if name == "scale":
-                leaves.append(jnp.ones(leaf.shape, leaf.dtype))
+                leaves.append(xp.ones(leaf.shape, leaf.dtype))
             elif name == "bias":
-                leaves.append(jnp.zeros(leaf.shape, leaf.dtype))
+                leaves.append(xp.zeros(leaf.shape, leaf.dtype))
             else:
                 std = 0.02 if name == "embedding" else 1.0 / math.sqrt(max(1, math.prod(leaf.shape[:-1])))
                 leaves.append((std * pool[start:start + size]).reshape(leaf.shape).astype(leaf.dtype))
             start += size
         return jax.tree_util.tree_unflatten(treedef, leaves)
 
-    return jax.jit(make, out_shardings=sharding)(key)
+    if sum(sizes) < HOST_DRAW_MAX:
+        seed = np.asarray(jax.random.key_data(key)).astype(np.uint64)
+        pool = np.random.default_rng(seed).standard_normal(sum(sizes), np.float32)
+        return jax.device_put(cut(pool, np), sharding)
+    return jax.jit(lambda k: cut(jax.random.normal(k, (sum(sizes),), jnp.float32), jnp), out_shardings=sharding)(key)
+
+
+def model_parts(model: str, dtype=jnp.float32, attention: str | None = None, *, remat: bool = False) -> dict:
+    """The modules, tokenizers and pipeline options of a named model, no params:
+    the keyword arguments of `pipeline.StableDiffusion` less `params` (SDXL:
+    both text encoders and tokenizers, the base's pipeline options)."""
+    spec = MODELS[model]
+    parts = dict(
+        tokenizer=Tokenizer.bundled(pad_token="!" if spec.text == "sd2-text" else "<|endoftext|>"),
+        text_encoder=clip_lib.CLIPTextModel(spec.text_config(), dtype=dtype, attention_impl=attention),
+        unet=unet_lib.UNet2DConditionModel(spec.unet_config(), dtype=dtype, attention_impl=attention, remat=remat),
+        vae=vae_lib.AutoencoderKL(spec.vae_config(), dtype=dtype),
+        scheduler_config=dict(SD_SCHEDULER), source=f"random {model}")
+    if spec.is_sdxl:
+        # OpenCLIP's tokenizer pads with "!"; the base zeros the empty negative prompt.
+        parts.update(tokenizer_2=Tokenizer.bundled(pad_token="!"),
+                     text_encoder_2=clip_lib.CLIPTextModel(spec.text_2_config(), with_projection=True, dtype=dtype,
+                                                           attention_impl=attention),
+                     pipeline_options={"force_zeros_for_empty_prompt": True, "requires_aesthetics_score": False})
+    return parts
 
 
 def build_model(s: BenchSettings, r: Resolved, mesh, *, remat: bool = False) -> pipeline.StableDiffusion:
     """A StableDiffusion of the named configs with random replicated params."""
-    spec = MODELS[s.model]
-    dtype = devices_lib.dtype_of(r.dtype)
-    attn = s.attention
-    ucfg = unet_lib.UNetConfig.named(spec.unet)
-    vcfg = vae_lib.VAEConfig.named(spec.vae)
-    tcfg = dataclasses.replace(clip_lib.named_config(spec.text).text, **dict(spec.text_overrides))
-    unet = unet_lib.UNet2DConditionModel(ucfg, dtype=dtype, attention_impl=attn, remat=remat)
-    vae = vae_lib.AutoencoderKL(vcfg, dtype=dtype)
-    text = clip_lib.CLIPTextModel(tcfg, dtype=dtype, attention_impl=attn)
+    parts = model_parts(s.model, devices_lib.dtype_of(r.dtype), s.attention, remat=remat)
     repl = NamedSharding(mesh, P())
     key = jax.random.key(s.seed)
-    side = 8 * vcfg.downsample_factor
+    vae = parts["vae"]
+    side = 8 * vae.config.downsample_factor
     params = {
-        "unet": random_params(unet, unet_lib.dummy_inputs(ucfg), jax.random.fold_in(key, 0), repl),
-        "vae": random_params(vae, (jnp.zeros((1, side, side, vcfg.in_channels)),), jax.random.fold_in(key, 1), repl),
-        "text_encoder": random_params(text, clip_lib.dummy_inputs(text), jax.random.fold_in(key, 2), repl),
+        "unet": random_params(parts["unet"], unet_lib.dummy_inputs(parts["unet"].config), jax.random.fold_in(key, 0),
+                              repl),
+        "vae": random_params(vae, (jnp.zeros((1, side, side, vae.config.in_channels)),), jax.random.fold_in(key, 1),
+                             repl),
+        "text_encoder": random_params(parts["text_encoder"], clip_lib.dummy_inputs(parts["text_encoder"]),
+                                      jax.random.fold_in(key, 2), repl),
     }
-    tok = Tokenizer.bundled(pad_token="!" if spec.text == "sd2-text" else "<|endoftext|>")
-    return pipeline.StableDiffusion(tok, text, unet, vae, params, dict(SD_SCHEDULER), source=f"random {s.model}")
+    if "text_encoder_2" in parts:
+        te2 = parts["text_encoder_2"]
+        params["text_encoder_2"] = random_params(te2, clip_lib.dummy_inputs(te2), jax.random.fold_in(key, 3), repl)
+    return pipeline.StableDiffusion(params=params, **parts)
+
+
+def abstract_params(parts: dict) -> dict:
+    """ShapeDtypeStructs of the params of the modules in `parts` (`model_parts(...)`
+    or a subset of it) by param part name; nothing is allocated (a full-size
+    SDXL is 3.5 B params, 14 GB in fp32)."""
+    key = jax.random.key(0)
+    out = {}
+    if parts.get("unet") is not None:
+        out["unet"] = jax.eval_shape(parts["unet"].init, key, *unet_lib.dummy_inputs(parts["unet"].config))["params"]
+    if parts.get("vae") is not None:
+        vae = parts["vae"]
+        side = 8 * vae.config.downsample_factor
+        out["vae"] = jax.eval_shape(vae.init, key, jnp.zeros((1, side, side, vae.config.in_channels)))["params"]
+    for name in ("text_encoder", "text_encoder_2"):
+        if parts.get(name) is not None:
+            out[name] = jax.eval_shape(parts[name].init, key, *clip_lib.dummy_inputs(parts[name]))["params"]
+    return out
+
+
+def lower_sample_loop(model: str, *, batch: int = 1, steps: int = 30, scheduler: str | None = None,
+                      guidance_scale: float = 7.5, resolution: int | None = None, dtype=jnp.float32, mesh=None):
+    """`pipeline.Sampler`'s txt2img program (the denoising loop and the VAE
+    decode, as `Sampler.loop` jits it) for a named model, lowered on abstract
+    params and inputs: compile it for its compile time and cost analysis
+    without holding the weights. Returns (lowered, state) with `state` the
+    scheduler state it runs (`state.num_evals` U-Net evaluations)."""
+    spec = MODELS[model]
+    parts = model_parts(model, dtype)
+    mesh = mesh or parallel.make_mesh()
+    pipe = pipeline.StableDiffusion(params={}, **parts)
+    sampler = pipeline.Sampler(pipe, mesh=mesh, dtype=dtype)
+    # The loop reads the U-Net's and the VAE's params, kernels in the compute dtype (the Sampler's cast_params).
+    params = {k: jax.eval_shape(functools.partial(pipeline.cast_kernels, dtype=dtype), v)
+              for k, v in abstract_params(parts).items() if k in ("unet", "vae")}
+    res = resolution or spec.unet_config().sample_size * pipe.vae_scale
+    lat = (batch, res // pipe.vae_scale, res // pipe.vae_scale, pipe.latent_channels)
+    sched = sampler.scheduler(scheduler or spec.scheduler)
+    state = sched.set_timesteps(steps, lat)
+    S = jax.ShapeDtypeStruct
+    width = pipe.unet.config.per_block("cross_attention_dim")[0]
+    context = S((batch, pipe.tokenizer.max_length, width), jnp.float32)
+    if pipe.is_sdxl:
+        pooled = pipe.text_encoder_2.config.projection_dim
+        ids = unet_lib.text_time_sizes(pipe.unet.config, pooled)
+        cond = {"context": context, "text_embeds": S((batch, pooled), jnp.float32),
+                "time_ids": S((batch, ids), jnp.float32)}
+    else:
+        cond = context
+    use_cfg = guidance_scale > 1.0
+    loop = sampler.loop(scheduler or spec.scheduler, use_cfg, False, False)
+    lowered = loop.lower(params, cond, cond, S((), jnp.float32), S((batch,), jnp.uint32), S(lat, jnp.float32), None,
+                         state)
+    return lowered, state
 
 
 def attention_plan(s: BenchSettings, r: Resolved) -> dict:
@@ -240,10 +385,10 @@ def attention_plan(s: BenchSettings, r: Resolved) -> dict:
     ("cudnn" or "xla"), as `layers.resolve_attention_impl` decides it on the
     default device, and why not cuDNN where it is XLA under "auto"."""
     spec = MODELS[s.model]
-    ucfg = unet_lib.UNetConfig.named(spec.unet)
-    tcfg = dataclasses.replace(clip_lib.named_config(spec.text).text, **dict(spec.text_overrides))
+    ucfg = spec.unet_config()
+    texts = [spec.text_config()] + ([spec.text_2_config()] if spec.is_sdxl else [])
     sizes = {"unet": sorted({ch // h for ch, h in zip(ucfg.block_out_channels, ucfg.per_block("attention_head_dim"))}),
-             "text_encoder": [tcfg.hidden_size // tcfg.num_attention_heads]}
+             "text_encoder": sorted({t.hidden_size // t.num_attention_heads for t in texts})}
     dtype = devices_lib.dtype_of(r.dtype)
     plan = {}
     for part, dims in sizes.items():
@@ -259,7 +404,8 @@ def attention_plan(s: BenchSettings, r: Resolved) -> dict:
 
 
 def text_width(pipe: pipeline.StableDiffusion) -> int:
-    return pipe.text_encoder.config.hidden_size
+    """The width of the U-Net's text context (SDXL: both encoders' side by side)."""
+    return pipe.unet.config.per_block("cross_attention_dim")[0]
 
 
 # --------------------------------------------------------------------------
@@ -329,17 +475,28 @@ def _compile(jitted, *args):
 # --------------------------------------------------------------------------
 
 
-def _unet_apply(unet, params, x, t, ctx):
-    return unet.apply({"params": params}, x, t, ctx)
+def _unet_apply(unet, params, x, t, ctx, added=None):
+    return unet.apply({"params": params}, x, t, ctx, added)
 
 
 def _unet_inputs(pipe, rows: int, latent: int, key, sharding):
+    """(latents, timesteps, text context) for `rows` U-Net rows, and for SDXL
+    its added conditions: a pooled text embedding and the time ids of a
+    square image of the latents' size, uncropped (the sampler's defaults)."""
     c = pipe.latent_channels
-    k1, k2, k3 = jax.random.split(key, 3)
+    k1, k2, k3, k4 = jax.random.split(key, 4)
     x = jax.device_put(jax.random.normal(k1, (rows, latent, latent, c)), sharding)
     t = jax.device_put(jax.random.randint(k2, (rows,), 0, 1000), sharding)
     ctx = jax.device_put(jax.random.normal(k3, (rows, pipe.tokenizer.max_length, text_width(pipe))), sharding)
-    return x, t, ctx
+    if not pipe.is_sdxl:
+        return x, t, ctx
+    pooled = pipe.text_encoder_2.config.projection_dim
+    side = latent * pipe.vae_scale
+    ids, _ = sdxl_lib.time_ids(sdxl_lib.Conditions(), side, side, aesthetic=False, img2img=False,
+                               num_ids=unet_lib.text_time_sizes(pipe.unet.config, pooled))
+    added = {"text_embeds": jax.device_put(jax.random.normal(k4, (rows, pooled)), sharding),
+             "time_ids": jax.device_put(np.broadcast_to(ids, (rows, ids.size)).copy(), sharding)}
+    return x, t, ctx, added
 
 
 def bench_unet(s: BenchSettings, r: Resolved, pipe, mesh, peaks) -> dict:
@@ -361,8 +518,8 @@ def bench_unet(s: BenchSettings, r: Resolved, pipe, mesh, peaks) -> dict:
 
 def bench_sample(s: BenchSettings, r: Resolved, pipe, mesh, peaks) -> dict:
     """The whole txt2img call of `pipeline.Sampler`: tokenize, encode the
-    prompt (and the empty prompt for CFG), the denoising loop, VAE decode,
-    images back on the host."""
+    prompt (and the empty prompt for CFG; SDXL's base zeros it instead, as
+    diffusers), the denoising loop, VAE decode, images back on the host."""
     batch = parallel.batch_sharding(mesh)
     dtype = devices_lib.dtype_of(r.dtype)
     sampler = pipeline.Sampler(pipe, mesh=mesh, dtype=dtype)
@@ -370,7 +527,7 @@ def bench_sample(s: BenchSettings, r: Resolved, pipe, mesh, peaks) -> dict:
     prompts = [PROMPT] * n
     seeds = list(range(n))
     use_cfg = s.guidance_scale > 1.0
-    sched = sampler.scheduler(s.scheduler)
+    sched = sampler.scheduler(r.scheduler)
     lat_shape = (n, r.latent, r.latent, pipe.latent_channels)
     state = sched.set_timesteps(s.steps, lat_shape)
     evals = state.num_evals
@@ -379,12 +536,23 @@ def bench_sample(s: BenchSettings, r: Resolved, pipe, mesh, peaks) -> dict:
     # Compile the Sampler's own jitted functions with the arguments its
     # __call__ builds, so the timed calls below reuse these executables.
     ids = jax.device_put(pipe.tokenizer(prompts), batch)
-    enc_c, _, enc_s = _compile(sampler._encode, sampler.params["text_encoder"], ids)
-    cond = sampler.encode(prompts)
-    loop = sampler.loop(s.scheduler, use_cfg, False, False)
-    loop_args = (sampler.params, cond, cond, jnp.float32(s.guidance_scale),
-                 jax.device_put(np.asarray(seeds, np.uint32), batch),
-                 jax.device_put(np.zeros(lat_shape, np.float32), batch), None, state)
+    if pipe.is_sdxl:
+        ids_2 = jax.device_put(pipe.tokenizer_2(prompts), batch)
+        enc_c, _, enc_s = _compile(sampler._encode_xl, sampler.params["text_encoder"],
+                                   sampler.params["text_encoder_2"], ids, ids_2)
+        # The call's own program and arguments (both encoders' states, pooled text, time ids).
+        loop, loop_args = sampler.prepare(prompts, seeds=seeds, steps=s.steps, guidance_scale=s.guidance_scale,
+                                          scheduler=r.scheduler, height=r.resolution, width=r.resolution)
+        zeros = pipe.pipeline_options.get("force_zeros_for_empty_prompt", True)
+        text_calls = 2 if use_cfg and not zeros else 1
+    else:
+        enc_c, _, enc_s = _compile(sampler._encode, sampler.params["text_encoder"], ids)
+        cond = sampler.encode(prompts)
+        loop = sampler.loop(r.scheduler, use_cfg, False, False)
+        loop_args = (sampler.params, cond, cond, jnp.float32(s.guidance_scale),
+                     jax.device_put(np.asarray(seeds, np.uint32), batch),
+                     jax.device_put(np.zeros(lat_shape, np.float32), batch), None, state)
+        text_calls = 2 if use_cfg else 1
     loop_c, _, loop_s = _compile(loop, *loop_args)
 
     # FLOPs from the pieces (global programs, lowered only).
@@ -395,7 +563,7 @@ def bench_sample(s: BenchSettings, r: Resolved, pipe, mesh, peaks) -> dict:
     vae_f = flops_lib.lowered_flops(jax.jit(
         lambda p, z: pipe.vae.apply({"params": p}, z, method=pipe.vae.decode)).lower(
         pipe.params["vae"], jax.ShapeDtypeStruct(lat_shape, jnp.float32, sharding=batch)))
-    pieces = {"text_encoder_per_call": text_f, "text_encoder_calls": 2 if use_cfg else 1,
+    pieces = {"text_encoder_per_call": text_f, "text_encoder_calls": text_calls,
               "unet_per_eval": unet_f, "unet_rows": rows, "model_evals": evals, "vae_decode": vae_f}
     fpi = None
     if text_f and unet_f and vae_f:
@@ -403,12 +571,12 @@ def bench_sample(s: BenchSettings, r: Resolved, pipe, mesh, peaks) -> dict:
     loop_xla = flops_lib.compiled_flops(loop_c)
 
     call = functools.partial(sampler, prompts, seeds=seeds, steps=s.steps, guidance_scale=s.guidance_scale,
-                             scheduler=s.scheduler, height=r.resolution, width=r.resolution)
+                             scheduler=r.scheduler, height=r.resolution, width=r.resolution)
     timing = time_calls(call, s.warmup, s.iters, lambda x: x)  # returns host numpy: already synced
     out = figures(timing, n, r.num_devices, fpi, *peaks)
     _maybe_profile(s, "sample", call, lambda x: x, out)
     out.update(item="image", model_evals=evals, ms_per_unet_step=timing["ms_per_iter"] / evals,
-               compile_s=enc_s + loop_s, compile_s_text_encoder=enc_s, compile_s_loop=loop_s,
+               scheduler=r.scheduler, compile_s=enc_s + loop_s, compile_s_text_encoder=enc_s, compile_s_loop=loop_s,
                flops_pieces=pieces, loop_xla_flops=loop_xla * r.num_devices if loop_xla else None,
                flops_method=("(text encoder x calls + U-Net x model evals + VAE decode) / batch, "
                              "from separately lowered programs (XLA counts a fori_loop body once)"),
@@ -498,8 +666,8 @@ def device_info(s: BenchSettings, r: Resolved) -> dict:
 def run(s: BenchSettings, log: Callable[[str], None] = lambda m: None) -> dict:
     """Runs every requested mode (and its PyTorch counterpart with
     `compare="diffusers"`); returns all figures as one JSON-able dict."""
-    mesh = parallel.make_mesh()
-    r = resolve(s, list(mesh.devices.flat))
+    r = resolve(s, jax.devices())
+    mesh = parallel.make_mesh(num_devices=r.num_devices)
     dev = device_info(s, r)
     peaks = (dev["peak_tflops_per_device"], dev["measured_matmul_tflops_per_device"])
     results: dict = {}
