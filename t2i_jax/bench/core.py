@@ -102,8 +102,9 @@ class ModelSpec:
 _BIGG = (("hidden_size", 1280), ("intermediate_size", 5120), ("num_hidden_layers", 32),
          ("num_attention_heads", 20), ("hidden_act", "gelu"), ("projection_dim", 1280))
 # SDXL's layout at toy widths, as tests/test_sdxl.py builds it: no attention in
-# the first block, 1 and 2 transformer layers, pooled 32 + 6 time ids of 8.
-_TINY_SDXL_UNET = (("sample_size", 16), ("block_out_channels", (32, 64)),
+# the first block, 1 and 2 transformer layers, pooled 32 + 6 time ids of 8; one
+# resnet per down block (a quicker compile).
+_TINY_SDXL_UNET = (("sample_size", 16), ("block_out_channels", (32, 64)), ("layers_per_block", 1),
                    ("down_block_types", ("DownBlock2D", "CrossAttnDownBlock2D")),
                    ("up_block_types", ("CrossAttnUpBlock2D", "UpBlock2D")), ("transformer_layers_per_block", (1, 2)),
                    ("attention_head_dim", (2, 4)), ("norm_num_groups", 8), ("cross_attention_dim", 64),
