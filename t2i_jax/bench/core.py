@@ -1,7 +1,9 @@
 """Throughput of the U-Net forward, the whole sampler and the latent-diffusion trainer's step.
 
-Each mode builds a named model (`tiny`, `sd15`, `sd21`) with random weights,
-shards the batch over every device of `parallel.make_mesh()` (the mesh
+Each mode builds a named model (`tiny`, `sd15`, `sd21`, `sdxl`, `tiny-sdxl`;
+SDXL with both text encoders, its pooled text and time ids, modes unet and
+sample only) with random weights, shards the batch over every device (or the
+first `num_devices`) of `parallel.make_mesh()` (the mesh
 the sampler and the trainers use; params replicated), compiles once (timed), warms up,
 then times `iters` calls, each ended by `block_until_ready` (or the host copy
 of the images, for sampling). What runs is the product's code: the sampler
@@ -13,7 +15,8 @@ FLOPs come from XLA's cost analysis:
                `t2i_jax.train.ldm`'s own jitted step, on cached latents and on
                images + token ids (frozen VAE encoder and text encoder inside).
   sample:      assembled, because XLA counts a `fori_loop` body once:
-               text encoder x (2 with CFG) + model evaluations x U-Net at the
+               text encoder x (2 with CFG; 1 for SDXL's base, which zeros
+               the empty negative prompt) + model evaluations x U-Net at the
                CFG batch + VAE decode, from separately lowered (global)
                pieces, / the global batch. The loop program's own count is
                kept as `loop_xla_flops` (one body + decode) for reference.
