@@ -13,6 +13,7 @@ import pytest
 
 from t2i_jax import parallel
 from t2i_jax.bench import cli, core, flops
+from t2i_jax.bench import models as bench_models
 from t2i_jax.models import unet as unet_lib
 
 FIGURES = ("items_per_s", "items_per_s_per_device", "ms_per_iter", "flops_per_item", "tflops")
@@ -64,8 +65,8 @@ def test_sample_flops_count_both_encoders_once_and_the_cfg_batch(report):
     total = p["text_encoder_per_call"] + 2 * p["unet_per_eval"] + p["vae_decode"]
     assert ours["flops_per_item"] == pytest.approx(total)
     # One encoding is both encoders: more than the second alone.
-    parts = core.model_parts("tiny-sdxl")
-    params = core.abstract_params(parts)
+    parts = bench_models.model_parts("tiny-sdxl")
+    params = bench_models.abstract_params(parts)
     ids = jax.ShapeDtypeStruct((1, 77), jnp.int32)
 
     def enc(name):
@@ -157,7 +158,7 @@ def test_full_size_sdxl_unet_flops_at_1024():
 def test_full_size_sdxl_sampler_compiles_on_abstract_params():
     mesh = parallel.make_mesh(num_devices=1)
     t0 = time.perf_counter()
-    lowered, state = core.lower_sample_loop("sdxl", batch=1, steps=30, mesh=mesh)
+    lowered, state = bench_models.lower_sample_loop("sdxl", batch=1, steps=30, mesh=mesh)
     lower_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     compiled = lowered.compile()
@@ -167,8 +168,8 @@ def test_full_size_sdxl_sampler_compiles_on_abstract_params():
           f"compile {compile_s:.1f} s, loop program {loop / 1e12:.2f} TFLOP")
     assert state.num_evals == 30
     # The loop body (one U-Net evaluation at the CFG batch of 2) counted once, plus the 1024x1024 decode.
-    vae = core.model_parts("sdxl")["vae"]
+    vae = bench_models.model_parts("sdxl")["vae"]
     decode = flops.lowered_flops(jax.jit(lambda p, z: vae.apply({"params": p}, z, method=vae.decode)).lower(
-        core.abstract_params({"vae": vae})["vae"],
+        bench_models.abstract_params({"vae": vae})["vae"],
         jax.ShapeDtypeStruct((1, 128, 128, 4), jnp.float32)))
     assert loop == pytest.approx(2 * SDXL_UNET_TFLOP * 1e12 + decode, rel=0.05)
