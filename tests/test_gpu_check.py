@@ -132,7 +132,9 @@ def _smoke_markdown_is_ready_for_benchmarks(smoke):
     assert "python -m t2i_jax.bench.gpu_check --smoke" in md
 
 
-@pytest.mark.slow  # 70 s on 2 cores: the whole GPU check at tiny size; its parts have fast tests below
+# 70 s on 2 cores before the sdxl section (217 s with it, on 2 cores under a load of 9): the whole GPU
+# check at tiny size; its parts have fast tests below
+@pytest.mark.slow
 def test_smoke_run(tmp_path):
     # One test for the whole run: under pytest-xdist a module fixture would
     # run the smoke again in every worker that takes one of its tests.
@@ -523,6 +525,12 @@ def test_sdxl_config_defaults_and_flags():
     assert gc.CheckConfig.from_json(json.loads(json.dumps(got.to_json()))) == got
     with pytest.raises(ValueError, match="--sdxl-steps 0 must be a positive integer"):
         gc.config_from_args(gc.parser().parse_args(["--sdxl-steps", "0"]))
+    report = {"env": {"platform": "gpu", "device_kind": "NVIDIA H200"}, "versions": {}, "command": "c", "wall_s": 1.0,
+              "date": "2026-12-01T00:00:00+00:00", "config": cfg.to_json(), "exit_status": 0,
+              "rows": [gc.sdxl_anchor_row(None, 30, {})]}
+    md = gc.format_markdown(report)
+    assert "SDXL: base, 1024x1024, 30 Euler steps, batches 1,4,8 per GPU." in md
+    assert "| sdxl | anchor: MLPerf TensorRT SDXL, 20 steps, images/s per H100 | 2.03 | img/s |" in md
 
 
 @pytest.mark.slow  # the tiny SDXL through the bench, ours and diffusers, on a CPU
