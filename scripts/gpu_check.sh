@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # One GPU check: parity with diffusers/transformers at fp32 and bf16, cuDNN vs
-# XLA attention, sampling and training throughput against diffusers, and the
-# targets, in one table (python -m t2i_jax.bench.gpu_check; --help lists the
-# flags, thresholds and targets).
+# XLA attention, sampling and training throughput against diffusers, SDXL at
+# 1024x1024 (30 steps, batch 1 and best batch, against diffusers and the MLPerf
+# TensorRT anchor), and the targets, in one table (python -m
+# t2i_jax.bench.gpu_check; --help lists the flags, thresholds and targets).
 #
-#   bash scripts/gpu_check.sh                 # the full check, about 7 minutes on an H100/H200
+#   bash scripts/gpu_check.sh                 # the full check, about 10 minutes on an H100/H200 (--budget-s 600)
+#   bash scripts/gpu_check.sh --sections sdxl # the SDXL line alone
 #   bash scripts/gpu_check.sh --smoke         # tiny configs, any machine, well under a minute
 #   bash scripts/gpu_check.sh --sections parity,attention
 #

@@ -255,7 +255,7 @@ def test_datasheet_peaks(kind, dtype, name, peak):
 
 
 @pytest.mark.parametrize("kw,match", [
-    (dict(model="sdxl"), r"unknown model 'sdxl'; choose one of \['sd15', 'sd21', 'tiny'\]"),
+    (dict(model="sd3"), r"unknown model 'sd3'; choose one of \['sd15', 'sd21', 'sdxl', 'tiny', 'tiny-sdxl'\]"),
     (dict(resolution=500), r"resolution 500 is not a multiple of 8; use 496 or 504"),
     (dict(resolution=0), r"resolution 0 must be a positive integer"),
     (dict(batch_size=0), r"batch size 0 must be a positive integer"),

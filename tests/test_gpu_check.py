@@ -55,7 +55,7 @@ def rows_of(report, section):
 
 def _smoke_table_has_every_section(smoke):
     out = smoke["stdout"]
-    for section in ("parity", "attention", "speed", "train", "targets"):
+    for section in ("parity", "attention", "speed", "train", "sdxl", "targets"):
         assert re.search(rf"^{section}\s", out, re.MULTILINE), section
         assert rows_of(smoke["report"], section), section
     assert "exit status 0" in out
@@ -132,7 +132,9 @@ def _smoke_markdown_is_ready_for_benchmarks(smoke):
     assert "python -m t2i_jax.bench.gpu_check --smoke" in md
 
 
-@pytest.mark.slow  # 70 s on 2 cores: the whole GPU check at tiny size; its parts have fast tests below
+# 70 s on 2 cores before the sdxl section (217 s with it, on 2 cores under a load of 9): the whole GPU
+# check at tiny size; its parts have fast tests below
+@pytest.mark.slow
 def test_smoke_run(tmp_path):
     # One test for the whole run: under pytest-xdist a module fixture would
     # run the smoke again in every worker that takes one of its tests.
@@ -150,8 +152,9 @@ def test_help_exits_0_and_shows_defaults():
                           check=False, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     text = " ".join(proc.stdout.split())
-    for s in ("--smoke", "--sections", "--json", "--markdown", "--budget-s", "default: 400", "1,4,8,16,32",
-              "default: fp16", "parity fp32 <= 1e-04"):
+    for s in ("--smoke", "--sections", "--json", "--markdown", "--budget-s", "default: 600", "1,4,8,16,32",
+              "default: fp16", "parity fp32 <= 1e-04", "--sdxl-steps", "default: 30", "--sdxl-batches",
+              "default: 1,4,8"):
         assert s in text, s
 
 
@@ -455,3 +458,89 @@ def test_one_failing_output_fails_its_own_rows_only():
     status = {r["check"]: r["status"] for r in rows}
     assert status == {"good fp32": "pass", "good bf16": "pass", "bad fp32": "FAILED", "bad bf16": "FAILED"}
     assert next(r for r in rows if r["check"] == "bad fp32")["note"] == "ours: ValueError: shape mismatch"
+
+
+# --------------------------------------------------------------------------
+# The SDXL line
+# --------------------------------------------------------------------------
+
+
+def test_sdxl_section_sweeps_sdxl_and_sets_the_anchor_beside_it(monkeypatch):
+    import jax
+
+    calls = _fake_bench(monkeypatch, {1: (0.5, 0.3), 4: (0.8, 0.4), 8: (0.81, 0.45)})
+    fake_pair, settings = gc.bench_pair, []
+    monkeypatch.setattr(gc, "bench_pair", lambda s, log, **kw: settings.append(s) or fake_pair(s, log, **kw))
+    monkeypatch.setattr(gc, "require_gpu", lambda cfg: {"platform": "gpu", "device_count": 1,
+                                                        "device_kind": "NVIDIA H200"})
+    rows = []
+    gc.section_sdxl(gc.CheckConfig().filled(), rows.append, lambda m: None)
+    rows = [r for r in rows if r["section"] == "sdxl"]
+    # SDXL base at 30 steps, batch 1 then the sweep (stopped at 8: under 3% more than 4), diffusers at 1 and at 8.
+    assert {(s.model, s.steps, s.modes, s.scheduler) for s in settings} == {("sdxl", 30, ("sample",), None)}
+    assert bench_core.resolve(settings[0], jax.devices()[:1]).scheduler == "euler"  # SDXL's pipeline default
+    assert calls == [("diffusers", 1, ("sample",)), ("ours", 1, ("sample",)), ("ours", 4, ("sample",)),
+                     ("ours", 8, ("sample",)), ("diffusers", 8, ("sample",))]
+    assert rows[0]["check"] == "SDXL 1024x1024 30 steps CFG 7.5, images/s per GPU, batch 1: ours"
+    best = {r["data"]["side"]: r for r in rows if r["data"].get("best")}
+    assert best["ours"]["value"] == 0.81 and best["ours"]["data"]["batch"] == 8
+    assert best["diffusers"]["value"] == 0.45 and best["ours"]["vs_ref"] == "1.80x diffusers"
+    anchor = rows[-1]
+    assert anchor["check"] == "anchor: MLPerf TensorRT SDXL, 20 steps, images/s per H100"
+    assert anchor["value"] == 2.03 and anchor["unit"] == "img/s"
+    # ours' best at 30 steps scaled to the anchor's 20: 0.81 x 1.5.
+    assert anchor["data"]["ours_at_anchor_steps"] == pytest.approx(1.215)
+    assert anchor["vs_ref"] == "ours 0.60x" and "on NVIDIA H200" in anchor["note"]
+
+
+def test_sdxl_anchor_without_a_figure_of_ours():
+    r = gc.sdxl_anchor_row(None, 30, {})
+    assert r["value"] == 2.03 and r["vs_ref"] == "" and "no figure of ours" in r["note"]
+
+
+def test_sweep_sections_share_the_budget(monkeypatch):
+    seen = {}
+
+    def fake_section(section, sub):
+        seen[section] = sub.deadline - time.time()
+        return []
+
+    monkeypatch.setattr(gc, "run_section_here", fake_section)
+    gc.run_all(gc.CheckConfig(sections=("speed", "train", "sdxl"), budget_s=700.0, isolate=False))
+    # speed 3/7 of the budget; train 2/4 and sdxl all of what is left (the fakes take no time).
+    assert seen["speed"] == pytest.approx(300, abs=5) and seen["train"] == pytest.approx(350, abs=5)
+    assert seen["sdxl"] == pytest.approx(700, abs=5)
+    gc.run_all(gc.CheckConfig(sections=("speed", "train"), budget_s=700.0, isolate=False))
+    assert seen["speed"] == pytest.approx(420, abs=5)  # 60% with train after it, as before SDXL
+
+
+def test_sdxl_config_defaults_and_flags():
+    cfg = gc.CheckConfig().filled()
+    assert (cfg.sdxl_model, cfg.sdxl_steps, cfg.sdxl_batches) == ("sdxl", 30, (1, 4, 8))
+    smoke = gc.CheckConfig(smoke=True).filled()
+    assert (smoke.sdxl_model, smoke.sdxl_steps, smoke.sdxl_batches) == ("tiny-sdxl", 2, (1,))
+    args = gc.parser().parse_args(["--sdxl-steps", "20", "--sdxl-batches", "2,4", "--sections", "sdxl"])
+    got = gc.config_from_args(args)
+    assert (got.sdxl_steps, got.sdxl_batches, got.sections) == (20, (2, 4), ("sdxl",))
+    assert gc.CheckConfig.from_json(json.loads(json.dumps(got.to_json()))) == got
+    with pytest.raises(ValueError, match="--sdxl-steps 0 must be a positive integer"):
+        gc.config_from_args(gc.parser().parse_args(["--sdxl-steps", "0"]))
+    report = {"env": {"platform": "gpu", "device_kind": "NVIDIA H200"}, "versions": {}, "command": "c", "wall_s": 1.0,
+              "date": "2026-12-01T00:00:00+00:00", "config": cfg.to_json(), "exit_status": 0,
+              "rows": [gc.sdxl_anchor_row(None, 30, {})]}
+    md = gc.format_markdown(report)
+    assert "SDXL: base, 1024x1024, 30 Euler steps, batches 1,4,8 per GPU." in md
+    assert "| sdxl | anchor: MLPerf TensorRT SDXL, 20 steps, images/s per H100 | 2.03 | img/s |" in md
+
+
+@pytest.mark.slow  # the tiny SDXL through the bench, ours and diffusers, on a CPU
+def test_sdxl_section_smoke_runs_ours_and_diffusers():
+    rows = []
+    gc.section_sdxl(gc.CheckConfig(smoke=True).filled(), rows.append, lambda m: None)
+    rows = [r for r in rows if r["section"] == "sdxl"]
+    for side in ("ours", "diffusers"):
+        got = [r for r in rows if r["data"].get("side") == side]
+        assert got and all(r["status"] == "ok" and r["value"] > 0 for r in got), got
+    assert rows[0]["check"].startswith("tiny SDXL 2 steps")
+    assert rows[-1]["data"]["ours_at_anchor_steps"] == pytest.approx(
+        next(r for r in rows if r["data"].get("best") and r["data"]["side"] == "ours")["value"] * 2 / 20)

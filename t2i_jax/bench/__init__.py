@@ -1,4 +1,5 @@
-"""Throughput per device: `python -m t2i_jax.bench --model sd15 --compare diffusers`.
+"""Throughput per device: `python -m t2i_jax.bench --model sd15 --compare diffusers`
+(SDXL: `--model sdxl`, 1024x1024, against diffusers' StableDiffusionXLPipeline).
 
 `core.run(BenchSettings(...))` times the U-Net forward ("unet"), the whole
 txt2img sampler ("sample") and one U-Net training step ("train") of a named

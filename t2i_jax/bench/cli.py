@@ -1,5 +1,8 @@
 """CLI: `python -m t2i_jax.bench --model sd15 --modes unet,sample,train --json out.json`.
 
+SDXL: `--model sdxl --modes unet,sample --compare diffusers` (1024x1024, Euler, both text encoders,
+pooled text and time ids; diffusers runs StableDiffusionXLPipeline); `--model tiny-sdxl` is its toy size.
+
 Ahead of time for a TPU topology, on any machine with libtpu (`pip install -e ".[tpu-aot]"`):
 `--aot tpu:v5e:4x4 --what sample,train_ldm,train_clip` compiles and reports per-chip memory, FLOPs,
 bytes, roofline bounds and collectives; `--plan tpu:v5e:16x16 --batch 2048` finds the smallest FSDP
@@ -43,21 +46,25 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=DefaultsHelpFormatter)
     p.add_argument("--model", default="tiny", help=f"named config: {', '.join(sorted(core.MODELS))}")
     p.add_argument("--resolution", type=int, default=None,
-                   help="image side in pixels, a multiple of 8 (default: native, 512 for sd15, 768 for sd21)")
+                   help="image side in pixels, a multiple of 8 (default: native, 512 for sd15, 768 for sd21, "
+                        "1024 for sdxl)")
     p.add_argument("--steps", type=_positive_int("steps"), default=50, help="sampler steps")
     p.add_argument("--batch-size", "--batch", type=_positive_int("batch size"), default=None,
                    help="global batch, split over all devices (default: one per device)")
+    p.add_argument("--devices", type=_positive_int("devices"), default=None,
+                   help="use the first N devices (default: all)")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
                    help="compute dtype (default: bf16 on GPU/TPU, fp32 on CPU); params stay fp32")
-    p.add_argument("--modes", default=",".join(core.MODES),
+    p.add_argument("--modes", default=None,
                    help="comma-separated: unet, sample, train (the LDM trainer's step on cached latents), "
-                        "train_stream (the same on images and token ids)")
+                        "train_stream (the same on images and token ids) (default: all; unet,sample for SDXL)")
     p.add_argument("--attention", choices=list(core.ATTENTION), default="auto",
                    help="attention implementation: auto (cuDNN flash attention on NVIDIA GPUs for the head sizes "
                         "and dtypes it supports, XLA elsewhere), xla, or cudnn (everywhere; needs bf16)")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls after compilation")
     p.add_argument("--iters", type=_positive_int("iters"), default=10, help="timed calls per mode")
-    p.add_argument("--scheduler", default="pndm", help="sampler for the sample mode")
+    p.add_argument("--scheduler", default=None,
+                   help="sampler for the sample mode (default: the model's pipeline's, pndm for SD, euler for SDXL)")
     p.add_argument("--guidance-scale", type=float, default=7.5, help="CFG scale; 1 turns guidance off")
     p.add_argument("--unet-cfg", action="store_true", help="unet mode: run 2x the batch, as CFG sampling does")
     p.add_argument("--remat", action="store_true", help="train mode: rematerialise U-Net blocks")
@@ -99,7 +106,7 @@ def aot_main(args: argparse.Namespace, argv: list[str]) -> dict:
     topology = args.plan or args.aot
     s = aot.AotSettings(topology=topology, model=args.model, resolution=args.resolution, batch=args.batch_size,
                         what=tuple(w.strip() for w in args.what.split(",") if w.strip()), steps=args.steps,
-                        scheduler=args.scheduler, guidance_scale=args.guidance_scale, fsdp=args.fsdp,
+                        scheduler=args.scheduler or "pndm", guidance_scale=args.guidance_scale, fsdp=args.fsdp,
                         remat=True if args.remat else None)
     started = time.time()
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
@@ -115,9 +122,14 @@ def aot_main(args: argparse.Namespace, argv: list[str]) -> dict:
 
 def settings_from_args(args: argparse.Namespace) -> core.BenchSettings:
     """Parsed flags -> BenchSettings (validated later, against the device count)."""
+    if args.modes is None:
+        spec = core.MODELS.get(args.model)
+        modes = core.SDXL_MODES if spec is not None and spec.is_sdxl else core.MODES
+    else:
+        modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
     return core.BenchSettings(
         model=args.model, resolution=args.resolution, steps=args.steps, batch_size=args.batch_size,
-        dtype=args.dtype, modes=tuple(m.strip() for m in args.modes.split(",") if m.strip()),
+        num_devices=args.devices, dtype=args.dtype, modes=modes,
         attention=args.attention, warmup=args.warmup, iters=args.iters, scheduler=args.scheduler,
         guidance_scale=args.guidance_scale, unet_cfg=args.unet_cfg, remat=args.remat, compare=args.compare,
         torch_compile=args.torch_compile, torch_dtype=args.torch_dtype, peak_tflops=args.peak_tflops,
@@ -199,6 +211,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.aot and args.plan:
         p.error("--aot and --plan are separate runs; give one of them")
     if args.aot or args.plan:
+        spec = core.MODELS.get(args.model)
+        if spec is not None and spec.is_sdxl:
+            p.error(f"--aot and --plan compile SD 1.x/2.x models only; {args.model} is an SDXL model (time it "
+                    "here without --aot, or pick tiny, sd15 or sd21)")
         return aot_main(args, argv)
     settings = settings_from_args(args)
     started = time.time()

@@ -1,7 +1,9 @@
 """Throughput of the U-Net forward, the whole sampler and the latent-diffusion trainer's step.
 
-Each mode builds a named model (`tiny`, `sd15`, `sd21`) with random weights,
-shards the batch over every device of `parallel.make_mesh()` (the mesh
+Each mode builds a named model (`tiny`, `sd15`, `sd21`, `sdxl`, `tiny-sdxl`;
+SDXL with both text encoders, its pooled text and time ids, modes unet and
+sample only) with random weights, shards the batch over every device (or the
+first `num_devices`) of `parallel.make_mesh()` (the mesh
 the sampler and the trainers use; params replicated), compiles once (timed), warms up,
 then times `iters` calls, each ended by `block_until_ready` (or the host copy
 of the images, for sampling). What runs is the product's code: the sampler
@@ -13,7 +15,8 @@ FLOPs come from XLA's cost analysis:
                `t2i_jax.train.ldm`'s own jitted step, on cached latents and on
                images + token ids (frozen VAE encoder and text encoder inside).
   sample:      assembled, because XLA counts a `fori_loop` body once:
-               text encoder x (2 with CFG) + model evaluations x U-Net at the
+               text encoder x (2 with CFG; 1 for SDXL's base, which zeros
+               the empty negative prompt) + model evaluations x U-Net at the
                CFG batch + VAE decode, from separately lowered (global)
                pieces, / the global batch. The loop program's own count is
                kept as `loop_xla_flops` (one body + decode) for reference.
@@ -23,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -35,19 +37,27 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from t2i_jax import parallel, pipeline, schedulers
+from t2i_jax import sdxl as sdxl_lib
 from t2i_jax.bench import devices as devices_lib
 from t2i_jax.bench import flops as flops_lib
 from t2i_jax.bench import profile as profile_lib
+from t2i_jax.bench.models import (  # noqa: F401  (MODELS and ModelSpec have long been core's)
+    HOST_DRAW_MAX,
+    MODELS,
+    ModelSpec,
+    abstract_params,
+    lower_sample_loop,
+    model_parts,
+    random_params,
+)
 from t2i_jax.models import clip as clip_lib
 from t2i_jax.models import layers
 from t2i_jax.models import unet as unet_lib
-from t2i_jax.models import vae as vae_lib
-from t2i_jax.schedulers.schedule import SD_SCHEDULER
-from t2i_jax.tokenizer import Tokenizer
 
 MODES = ("unet", "sample", "train", "train_stream")
 # Modes the diffusers reference also runs (train_stream has no counterpart there).
 REFERENCE_MODES = ("unet", "sample", "train")
+SDXL_MODES = ("unet", "sample")  # the LDM trainer has no SDXL step (yet)
 ATTENTION = ("auto", "xla", "cudnn")
 PROMPT = "a photograph of an astronaut riding a horse on the moon"
 
@@ -57,38 +67,20 @@ PROMPT = "a photograph of an astronaut riding a horse on the moon"
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelSpec:
-    """Which named parts make up a benchmark model."""
-
-    unet: str
-    vae: str
-    text: str
-    # Replacements in the text encoder config (the tiny CLIP is narrower than
-    # the tiny U-Net's cross-attention).
-    text_overrides: tuple[tuple[str, Any], ...] = ()
-
-
-MODELS = {
-    "tiny": ModelSpec("tiny", "tiny", "tiny", (("hidden_size", 64), ("intermediate_size", 128))),
-    "sd15": ModelSpec("sd15", "sd", "vit-l-14"),
-    "sd21": ModelSpec("sd21", "sd", "sd2-text"),
-}
-
-
-@dataclasses.dataclass(frozen=True)
 class BenchSettings:
     """One benchmark run. None means "the usual value for this model/device"."""
 
     model: str = "tiny"  # one of MODELS
     resolution: int | None = None  # image side in pixels (default: the model's native size)
     steps: int = 50  # sampler steps (PNDM runs steps + 1 model evaluations)
+    num_devices: int | None = None  # use the first N devices (default: all)
     batch_size: int | None = None  # global batch (default: one per device)
     dtype: str | None = None  # compute dtype "bf16"/"fp32" (default: bf16 on GPU/TPU, fp32 on CPU)
     modes: tuple[str, ...] = MODES
     attention: str = "auto"  # "auto" (cuDNN flash attention where it applies, else XLA), "xla" or "cudnn"
     warmup: int = 2  # untimed calls after compilation
     iters: int = 10  # timed calls
-    scheduler: str = "pndm"  # sampler (SD's default pipeline uses PNDM)
+    scheduler: str | None = None  # sampler (default: the model's pipeline's, PNDM for SD, Euler for SDXL)
     guidance_scale: float = 7.5  # > 1: classifier-free guidance, the U-Net runs on 2x the batch
     unet_cfg: bool = False  # unet mode: run the CFG-sized batch (2x), as sampling does
     remat: bool = False  # train mode: recompute block activations in the backward pass
@@ -128,6 +120,11 @@ def validate(s: BenchSettings, num_devices: int) -> None:
     for m in s.modes:
         if m not in MODES:
             raise ValueError(f"unknown mode {m!r}; choose from {', '.join(MODES)}")
+    if MODELS[s.model].is_sdxl:
+        train = [m for m in s.modes if m not in SDXL_MODES]
+        if train:
+            raise ValueError(f"mode {train[0]!r} is not available for {s.model}: the LDM trainer takes SD 1.x/2.x "
+                             f"U-Nets only; use --modes {','.join(SDXL_MODES)}")
     if s.dtype not in (None, "bf16", "fp32"):
         raise ValueError(f"dtype {s.dtype!r} is not bf16 or fp32")
     if s.attention not in ATTENTION:
@@ -144,7 +141,7 @@ def validate(s: BenchSettings, num_devices: int) -> None:
         raise ValueError(f"--compare {s.compare!r}: only 'diffusers' is supported")
     if s.torch_dtype not in (None, "fp16", "bf16", "fp32"):
         raise ValueError(f"torch dtype {s.torch_dtype!r} is not fp16, bf16 or fp32")
-    if s.scheduler not in schedulers.SCHEDULERS:
+    if s.scheduler is not None and s.scheduler not in schedulers.SCHEDULERS:
         raise ValueError(f"unknown scheduler {s.scheduler!r}; choose one of {sorted(schedulers.SCHEDULERS)}")
     pipeline.check_settings(s.steps, s.guidance_scale)
 
@@ -161,20 +158,26 @@ class Resolved:
     num_devices: int
     dtype: str
     platform: str
+    scheduler: str  # the sampler of the sample mode
 
 
 def resolve(s: BenchSettings, devices: Sequence[jax.Device]) -> Resolved:
-    """Fills the defaults (validating first)."""
+    """Fills the defaults (validating first); `s.num_devices` keeps the first N of `devices`."""
+    if s.num_devices is not None:
+        if not _is_positive_int(s.num_devices) or s.num_devices > len(devices):
+            raise ValueError(f"num_devices {s.num_devices!r} must be a positive integer up to the {len(devices)} "
+                             f"devices here, e.g. 1")
+        devices = list(devices)[:s.num_devices]
     n = len(devices)
     validate(s, n)
     spec = MODELS[s.model]
-    ucfg = unet_lib.UNetConfig.named(spec.unet)
-    factor = vae_lib.VAEConfig.named(spec.vae).downsample_factor
-    res = s.resolution or ucfg.sample_size * factor
+    ucfg = spec.unet_config()
+    factor = spec.vae_config().downsample_factor
+    res = s.resolution or ucfg.sample_size * factor  # 512 sd15, 768 sd21, 1024 sdxl
     bs = s.batch_size or n
     platform = devices[0].platform
     dtype = s.dtype or ("fp32" if platform == "cpu" else "bf16")
-    return Resolved(s.model, res, res // factor, bs, bs // n, n, dtype, platform)
+    return Resolved(s.model, res, res // factor, bs, bs // n, n, dtype, platform, s.scheduler or spec.scheduler)
 
 
 # --------------------------------------------------------------------------
@@ -182,57 +185,25 @@ def resolve(s: BenchSettings, devices: Sequence[jax.Device]) -> Resolved:
 # --------------------------------------------------------------------------
 
 
-def random_params(module, dummy: Sequence, key, sharding) -> dict:
-    """Random params of `module`'s shape, made on device (no init compile of
-    the model itself): norm scales 1, biases 0, embeddings N(0, 0.02),
-    kernels N(0, 1/fan_in), so activations stay O(1) in any dtype.
-
-    One normal draw of the total size is cut into the leaves: a draw per
-    leaf would compile hundreds of RNG kernels (slow on XLA:CPU).
-    """
-    shapes = jax.eval_shape(module.init, jax.random.key(0), *dummy)["params"]
-    flat, treedef = jax.tree_util.tree_flatten_with_path(shapes)
-    sizes = [math.prod(leaf.shape) for _, leaf in flat]
-
-    def make(key):
-        pool = jax.random.normal(key, (sum(sizes),), jnp.float32)
-        leaves, start = [], 0
-        for (path, leaf), size in zip(flat, sizes):
-            name = getattr(path[-1], "key", str(path[-1]))
-            if name == "scale":
-                leaves.append(jnp.ones(leaf.shape, leaf.dtype))
-            elif name == "bias":
-                leaves.append(jnp.zeros(leaf.shape, leaf.dtype))
-            else:
-                std = 0.02 if name == "embedding" else 1.0 / math.sqrt(max(1, math.prod(leaf.shape[:-1])))
-                leaves.append((std * pool[start:start + size]).reshape(leaf.shape).astype(leaf.dtype))
-            start += size
-        return jax.tree_util.tree_unflatten(treedef, leaves)
-
-    return jax.jit(make, out_shardings=sharding)(key)
-
-
 def build_model(s: BenchSettings, r: Resolved, mesh, *, remat: bool = False) -> pipeline.StableDiffusion:
     """A StableDiffusion of the named configs with random replicated params."""
-    spec = MODELS[s.model]
-    dtype = devices_lib.dtype_of(r.dtype)
-    attn = s.attention
-    ucfg = unet_lib.UNetConfig.named(spec.unet)
-    vcfg = vae_lib.VAEConfig.named(spec.vae)
-    tcfg = dataclasses.replace(clip_lib.named_config(spec.text).text, **dict(spec.text_overrides))
-    unet = unet_lib.UNet2DConditionModel(ucfg, dtype=dtype, attention_impl=attn, remat=remat)
-    vae = vae_lib.AutoencoderKL(vcfg, dtype=dtype)
-    text = clip_lib.CLIPTextModel(tcfg, dtype=dtype, attention_impl=attn)
+    parts = model_parts(s.model, devices_lib.dtype_of(r.dtype), s.attention, remat=remat)
     repl = NamedSharding(mesh, P())
     key = jax.random.key(s.seed)
-    side = 8 * vcfg.downsample_factor
+    vae = parts["vae"]
+    side = 8 * vae.config.downsample_factor
     params = {
-        "unet": random_params(unet, unet_lib.dummy_inputs(ucfg), jax.random.fold_in(key, 0), repl),
-        "vae": random_params(vae, (jnp.zeros((1, side, side, vcfg.in_channels)),), jax.random.fold_in(key, 1), repl),
-        "text_encoder": random_params(text, clip_lib.dummy_inputs(text), jax.random.fold_in(key, 2), repl),
+        "unet": random_params(parts["unet"], unet_lib.dummy_inputs(parts["unet"].config), jax.random.fold_in(key, 0),
+                              repl),
+        "vae": random_params(vae, (jnp.zeros((1, side, side, vae.config.in_channels)),), jax.random.fold_in(key, 1),
+                             repl),
+        "text_encoder": random_params(parts["text_encoder"], clip_lib.dummy_inputs(parts["text_encoder"]),
+                                      jax.random.fold_in(key, 2), repl),
     }
-    tok = Tokenizer.bundled(pad_token="!" if spec.text == "sd2-text" else "<|endoftext|>")
-    return pipeline.StableDiffusion(tok, text, unet, vae, params, dict(SD_SCHEDULER), source=f"random {s.model}")
+    if "text_encoder_2" in parts:
+        te2 = parts["text_encoder_2"]
+        params["text_encoder_2"] = random_params(te2, clip_lib.dummy_inputs(te2), jax.random.fold_in(key, 3), repl)
+    return pipeline.StableDiffusion(params=params, **parts)
 
 
 def attention_plan(s: BenchSettings, r: Resolved) -> dict:
@@ -240,10 +211,10 @@ def attention_plan(s: BenchSettings, r: Resolved) -> dict:
     ("cudnn" or "xla"), as `layers.resolve_attention_impl` decides it on the
     default device, and why not cuDNN where it is XLA under "auto"."""
     spec = MODELS[s.model]
-    ucfg = unet_lib.UNetConfig.named(spec.unet)
-    tcfg = dataclasses.replace(clip_lib.named_config(spec.text).text, **dict(spec.text_overrides))
+    ucfg = spec.unet_config()
+    texts = [spec.text_config()] + ([spec.text_2_config()] if spec.is_sdxl else [])
     sizes = {"unet": sorted({ch // h for ch, h in zip(ucfg.block_out_channels, ucfg.per_block("attention_head_dim"))}),
-             "text_encoder": [tcfg.hidden_size // tcfg.num_attention_heads]}
+             "text_encoder": sorted({t.hidden_size // t.num_attention_heads for t in texts})}
     dtype = devices_lib.dtype_of(r.dtype)
     plan = {}
     for part, dims in sizes.items():
@@ -259,7 +230,8 @@ def attention_plan(s: BenchSettings, r: Resolved) -> dict:
 
 
 def text_width(pipe: pipeline.StableDiffusion) -> int:
-    return pipe.text_encoder.config.hidden_size
+    """The width of the U-Net's text context (SDXL: both encoders' side by side)."""
+    return pipe.unet.config.per_block("cross_attention_dim")[0]
 
 
 # --------------------------------------------------------------------------
@@ -329,17 +301,28 @@ def _compile(jitted, *args):
 # --------------------------------------------------------------------------
 
 
-def _unet_apply(unet, params, x, t, ctx):
-    return unet.apply({"params": params}, x, t, ctx)
+def _unet_apply(unet, params, x, t, ctx, added=None):
+    return unet.apply({"params": params}, x, t, ctx, added)
 
 
 def _unet_inputs(pipe, rows: int, latent: int, key, sharding):
+    """(latents, timesteps, text context) for `rows` U-Net rows, and for SDXL
+    its added conditions: a pooled text embedding and the time ids of a
+    square image of the latents' size, uncropped (the sampler's defaults)."""
     c = pipe.latent_channels
-    k1, k2, k3 = jax.random.split(key, 3)
+    k1, k2, k3, k4 = jax.random.split(key, 4)
     x = jax.device_put(jax.random.normal(k1, (rows, latent, latent, c)), sharding)
     t = jax.device_put(jax.random.randint(k2, (rows,), 0, 1000), sharding)
     ctx = jax.device_put(jax.random.normal(k3, (rows, pipe.tokenizer.max_length, text_width(pipe))), sharding)
-    return x, t, ctx
+    if not pipe.is_sdxl:
+        return x, t, ctx
+    pooled = pipe.text_encoder_2.config.projection_dim
+    side = latent * pipe.vae_scale
+    ids, _ = sdxl_lib.time_ids(sdxl_lib.Conditions(), side, side, aesthetic=False, img2img=False,
+                               num_ids=unet_lib.text_time_sizes(pipe.unet.config, pooled))
+    added = {"text_embeds": jax.device_put(jax.random.normal(k4, (rows, pooled)), sharding),
+             "time_ids": jax.device_put(np.broadcast_to(ids, (rows, ids.size)).copy(), sharding)}
+    return x, t, ctx, added
 
 
 def bench_unet(s: BenchSettings, r: Resolved, pipe, mesh, peaks) -> dict:
@@ -361,8 +344,8 @@ def bench_unet(s: BenchSettings, r: Resolved, pipe, mesh, peaks) -> dict:
 
 def bench_sample(s: BenchSettings, r: Resolved, pipe, mesh, peaks) -> dict:
     """The whole txt2img call of `pipeline.Sampler`: tokenize, encode the
-    prompt (and the empty prompt for CFG), the denoising loop, VAE decode,
-    images back on the host."""
+    prompt (and the empty prompt for CFG; SDXL's base zeros it instead, as
+    diffusers), the denoising loop, VAE decode, images back on the host."""
     batch = parallel.batch_sharding(mesh)
     dtype = devices_lib.dtype_of(r.dtype)
     sampler = pipeline.Sampler(pipe, mesh=mesh, dtype=dtype)
@@ -370,7 +353,7 @@ def bench_sample(s: BenchSettings, r: Resolved, pipe, mesh, peaks) -> dict:
     prompts = [PROMPT] * n
     seeds = list(range(n))
     use_cfg = s.guidance_scale > 1.0
-    sched = sampler.scheduler(s.scheduler)
+    sched = sampler.scheduler(r.scheduler)
     lat_shape = (n, r.latent, r.latent, pipe.latent_channels)
     state = sched.set_timesteps(s.steps, lat_shape)
     evals = state.num_evals
@@ -379,12 +362,23 @@ def bench_sample(s: BenchSettings, r: Resolved, pipe, mesh, peaks) -> dict:
     # Compile the Sampler's own jitted functions with the arguments its
     # __call__ builds, so the timed calls below reuse these executables.
     ids = jax.device_put(pipe.tokenizer(prompts), batch)
-    enc_c, _, enc_s = _compile(sampler._encode, sampler.params["text_encoder"], ids)
-    cond = sampler.encode(prompts)
-    loop = sampler.loop(s.scheduler, use_cfg, False, False)
-    loop_args = (sampler.params, cond, cond, jnp.float32(s.guidance_scale),
-                 jax.device_put(np.asarray(seeds, np.uint32), batch),
-                 jax.device_put(np.zeros(lat_shape, np.float32), batch), None, state)
+    if pipe.is_sdxl:
+        ids_2 = jax.device_put(pipe.tokenizer_2(prompts), batch)
+        enc_c, _, enc_s = _compile(sampler._encode_xl, sampler.params["text_encoder"],
+                                   sampler.params["text_encoder_2"], ids, ids_2)
+        # The call's own program and arguments (both encoders' states, pooled text, time ids).
+        loop, loop_args = sampler.prepare(prompts, seeds=seeds, steps=s.steps, guidance_scale=s.guidance_scale,
+                                          scheduler=r.scheduler, height=r.resolution, width=r.resolution)
+        zeros = pipe.pipeline_options.get("force_zeros_for_empty_prompt", True)
+        text_calls = 2 if use_cfg and not zeros else 1
+    else:
+        enc_c, _, enc_s = _compile(sampler._encode, sampler.params["text_encoder"], ids)
+        cond = sampler.encode(prompts)
+        loop = sampler.loop(r.scheduler, use_cfg, False, False)
+        loop_args = (sampler.params, cond, cond, jnp.float32(s.guidance_scale),
+                     jax.device_put(np.asarray(seeds, np.uint32), batch),
+                     jax.device_put(np.zeros(lat_shape, np.float32), batch), None, state)
+        text_calls = 2 if use_cfg else 1
     loop_c, _, loop_s = _compile(loop, *loop_args)
 
     # FLOPs from the pieces (global programs, lowered only).
@@ -395,7 +389,7 @@ def bench_sample(s: BenchSettings, r: Resolved, pipe, mesh, peaks) -> dict:
     vae_f = flops_lib.lowered_flops(jax.jit(
         lambda p, z: pipe.vae.apply({"params": p}, z, method=pipe.vae.decode)).lower(
         pipe.params["vae"], jax.ShapeDtypeStruct(lat_shape, jnp.float32, sharding=batch)))
-    pieces = {"text_encoder_per_call": text_f, "text_encoder_calls": 2 if use_cfg else 1,
+    pieces = {"text_encoder_per_call": text_f, "text_encoder_calls": text_calls,
               "unet_per_eval": unet_f, "unet_rows": rows, "model_evals": evals, "vae_decode": vae_f}
     fpi = None
     if text_f and unet_f and vae_f:
@@ -403,12 +397,12 @@ def bench_sample(s: BenchSettings, r: Resolved, pipe, mesh, peaks) -> dict:
     loop_xla = flops_lib.compiled_flops(loop_c)
 
     call = functools.partial(sampler, prompts, seeds=seeds, steps=s.steps, guidance_scale=s.guidance_scale,
-                             scheduler=s.scheduler, height=r.resolution, width=r.resolution)
+                             scheduler=r.scheduler, height=r.resolution, width=r.resolution)
     timing = time_calls(call, s.warmup, s.iters, lambda x: x)  # returns host numpy: already synced
     out = figures(timing, n, r.num_devices, fpi, *peaks)
     _maybe_profile(s, "sample", call, lambda x: x, out)
     out.update(item="image", model_evals=evals, ms_per_unet_step=timing["ms_per_iter"] / evals,
-               compile_s=enc_s + loop_s, compile_s_text_encoder=enc_s, compile_s_loop=loop_s,
+               scheduler=r.scheduler, compile_s=enc_s + loop_s, compile_s_text_encoder=enc_s, compile_s_loop=loop_s,
                flops_pieces=pieces, loop_xla_flops=loop_xla * r.num_devices if loop_xla else None,
                flops_method=("(text encoder x calls + U-Net x model evals + VAE decode) / batch, "
                              "from separately lowered programs (XLA counts a fori_loop body once)"),
@@ -498,8 +492,8 @@ def device_info(s: BenchSettings, r: Resolved) -> dict:
 def run(s: BenchSettings, log: Callable[[str], None] = lambda m: None) -> dict:
     """Runs every requested mode (and its PyTorch counterpart with
     `compare="diffusers"`); returns all figures as one JSON-able dict."""
-    mesh = parallel.make_mesh()
-    r = resolve(s, list(mesh.devices.flat))
+    r = resolve(s, jax.devices())
+    mesh = parallel.make_mesh(num_devices=r.num_devices)
     dev = device_info(s, r)
     peaks = (dev["peak_tflops_per_device"], dev["measured_matmul_tflops_per_device"])
     results: dict = {}

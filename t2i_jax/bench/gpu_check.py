@@ -6,8 +6,8 @@ package; `--json PATH` and `--markdown PATH` write the same rows (the markdown
 with date, device and versions, ready for BENCHMARKS.md). `--smoke` runs every
 section with tiny configs, on a CPU too (the test does).
 
-Sections (`--sections parity,attention,speed,train`; the targets are worked
-out from the speed and train rows):
+Sections (`--sections parity,attention,speed,train,sdxl`; the targets are
+worked out from the speed and train rows):
 
 parity     Full-size SD1.5 U-Net (64x64 latents, batch 2), SD VAE decoder
            (64x64 latents -> 512 px) and encoder (512 px), CLIP ViT-L/14 text
@@ -37,6 +37,15 @@ speed      SD1.5 at 512x512, 50 PNDM steps, CFG 7.5, through `bench.core`:
            `utilisation_of_measured_peak`).
 train      The bench's `train` mode at 512 px (64x64 latents), ours vs
            diffusers at every batch, same figures.
+sdxl       SDXL base at 1024x1024, 30 Euler steps, CFG 7.5 (both text
+           encoders, time ids), through `bench.core` (`--model sdxl`):
+           images/s per GPU at batch 1 and over a batch sweep (1,4,8, the
+           speed section's stops), ours (bf16) vs diffusers'
+           StableDiffusionXLPipeline (fp16, SDPA; its VAE upcast to fp32 as
+           diffusers does) at batch 1 and at ours' best batch, and the
+           anchor: MLPerf Inference's TensorRT SDXL at 2.03 images/s per
+           H100 (20 steps), beside ours' best scaled to 20 steps (x 30/20:
+           the U-Net is nearly all of the time).
 targets    U-Net it/s at batch 1 >= 100, images/s at the best batch >= 6,
            training >= 150 samples/s per GPU, ours/diffusers >= 1.5x for each
            of the three; the gap to each.
@@ -67,9 +76,11 @@ FAILED with a one-line reason. jax is told not to preallocate GPU memory
 process. In each speed/train step diffusers runs first and returns its cached
 memory before ours runs, because jax's allocator keeps what it once took.
 
-Time: `--budget-s` (400) covers the whole run. Parity and attention always
-run whole (with hard limits of 360 and 150 s); then the speed sweep gets 60%
-of what is left and the train sweep the rest. A sweep always runs its first
+Time: `--budget-s` (600) covers the whole run. Parity and attention always
+run whole (with hard limits of 360 and 150 s); then each sweep gets a share
+of what is left, weighted speed 3, train 2, sdxl 2 against the sweeps still
+to come (speed 3/7, train 2/4 of what speed left, sdxl the rest; with the
+sdxl section off, speed 60% and train the rest). A sweep always runs its first
 batch, and starts a further one only if its estimate (builds and compiles as
 measured, timed calls scaled by the batch) ends inside its share; what it
 cannot fit is printed as skipped with the estimate. Raise --budget-s for a
@@ -82,6 +93,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import functools
 import gc
 import json
 import math
@@ -96,7 +108,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-SECTIONS = ("parity", "attention", "speed", "train")
+SECTIONS = ("parity", "attention", "speed", "train", "sdxl")
 
 # ||ours - ref|| / ||ref|| ceilings (see the module docstring for why).
 # fp32: one number for every model. bf16: `factor` x the torch bf16
@@ -116,7 +128,15 @@ TARGETS = {
     "ratio": 1.5,  # ours/diffusers
 }
 
-DEFAULT_BUDGET_S = 400.0
+# The MLPerf Inference (v4.x/v5.0, offline) TensorRT SDXL figure per H100 SXM:
+# 1024x1024, 20 Euler steps; what the sdxl section's images/s is set beside.
+SDXL_ANCHOR = {"images_per_s": 2.03, "steps": 20, "name": "MLPerf TensorRT SDXL", "device": "H100"}
+
+DEFAULT_BUDGET_S = 600.0
+# Shares of the time left that each sweep section gets, against those that
+# still follow it (speed 60% of what is left when train follows, as before
+# SDXL; the sdxl sweep compiles a 2.6 B U-Net per batch).
+_SWEEP_WEIGHTS = {"speed": 3.0, "train": 2.0, "sdxl": 2.0}
 # Time limits for the children that have no sweep to cut short.
 _HARD_LIMIT_S = {"parity": 360.0, "attention": 150.0}
 
@@ -145,6 +165,8 @@ class CheckConfig:
     steps: int | None = None  # sampler steps: 50, 2 with --smoke
     batches: tuple[int, ...] | None = None  # sampling sweep per GPU: 1,4,8,16,32; 1 with --smoke
     train_batches: tuple[int, ...] | None = None  # per GPU: 16,32; 2 with --smoke
+    sdxl_steps: int | None = None  # SDXL sampler steps: 30, 2 with --smoke
+    sdxl_batches: tuple[int, ...] | None = None  # SDXL sampling sweep per GPU: 1,4,8; 1 with --smoke
     torch_dtype: str = "fp16"  # diffusers' dtype in the speed/train sections (fp32 on a CPU)
     torch_compile: bool = False
     budget_s: float = DEFAULT_BUDGET_S  # the sweeps stop starting runs that would end past this
@@ -167,6 +189,8 @@ class CheckConfig:
             steps=self.steps or (2 if s else 50),
             batches=tuple(self.batches or ((1,) if s else (1, 4, 8, 16, 32))),
             train_batches=tuple(self.train_batches or ((2,) if s else (16, 32))),
+            sdxl_steps=self.sdxl_steps or (2 if s else 30),
+            sdxl_batches=tuple(self.sdxl_batches or ((1,) if s else (1, 4, 8))),
             parity_latent=self.parity_latent or (16 if s else 64),
             isolate=(not s) if self.isolate is None else self.isolate,
         )
@@ -176,6 +200,11 @@ class CheckConfig:
         """The bench model of the speed and train sections."""
         return "tiny" if self.smoke else "sd15"
 
+    @property
+    def sdxl_model(self) -> str:
+        """The bench model of the sdxl section."""
+        return "tiny-sdxl" if self.smoke else "sdxl"
+
     def to_json(self) -> dict:
         """JSON-able form (tuples as lists)."""
         return dataclasses.asdict(self)
@@ -184,7 +213,7 @@ class CheckConfig:
     def from_json(cls, d: dict) -> CheckConfig:
         """Inverse of `to_json`."""
         d = dict(d)
-        for k in ("sections", "batches", "train_batches"):
+        for k in ("sections", "batches", "train_batches", "sdxl_batches"):
             if d.get(k) is not None:
                 d[k] = tuple(d[k])
         return cls(**d)
@@ -770,16 +799,18 @@ def section_attention(cfg: CheckConfig, emit, log) -> dict:
 
 
 def bench_settings(cfg: CheckConfig, modes: tuple[str, ...], batch_per_device: int, num_devices: int,
-                   platform: str):
+                   platform: str, *, model: str | None = None, steps: int | None = None):
     """The `core.BenchSettings` of one bench run: the SD1.5 config (tiny
-    with --smoke) at its native size, bf16 on a GPU, attention "auto", the
-    unet mode at the CFG batch (2 rows per image, as a sampling step runs
-    it), diffusers in `cfg.torch_dtype` on a GPU (fp32 on a CPU)."""
+    with --smoke; or `model` with `steps`) at its native size and default
+    sampler, bf16 on a GPU, attention "auto", the unet mode at the CFG batch
+    (2 rows per image, as a sampling step runs it), diffusers in
+    `cfg.torch_dtype` on a GPU (fp32 on a CPU)."""
     from t2i_jax.bench import core
 
     warmup, iters = _iters(cfg, modes)
     return core.BenchSettings(
-        model=cfg.model, steps=cfg.steps, batch_size=batch_per_device * num_devices, modes=tuple(modes),
+        model=model or cfg.model, steps=steps or cfg.steps, batch_size=batch_per_device * num_devices,
+        modes=tuple(modes),
         warmup=warmup, iters=iters, guidance_scale=7.5, unet_cfg=True, seed=cfg.seed, compare=None,
         torch_dtype=cfg.torch_dtype if platform == "gpu" else None, torch_compile=cfg.torch_compile)
 
@@ -932,14 +963,17 @@ def _failed_results(modes: Sequence[str], reason: str) -> dict[str, dict]:
 
 
 def _sweep(cfg: CheckConfig, section: str, mode: str, batches: Sequence[int], info: dict, emit, log,
-           unit: str, what: str, *, first_extra: Sequence[str] = (), reference_each: bool = True) -> None:
+           unit: str, what: str, *, first_extra: Sequence[str] = (), reference_each: bool = True,
+           model: str | None = None, steps: int | None = None) -> None:
     """Runs `mode` at each per-GPU batch in turn (the first run also runs
     the modes `first_extra`, whose rows come first). diffusers runs at every
     batch (`reference_each`), or at the first and then once more at ours'
     best batch, which saves its model builds at the batches in between.
     Stops at an OOM of ours, when ours stops rising (under 3% more items/s),
     or when the next run (and the diffusers run it may call for) would end
-    past `cfg.deadline`. Ends with a best-batch row per side."""
+    past `cfg.deadline`. Ends with a best-batch row per side. `model` and
+    `steps` replace the config's (the sdxl section's)."""
+    settings = functools.partial(bench_settings, model=model, steps=steps)
     n = info["device_count"]
     runs: dict[int, dict] = {}  # batch -> this mode's result
     prev = None  # (batch, result)
@@ -965,7 +999,7 @@ def _sweep(cfg: CheckConfig, section: str, mode: str, batches: Sequence[int], in
             emit(row(section, label, status="skipped", note=stop, batch=b, mode=mode))
             continue
         try:
-            results = bench_pair(bench_settings(cfg, modes, b, n, info["platform"]), log, reference=with_ref)
+            results = bench_pair(settings(cfg, modes, b, n, info["platform"]), log, reference=with_ref)
         except Exception as e:  # settings rejected: nothing ran
             results = _failed_results(modes, one_line(e))
         if i == 0:
@@ -1001,7 +1035,7 @@ def _sweep(cfg: CheckConfig, section: str, mode: str, batches: Sequence[int], in
                      note=f"time budget: about {need:.0f} s needed, {max(0.0, left()):.0f} s left"))
         else:
             try:
-                reference_run(bench_settings(cfg, (mode,), b, n, info["platform"]), (mode,), {mode: res}, log)
+                reference_run(settings(cfg, (mode,), b, n, info["platform"]), (mode,), {mode: res}, log)
             except Exception as e:
                 res["diffusers_error"] = one_line(e)
             add_reference_figures(res)
@@ -1060,8 +1094,54 @@ def section_train(cfg: CheckConfig, emit, log) -> dict:
     return info
 
 
+def section_sdxl(cfg: CheckConfig, emit, log) -> dict:
+    """Section 5: SDXL base at 1024x1024 (tiny SDXL with --smoke),
+    `cfg.sdxl_steps` Euler steps, CFG 7.5: images/s per GPU at batch 1 and
+    the best of `cfg.sdxl_batches`, ours vs diffusers' StableDiffusionXLPipeline
+    (at batch 1 and at ours' best batch), then the MLPerf anchor row."""
+    info = require_gpu(cfg)
+    emit_env(emit, info)
+    batches = tuple(cfg.sdxl_batches)
+    if batches[0] != 1:
+        batches = (1, *[b for b in batches if b != 1])  # batch 1 always: the latency figure
+    best = {}
+
+    def keep(r):
+        if r["data"].get("best") and r["status"] == "ok":
+            best[r["data"]["side"]] = r
+        emit(r)
+
+    size = "tiny SDXL" if cfg.smoke else "SDXL 1024x1024"
+    _sweep(cfg, "sdxl", "sample", batches, info, keep, log, "img/s",
+           f"{size} {cfg.sdxl_steps} steps CFG 7.5, images/s per GPU,", reference_each=False,
+           model=cfg.sdxl_model, steps=cfg.sdxl_steps)
+    emit(sdxl_anchor_row(best.get("ours"), cfg.sdxl_steps, info))
+    return info
+
+
+def sdxl_anchor_row(ours: dict | None, steps: int, info: dict) -> dict:
+    """The MLPerf anchor (`SDXL_ANCHOR`), with ours' best images/s scaled to
+    its step count beside it (x steps / anchor steps: the U-Net evaluations
+    are nearly all of an SDXL call; the text encoders and the decode make the
+    scaled figure a little high)."""
+    a = SDXL_ANCHOR
+    check = f"anchor: {a['name']}, {a['steps']} steps, images/s per {a['device']}"
+    note = "MLPerf Inference offline, 1024x1024, Euler"
+    data = {"anchor": a, "side": "anchor"}
+    if ours is None:
+        return row("sdxl", check, value=a["images_per_s"], unit="img/s", note=note + "; no figure of ours to set "
+                   "beside it", **data)
+    scaled = ours["value"] * steps / a["steps"]
+    device = info.get("torch_device_name") or info.get("device_kind") or "this device"
+    return row("sdxl", check, value=a["images_per_s"], unit="img/s",
+               vs_ref=f"ours {scaled / a['images_per_s']:.2f}x", util=None,
+               note=(f"{note}; ours {ours['value']:.3g} img/s at {steps} steps (batch {ours['data']['batch']}) on "
+                     f"{device} -> {scaled:.3g} at {a['steps']}"),
+               ours_at_anchor_steps=scaled, **data)
+
+
 SECTION_FUNCS = {"parity": section_parity, "attention": section_attention, "speed": section_speed,
-                 "train": section_train}
+                 "train": section_train, "sdxl": section_sdxl}
 
 
 def emit_env(emit, info: dict) -> None:
@@ -1258,8 +1338,10 @@ def run_all(cfg: CheckConfig) -> dict:
         if section in _HARD_LIMIT_S:
             deadline, limit = None, _HARD_LIMIT_S[section]
         else:
-            # Speed gets 60% of what is left when train still follows.
-            share = 0.6 if section == "speed" and "train" in cfg.sections else 1.0
+            # A weighted share of what is left among this and the sweeps still to come
+            # (speed 60% when only train follows).
+            later = [x for x in SECTIONS[SECTIONS.index(section):] if x in cfg.sections and x in _SWEEP_WEIGHTS]
+            share = _SWEEP_WEIGHTS[section] / sum(_SWEEP_WEIGHTS[x] for x in later)
             deadline = t0 + max(0.0, left) * share
             limit = max(0.0, deadline - t0) + 240.0  # one run may overrun its estimate
         sub = dataclasses.replace(cfg, deadline=deadline)
@@ -1357,7 +1439,9 @@ def format_markdown(report: dict) -> str:
          f"CFG 7.5, sample batches {','.join(map(str, c['batches']))}, train batches "
          f"{','.join(map(str, c['train_batches']))} per GPU, diffusers "
          f"{c['torch_dtype'] if env.get('platform') == 'gpu' else 'fp32 (on a CPU)'} SDPA, budget "
-         f"{c['budget_s']:.0f} s, seed {c['seed']}."),
+         f"{c['budget_s']:.0f} s, seed {c['seed']}."
+         + (f" SDXL: {'tiny' if c['smoke'] else 'base, 1024x1024'}, {c.get('sdxl_steps')} Euler steps, batches "
+            f"{','.join(map(str, c.get('sdxl_batches') or ()))} per GPU." if "sdxl" in c["sections"] else "")),
         "",
         "| " + " | ".join(_COLUMNS) + " |",
         "|" + "---|" * len(_COLUMNS),
@@ -1424,6 +1508,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--train-batches", type=_int_list("train batches"), default=None, metavar="LIST",
                    help="training batches per GPU (default: 16,32; 2 with --smoke)")
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: 50; 2 with --smoke)")
+    p.add_argument("--sdxl-batches", type=_int_list("sdxl batches"), default=None, metavar="LIST",
+                   help="SDXL sampling batches per GPU, tried in order after batch 1 (default: 1,4,8; 1 with --smoke)")
+    p.add_argument("--sdxl-steps", type=int, default=None,
+                   help="SDXL sampler (Euler) steps (default: 30; 2 with --smoke)")
     p.add_argument("--torch-dtype", choices=["fp16", "bf16", "fp32"], default="fp16",
                    help="diffusers' dtype in the speed and train sections; fp32 on a CPU (default: fp16)")
     p.add_argument("--torch-compile", action="store_true", help="torch.compile diffusers' U-Net (default: off)")
@@ -1451,13 +1539,16 @@ def config_from_args(args: argparse.Namespace) -> CheckConfig:
     """Parsed flags -> CheckConfig; ValueError names a bad flag and its value."""
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps {args.steps} must be a positive integer, e.g. 50")
+    if args.sdxl_steps is not None and args.sdxl_steps < 1:
+        raise ValueError(f"--sdxl-steps {args.sdxl_steps} must be a positive integer, e.g. 30")
     if args.budget_s <= 0:
         raise ValueError(f"--budget-s {args.budget_s:g} must be positive, e.g. {DEFAULT_BUDGET_S:.0f}")
     if args.parity_latent is not None and (args.parity_latent < 8 or args.parity_latent % 8):
         raise ValueError(f"--parity-latent {args.parity_latent} must be a multiple of 8 (the U-Net halves it "
                          "3 times), e.g. 64")
     return CheckConfig(smoke=args.smoke, sections=tuple(args.sections), seed=args.seed, steps=args.steps,
-                       batches=args.batches, train_batches=args.train_batches, torch_dtype=args.torch_dtype,
+                       batches=args.batches, train_batches=args.train_batches, sdxl_steps=args.sdxl_steps,
+                       sdxl_batches=args.sdxl_batches, torch_dtype=args.torch_dtype,
                        torch_compile=args.torch_compile, budget_s=args.budget_s, isolate=args.isolate,
                        compile_cache=args.compile_cache, parity_latent=args.parity_latent, allow_cpu=args.allow_cpu)
 

@@ -6,12 +6,13 @@ and run on one device (CUDA if torch sees one, else CPU) with our
 *per-device* batch, so the ratio of per-device throughputs compares like
 with like. Sampling runs a `StableDiffusionPipeline` assembled from those
 parts with the same scheduler config, steps, guidance and size, and
-`output_type="np"` (images back on the host, as ours).
+`output_type="np"` (images back on the host, as ours). SDXL models run a
+`StableDiffusionXLPipeline` (both text encoders, the base's zeroed empty
+negative prompt, default time ids, no watermark); in fp16 diffusers decodes
+with the VAE upcast to fp32, as its `force_upcast` says.
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 from t2i_jax.bench import core
 
@@ -34,10 +35,6 @@ class DiffusersBench:
         except ImportError as e:
             raise RuntimeError(f"--compare diffusers needs torch, diffusers and transformers installed ({e}); "
                                "pip install torch diffusers transformers") from e
-        from t2i_jax.models import clip as clip_lib
-        from t2i_jax.models import unet as unet_lib
-        from t2i_jax.models import vae as vae_lib
-
         self.torch, self.diffusers, self.transformers = torch, diffusers, transformers
         self.s, self.r = s, r
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -47,10 +44,11 @@ class DiffusersBench:
         self.dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
         spec = core.MODELS[s.model]
         torch.manual_seed(s.seed)
-        self.unet_config = unet_lib.UNetConfig.named(spec.unet).to_diffusers()
-        self.vae_config = vae_lib.VAEConfig.named(spec.vae).to_diffusers()
-        tcfg = dataclasses.replace(clip_lib.named_config(spec.text).text, **dict(spec.text_overrides))
-        self.text_config = transformers.CLIPTextConfig(**tcfg.to_hf())
+        self.sdxl = spec.is_sdxl
+        self.unet_config = spec.unet_config().to_diffusers()
+        self.vae_config = spec.vae_config().to_diffusers()
+        self.text_config = transformers.CLIPTextConfig(**spec.text_config().to_hf())
+        self.text_2_config = transformers.CLIPTextConfig(**spec.text_2_config().to_hf()) if self.sdxl else None
         from t2i_jax.schedulers.schedule import SD_SCHEDULER
 
         self.scheduler_config = dict(SD_SCHEDULER, skip_prk_steps=True)
@@ -82,13 +80,21 @@ class DiffusersBench:
         return self.torch.compile(unet) if self.s.torch_compile else unet
 
     def _inputs(self, rows: int, dtype):
+        """(latents, timesteps, context, added_cond_kwargs: None, or SDXL's pooled text and time ids)."""
         t = self.torch
         r = self.r
         g = t.Generator().manual_seed(self.s.seed)
         x = t.randn(rows, self.unet_config["in_channels"], r.latent, r.latent, generator=g)
-        ctx = t.randn(rows, 77, self.text_config.hidden_size, generator=g)
+        width = self.unet_config["cross_attention_dim"]
+        ctx = t.randn(rows, 77, width[0] if isinstance(width, list) else width, generator=g)
         ts = t.randint(0, 1000, (rows,), generator=g)
-        return x.to(self.device, dtype), ts.to(self.device), ctx.to(self.device, dtype)
+        added = None
+        if self.sdxl:
+            pooled = t.randn(rows, self.text_2_config.projection_dim, generator=g)
+            # original size, crop top-left, target size: diffusers' defaults for a square image
+            ids = t.tensor([[r.resolution, r.resolution, 0, 0, r.resolution, r.resolution]] * rows)
+            added = {"text_embeds": pooled.to(self.device, dtype), "time_ids": ids.to(self.device, dtype)}
+        return x.to(self.device, dtype), ts.to(self.device), ctx.to(self.device, dtype), added
 
     def _memory_reset(self):
         if self.device.type == "cuda":
@@ -118,11 +124,11 @@ class DiffusersBench:
         t = self.torch
         rows = self.batch * (2 if self.s.unet_cfg else 1)
         unet = self._build_unet()
-        x, ts, ctx = self._inputs(rows, self.dtype)
+        x, ts, ctx, added = self._inputs(rows, self.dtype)
 
         def fn():
             with t.inference_mode():
-                return unet(x, ts, encoder_hidden_states=ctx).sample
+                return unet(x, ts, encoder_hidden_states=ctx, added_cond_kwargs=added).sample
 
         return fn, rows, {"item": "sample", "rows": rows}
 
@@ -133,10 +139,18 @@ class DiffusersBench:
         unet = self._build_unet()
         vae = d.AutoencoderKL.from_config(self.vae_config).to(self.device, self.dtype).eval()
         text = self.transformers.CLIPTextModel(self.text_config).to(self.device, self.dtype).eval()
-        sched = getattr(d, _SCHEDULERS[self.s.scheduler]).from_config(self.scheduler_config)
-        pipe = d.StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=Tokenizer.bundled().hf, unet=unet,
-                                         scheduler=sched, safety_checker=None, feature_extractor=None,
-                                         requires_safety_checker=False)
+        sched = getattr(d, _SCHEDULERS[self.r.scheduler]).from_config(self.scheduler_config)
+        if self.sdxl:
+            text_2 = self.transformers.CLIPTextModelWithProjection(self.text_2_config).to(self.device, self.dtype)
+            pipe = d.StableDiffusionXLPipeline(vae=vae, text_encoder=text, text_encoder_2=text_2.eval(),
+                                               tokenizer=Tokenizer.bundled().hf,
+                                               tokenizer_2=Tokenizer.bundled(pad_token="!").hf, unet=unet,
+                                               scheduler=sched, force_zeros_for_empty_prompt=True,
+                                               add_watermarker=False)
+        else:
+            pipe = d.StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=Tokenizer.bundled().hf, unet=unet,
+                                             scheduler=sched, safety_checker=None, feature_extractor=None,
+                                             requires_safety_checker=False)
         pipe.set_progress_bar_config(disable=True)
         size = self.r.resolution
         prompts = [core.PROMPT] * self.batch
@@ -149,8 +163,8 @@ class DiffusersBench:
                 return pipe(prompts, num_inference_steps=self.s.steps, guidance_scale=self.s.guidance_scale,
                             height=size, width=size, output_type="np", generator=g).images
 
-        return fn, self.batch, {"item": "image", "model_evals": evals,
-                                "loop": "diffusers StableDiffusionPipeline(output_type='np')"}
+        return fn, self.batch, {"item": "image", "model_evals": evals, "scheduler": self.r.scheduler,
+                                "loop": f"diffusers {type(pipe).__name__}(output_type='np')"}
 
     def _mode_train(self):
         t, d = self.torch, self.diffusers
@@ -159,7 +173,7 @@ class DiffusersBench:
         opt = t.optim.AdamW(unet.parameters(), lr=self.s.learning_rate, weight_decay=self.s.weight_decay,
                             **({"fused": True} if fused else {}))
         sched = d.DDPMScheduler.from_config(self.scheduler_config)
-        x0, _, ctx = self._inputs(self.batch, t.float32)
+        x0, _, ctx, _ = self._inputs(self.batch, t.float32)
         low = self.dtype != t.float32
         scaler = t.amp.GradScaler(self.device.type) if self.dtype == t.float16 else None
 
