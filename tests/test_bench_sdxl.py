@@ -107,7 +107,8 @@ def test_sdxl_configs_are_sdxl_base():
 
 @pytest.mark.parametrize("kw,match", [
     (dict(model="sdxl", modes=("unet", "train")),
-     r"mode 'train' is not available for sdxl: the LDM trainer takes SD 1.x/2.x U-Nets only; use --modes unet,sample"),
+     r"mode 'train' is not available for sdxl: the bench's train modes build SD 1.x/2.x steps only "
+     r"\(SDXL trains with configs/sdxl_finetune.py\); use --modes unet,sample"),
     (dict(model="tiny-sdxl", num_devices=0), r"num_devices 0 must be a positive integer up to the 8 devices here"),
     (dict(model="tiny-sdxl", num_devices=9), r"num_devices 9 must be a positive integer up to the 8 devices here"),
 ])

@@ -123,8 +123,9 @@ def validate(s: BenchSettings, num_devices: int) -> None:
     if MODELS[s.model].is_sdxl:
         train = [m for m in s.modes if m not in SDXL_MODES]
         if train:
-            raise ValueError(f"mode {train[0]!r} is not available for {s.model}: the LDM trainer takes SD 1.x/2.x "
-                             f"U-Nets only; use --modes {','.join(SDXL_MODES)}")
+            raise ValueError(f"mode {train[0]!r} is not available for {s.model}: the bench's train modes build "
+                             "SD 1.x/2.x steps only (SDXL trains with configs/sdxl_finetune.py); "
+                             f"use --modes {','.join(SDXL_MODES)}")
     if s.dtype not in (None, "bf16", "fp32"):
         raise ValueError(f"dtype {s.dtype!r} is not bf16 or fp32")
     if s.attention not in ATTENTION:
