@@ -245,18 +245,38 @@ def test_cli_errors_name_the_fix(capsys):
 MAXDIFFUSION_TRAIN_FLOPS_PER_SAMPLE = 2.41e12  # SD2 at 512 px, MaxDiffusion's recipes
 
 
+# The plan BENCHMARKS.md records, with the options cut to the candidate chosen (each full-size compile
+# took 15-25 min on the 2-core machine): remat, chunked attention, the config's 8 per chip.
+SD15_PLAN_OPTIONS = dict(remat_options=(True,), attention_options=("chunked",), micro_batch_options=(8,))
+
+
 @pytest.mark.slow
 def test_sd15_train_step_fits_v5e_4x4_with_the_planners_choice():
     # configs/sd15_finetune.py's 8 per device, on 16 chips.
-    report = plan.plan(aot.AotSettings(topology="v5e:4x4", model="sd15", resolution=512, batch=128), print)
+    report = plan.plan(aot.AotSettings(topology="v5e:4x4", model="sd15", resolution=512, batch=128), print,
+                       **SD15_PLAN_OPTIONS)
     print(plan.table(report))
     choice = report["choice"]
     assert choice is not None and choice["memory_per_chip"]["total"] <= 16 * 2**30
-    # The recipes' count is the model's: forward + backward (3 forwards). Under remat XLA also counts
-    # the forward it recomputes (4 forwards), so a remat step's count is scaled by 3/4.
-    flops = [r["flops_per_item"] * (0.75 if r["remat"] else 1.0) for r in report["candidates"]
-             if r.get("flops_per_item")]
-    assert flops and flops[0] == pytest.approx(MAXDIFFUSION_TRAIN_FLOPS_PER_SAMPLE, rel=0.05)
+    assert choice["attention_impl"] == "chunked" and choice["micro_batch_per_chip"] == 8
+
+
+@pytest.mark.slow
+def test_sd15_train_flops_per_sample_match_maxdiffusions_count():
+    # The recipes' count is the model's: forward + backward (3 forwards) of the U-Net at 512 px. XLA's
+    # count of the same step with remat off, XLA attention and no accumulation loop (see
+    # `aot.train_ldm_model_flops`); measured here: 2.373 TFLOP, -1.5%.
+    r = aot.train_ldm_model_flops(aot.AotSettings(model="sd15", resolution=512))
+    print(r)
+    assert r["flops_per_sample"] == pytest.approx(MAXDIFFUSION_TRAIN_FLOPS_PER_SAMPLE, rel=0.05)
+
+
+@pytest.mark.slow
+def test_sd15_train_step_plan_for_v6e_2x4():
+    report = plan.plan(aot.AotSettings(topology="v6e:2x4", model="sd15", resolution=512, batch=64), print,
+                       **SD15_PLAN_OPTIONS)
+    print(plan.table(report))
+    assert report["choice"] is not None and report["choice"]["memory_per_chip"]["total"] <= 32 * 2**30
 
 
 @pytest.mark.slow

@@ -493,13 +493,15 @@ def compile_sample(s: AotSettings, mesh: Mesh, chip: tpu_chips.Chip) -> dict:
 
 def ldm_config(model: str) -> ml_collections.ConfigDict:
     """The trainer config a model's train step is compiled with: `configs/sd15_finetune.py`'s settings
-    for sd15 / sd21 (bf16, remat, AdamW, EMA, min-SNR, cache on), the LDM defaults for tiny."""
+    for sd15 / sd21 (bf16, remat, chunked attention, AdamW, EMA, min-SNR, cache on), the LDM defaults
+    for tiny."""
     from t2i_jax.train import ldm
 
     c = ldm.default_config()
     if model != "tiny":
         c.model.dtype = "bfloat16"
         c.model.remat = True
+        c.model.attention_impl = "chunked"
         c.batch_size = 8  # configs/sd15_finetune.py: per chip here (the planner's unit), global there
         c.optim.lr = 1e-5
         c.optim.weight_decay = 1e-2
