@@ -20,18 +20,23 @@ TPU pods, 8 images per chip at 512 px (this config's batch per device; set
 (`python -m t2i_jax.bench --plan tpu:v5e:4x4 --model sd15 --resolution 512 --batch 128`,
 which compiles the trainer's step for the topology; see BENCHMARKS.md, "TPU, compiled ahead
 of time"). The state (fp32 U-Net params, two AdamW moments, the EMA copy: 12.8 GiB) shards
-over fsdp; the frozen VAE and text encoder (0.77 GiB) stay replicated:
-- v5e-16 (`tpu:v5e:4x4`, 16 GiB per chip), batch 128: fsdp 1 cannot fit (arguments and
-  gradients alone 16.78 GiB per chip); fsdp 2, 4 and 8, each with remat, were compiled and
-  refused by the TPU compiler for want of HBM; fsdp 16 could not be compiled here (the compiler process was killed
-  for host RAM at 13.5 GB). 8 images per chip does not fit a v5e at 512 px with XLA's
-  attention: use `--config.train.grad_accum=2` (or more) for 4 per chip per micro-batch and
-  run the planner again.
-- v5e-256 (`tpu:v5e:16x16`), batch 2048: per-chip memory depends on the fsdp degree and the
-  images per chip only (the data axis adds no state), so the v5e-16 answer holds; not compiled
-  at 256 chips.
+over fsdp; with cached latents the frozen VAE and text encoder are not in the step. The
+plans need `model.attention_impl = "chunked"` (set here): XLA's attention materialises the
+64x64 level's 4096 x 4096 scores and does not fit a v5e at 8 per chip with any fsdp.
+- v5e-16 (`tpu:v5e:4x4`, 16 GiB per chip), batch 128: `--config.mesh.fsdp=2` (data 8), remat,
+  chunked attention, no grad_accum: compiled, 11.45 GiB per chip (4.55 GiB headroom). fsdp 1
+  cannot fit (arguments and gradients alone 16.78 GiB per chip).
+- v5e-256 (`tpu:v5e:16x16`), batch 2048: the same `mesh.fsdp=2` (data 128). Not compiled at
+  256 chips (a 16-chip compile took 47 min and 10.6 GB of this 23 GB host's RAM, and the compile
+  grows with the chip count), but the per-chip answer carries: every array's per-chip shard
+  depends on the fsdp degree and the images per chip only, which are the v5e-16 plan's; the data
+  axis adds no state, only larger groups in the gradient all-reduce.
 - v6e-8 (`tpu:v6e:2x4`, 32 GiB per chip), batch 64: fsdp 1 passes the planner's lower bound
-  (16.78 GiB); its compile (remat) did not finish before this was written.
+  (16.78 GiB per chip before activations); its compile did not finish before this was written.
+  `--config.mesh.fsdp=2` (data 4) has the v5e-16 plan's per-chip shapes (11.45 GiB on a v5e) and
+  leaves over half of 32 GiB free; compiled for v5e, not for v6e.
+Other fsdp degrees, remat off or a smaller micro-batch (`--config.train.grad_accum`) were not
+compiled at full size; run the planner without its option cuts to search them.
 """
 
 import ml_collections
@@ -44,7 +49,9 @@ def get_config(arg=None):
     c.model.init_from = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     c.model.dtype = "bfloat16"
     c.model.remat = True
-    c.model.attention_impl = ""  # "cudnn" on NVIDIA GPUs
+    # Exact attention over query chunks of 1024 (layers.query_chunk_size): bounds the 64x64 level's
+    # 4096 x 4096 scores, which do not fit a v5e at 8 per chip otherwise. "cudnn" on NVIDIA GPUs.
+    c.model.attention_impl = "chunked"
     c.data = ml_collections.ConfigDict({"name": "jsonl", "path": arg or "", "images": "", "resolution": 512,
                                         "seed": 0, "random_flip": True, "worker_count": 4})
     c.batch_size = 8

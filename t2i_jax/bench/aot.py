@@ -55,7 +55,7 @@ from t2i_jax.schedulers.schedule import SD_SCHEDULER
 from t2i_jax.tokenizer import Tokenizer
 
 __all__ = ["WHAT", "AotSettings", "libtpu_available", "topology_devices", "abstract", "collectives",
-           "compile_sample", "compile_train_ldm", "train_ldm_program",
+           "compile_sample", "compile_train_ldm", "train_ldm_program", "train_ldm_model_flops",
            "train_bytes_lower_bound", "compile_train_clip", "run", "ldm_config"]
 
 WHAT = ("sample", "train_ldm", "train_clip")
@@ -80,7 +80,8 @@ class AotSettings:
     fsdp: int | None = None  # train: FSDP degree (default: the config's mesh.fsdp)
     remat: bool | None = None  # train: rematerialise U-Net / CLIP layers (default: the config's)
     clip_batch: int | None = None  # train_clip global batch (default: `batch`)
-    grad_accum: int = 1
+    grad_accum: int = 1  # train: micro-batches per step (the global batch stays `batch`)
+    attention_impl: str | None = None  # train_ldm: U-Net attention, e.g. "chunked" (default: the config's)
     fsdp_min_size: int | None = None  # train: tensors with fewer elements stay replicated (default: the config's)
     clip_overrides: tuple[tuple[str, object], ...] = ()  # train_clip: transformers CLIPConfig fields (tests)
     unet_overrides: tuple[tuple[str, object], ...] = ()  # UNetConfig fields replaced (tests: a smaller U-Net)
@@ -150,12 +151,12 @@ def per_chip_bytes(tree) -> int:
     return int(total)
 
 
-def _modules(model: str, dtype, *, remat: bool = False, unet_overrides=()):
+def _modules(model: str, dtype, *, remat: bool = False, unet_overrides=(), attention_impl: str | None = None):
     spec = core.MODELS[model]
     ucfg = dataclasses.replace(unet_lib.UNetConfig.named(spec.unet), **dict(unet_overrides))
     vcfg = vae_lib.VAEConfig.named(spec.vae)
     tcfg = dataclasses.replace(clip_lib.named_config(spec.text).text, **dict(spec.text_overrides))
-    unet = unet_lib.UNet2DConditionModel(ucfg, dtype=dtype, remat=remat)
+    unet = unet_lib.UNet2DConditionModel(ucfg, dtype=dtype, remat=remat, attention_impl=attention_impl)
     vae = vae_lib.AutoencoderKL(vcfg, dtype=dtype)
     text = clip_lib.CLIPTextModel(tcfg, dtype=dtype)
     tok = Tokenizer.bundled(pad_token="!" if spec.text == "sd2-text" else "<|endoftext|>")
@@ -318,9 +319,14 @@ def _memory(compiled) -> dict:
     m = compiled.memory_analysis()
     mem = {k: int(getattr(m, f"{k}_size_in_bytes", 0) or 0) for k in ("argument", "output", "alias", "temp",
                                                                        "generated_code")}
-    # What the program holds at its peak: arguments, outputs not aliased to (donated) arguments,
-    # temporaries, and its code.
-    mem["total"] = mem["argument"] + mem["output"] - mem["alias"] + mem["temp"] + mem["generated_code"]
+    # XLA's heap-simulated peak. `temp` leaves out buffers that live inside a while body (a
+    # chunked attention's scores, a grad_accum scan's micro-batch activations: seen 0 bytes of
+    # temporaries for a program whose peak held 36 MiB of them); the peak counts them.
+    mem["peak"] = int(getattr(m, "peak_memory_in_bytes", 0) or 0)
+    # What the program holds at its peak: arguments, outputs not aliased to (donated) arguments and
+    # temporaries, or XLA's peak where that is more; and its code.
+    held = mem["argument"] + mem["output"] - mem["alias"] + mem["temp"]
+    mem["total"] = max(held, mem["peak"]) + mem["generated_code"]
     return mem
 
 
@@ -337,6 +343,7 @@ def roofline(flops: float | None, bytes_accessed: float | None, chip: tpu_chips.
 def _figures(compiled, chip, *, items_per_chip: float, param_bytes: int, optimizer_bytes: int = 0,
              extra_flops: float = 0.0, extra_bytes: float = 0.0, compile_s: float) -> dict:
     mem = _memory(compiled)
+    held = mem["argument"] + mem["output"] - mem["alias"]  # what is not a temporary
     cost = _cost(compiled)
     flops = (cost["flops"] or 0.0) + extra_flops or None
     byts = (cost["bytes_accessed"] or 0.0) + extra_bytes or None
@@ -344,7 +351,7 @@ def _figures(compiled, chip, *, items_per_chip: float, param_bytes: int, optimiz
     out = {
         "compile_s": compile_s,
         "memory_per_chip": {**mem, "params": param_bytes, "optimizer_state": optimizer_bytes,
-                            "activations": mem["temp"], "hbm": chip.hbm_bytes,
+                            "activations": max(mem["temp"], mem["peak"] - held), "hbm": chip.hbm_bytes,
                             "fits": mem["total"] <= chip.hbm_bytes, "headroom": chip.hbm_bytes - mem["total"]},
         "xla_cost_per_chip": cost,
         "flops_per_chip": flops, "bytes_accessed_per_chip": byts,
@@ -486,13 +493,15 @@ def compile_sample(s: AotSettings, mesh: Mesh, chip: tpu_chips.Chip) -> dict:
 
 def ldm_config(model: str) -> ml_collections.ConfigDict:
     """The trainer config a model's train step is compiled with: `configs/sd15_finetune.py`'s settings
-    for sd15 / sd21 (bf16, remat, AdamW, EMA, min-SNR, cache on), the LDM defaults for tiny."""
+    for sd15 / sd21 (bf16, remat, chunked attention, AdamW, EMA, min-SNR, cache on), the LDM defaults
+    for tiny."""
     from t2i_jax.train import ldm
 
     c = ldm.default_config()
     if model != "tiny":
         c.model.dtype = "bfloat16"
         c.model.remat = True
+        c.model.attention_impl = "chunked"
         c.batch_size = 8  # configs/sd15_finetune.py: per chip here (the planner's unit), global there
         c.optim.lr = 1e-5
         c.optim.weight_decay = 1e-2
@@ -514,10 +523,13 @@ def train_ldm_program(s: AotSettings, mesh: Mesh, config: ml_collections.ConfigD
     remat = bool(config.model.remat if s.remat is None else s.remat)
     config.model.remat = remat
     config.train.grad_accum = s.grad_accum
+    if s.attention_impl is not None:
+        config.model.attention_impl = s.attention_impl
     if s.fsdp_min_size is not None:
         config.mesh.fsdp_min_size = s.fsdp_min_size
     dtype = jnp.dtype(config.model.dtype)
-    unet, vae, text, tok = _modules(s.model, dtype, remat=remat, unet_overrides=s.unet_overrides)
+    unet, vae, text, tok = _modules(s.model, dtype, remat=remat, unet_overrides=s.unet_overrides,
+                                    attention_impl=config.model.attention_impl or None)
     b = s.batch or mesh.devices.size
     config.batch_size = b
     res = _resolution(s.model, s.resolution)
@@ -537,7 +549,7 @@ def train_ldm_program(s: AotSettings, mesh: Mesh, config: ml_collections.ConfigD
            "context": jax.ShapeDtypeStruct((b, tok.max_length, width), jnp.float32, sharding=batch)}
     acc = _abstract_accumulator(run["step_fn"], state, frozen, bat, repl)
     return {"step_fn": run["step_fn"], "args": (state, acc, frozen, bat), "config": config, "remat": remat,
-            "batch": b, "resolution": res}
+            "batch": b, "resolution": res, "attention_impl": config.model.attention_impl or "xla"}
 
 
 def train_bytes_lower_bound(program: dict) -> int:
@@ -545,6 +557,27 @@ def train_bytes_lower_bound(program: dict) -> int:
     batch) and one fp32 gradient per param shard. A candidate above HBM needs no compile."""
     state = program["args"][0]
     return per_chip_bytes(program["args"]) + per_chip_bytes(state.params)
+
+
+def train_ldm_model_flops(s: AotSettings, batch: int = 8) -> dict:
+    """XLA's FLOPs per sample of the LDM train step as the model defines it: the trainer's step for
+    `s.model` at `s.resolution`, remat off, XLA's attention, one micro-batch, lowered (not compiled)
+    for one CPU device and counted by XLA's HLO cost analysis.
+
+    What the compiled TPU step's count cannot give: under remat it includes the recomputed forward,
+    and XLA counts a while body once (a chunked attention's query chunks, a grad_accum scan), so
+    those counts are of the program, not of the model. This one has no loop; the optimizer update's
+    few FLOPs per parameter are spread over `batch` samples.
+    """
+    one = dataclasses.replace(s, topology="cpu", batch=batch, fsdp=1, remat=False, attention_impl="xla",
+                              grad_accum=1, what=("train_ldm",))
+    t0 = time.perf_counter()
+    prog = train_ldm_program(one, parallel.make_mesh(data=-1, fsdp=1, devices=jax.devices("cpu")[:1]))
+    cost = prog["step_fn"].lower(*prog["args"]).cost_analysis()
+    cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+    return {"flops_per_sample": float(cost.get("flops", 0.0)) / batch or None, "batch": batch,
+            "resolution": prog["resolution"], "lower_s": time.perf_counter() - t0,
+            "method": "HLO cost analysis of the lowered step (remat off, XLA attention, no grad_accum), one CPU device"}
 
 
 def compile_train_ldm(s: AotSettings, mesh: Mesh, chip: tpu_chips.Chip,
@@ -556,10 +589,22 @@ def compile_train_ldm(s: AotSettings, mesh: Mesh, chip: tpu_chips.Chip,
     compiled, compile_s = _compile(prog["step_fn"], *prog["args"])
     opt_bytes = per_chip_bytes(state.opt_state) + per_chip_bytes(state.ema_params)
     b = prog["batch"]
+    # With grad_accum > 1 the micro-batches are a scan, whose body XLA counts once: the step is
+    # counted as grad_accum x XLA's count (which holds one optimizer update, so the update's FLOPs
+    # and bytes are over-counted grad_accum - 1 times: a bound from above).
+    cost = _cost(compiled)
+    more = s.grad_accum - 1
     out = _figures(compiled, chip, items_per_chip=b / mesh.devices.size, param_bytes=per_chip_bytes(state.params),
-                   optimizer_bytes=opt_bytes, compile_s=compile_s)
+                   optimizer_bytes=opt_bytes, compile_s=compile_s, extra_flops=more * (cost["flops"] or 0.0),
+                   extra_bytes=more * (cost["bytes_accessed"] or 0.0))
+    out.update(flops_method="XLA's count of the compiled step" + (
+        f" x grad_accum {s.grad_accum} (the micro-batch scan's body is counted once)" if more else "") + (
+        "; a chunked attention's query-chunk loop is also counted once (one chunk of each long attention)"
+        if str(prog["attention_impl"]).startswith("chunked") else "") + (
+        "; remat's recomputed forward is included" if prog["remat"] else ""))
     out.update(item="sample", batch=b, resolution=prog["resolution"], fsdp=mesh.shape["fsdp"],
                data=mesh.shape["data"], remat=prog["remat"], grad_accum=s.grad_accum,
+               micro_batch_per_chip=b // mesh.devices.size // s.grad_accum, attention_impl=prog["attention_impl"],
                ema=prog["config"].ema_decay > 0, cached=True, frozen_bytes_per_chip=per_chip_bytes(frozen),
                step="t2i_jax.train.ldm.setup_step (train.loop.make_train_step)")
     return out

@@ -292,6 +292,28 @@ def why_not_cudnn_here(head_dim: int, dtype, masked: bool = False) -> str | None
                                        compute_capability=getattr(dev, "compute_capability", None), masked=masked)
 
 
+CHUNKED = "chunked"
+DEFAULT_QUERY_CHUNK = 1024
+
+
+def query_chunk_size(impl: str | None) -> int | None:
+    """The query chunk of a chunked `impl` ("chunked": 1024 queries, "chunked:N": N), else None.
+
+    Chunked attention is exact (every chunk's softmax sees all the keys); it
+    bounds the fp32 score memory to chunk x keys per head, forward and
+    backward (each chunk is recomputed in the backward), on any platform.
+    """
+    if not isinstance(impl, str) or not (impl == CHUNKED or impl.startswith(CHUNKED + ":")):
+        return None
+    if impl == CHUNKED:
+        return DEFAULT_QUERY_CHUNK
+    size = impl[len(CHUNKED) + 1:]
+    if not size.isdigit() or int(size) < 1:
+        raise ValueError(f"attention_impl {impl!r}: the query chunk after 'chunked:' must be a positive integer "
+                         f"(e.g. 'chunked:512'), or use 'chunked' for {DEFAULT_QUERY_CHUNK}")
+    return int(size)
+
+
 def dot_product_attention(q, k, v, num_heads: int, *, impl: str | None = None, upcast: bool = False,
                           mask=None, is_causal: bool = False, scale: float | None = None):
     """Multi-head attention on [B, L, heads * head_dim] projections (the U-Net's, the VAE's and CLIP's).
@@ -299,8 +321,11 @@ def dot_product_attention(q, k, v, num_heads: int, *, impl: str | None = None, u
     Runs `jax.nn.dot_product_attention`, whose XLA path computes scores and
     softmax in fp32 for bf16 inputs. `impl`: None/"xla"; "cudnn" (flash
     attention on NVIDIA GPUs; needs bf16/fp16 inputs and a supported head
-    size, else jax raises); or "auto" (cuDNN where it applies, XLA elsewhere;
-    see `resolve_attention_impl`). `upcast` (diffusers' `upcast_attention`,
+    size, else jax raises); "auto" (cuDNN where it applies, XLA elsewhere;
+    see `resolve_attention_impl`); or "chunked" / "chunked:N" (the XLA path
+    over query chunks of N, default 1024, each rematerialised in the
+    backward: exact, and the scores held at once are N x keys per head; see
+    `query_chunk_size`). `upcast` (diffusers' `upcast_attention`,
     SD 2.1) also runs the q.k product of the XLA path from fp32 inputs; cuDNN
     accumulates in fp32 by itself. `mask` (bool, broadcastable to
     [B, heads, T, S]; False: not attended), `is_causal` and `scale` (None:
@@ -309,14 +334,56 @@ def dot_product_attention(q, k, v, num_heads: int, *, impl: str | None = None, u
     dtype = q.dtype
     b, t, d = q.shape
     s = k.shape[1]
-    impl = resolve_attention_impl(impl, d // num_heads, dtype, masked=mask is not None)
+    chunk = query_chunk_size(impl)
+    impl = None if chunk else resolve_attention_impl(impl, d // num_heads, dtype, masked=mask is not None)
     q = q.reshape(b, t, num_heads, d // num_heads)
     k = k.reshape(b, s, num_heads, d // num_heads)
     v = v.reshape(b, s, num_heads, d // num_heads)
     if upcast and impl is None:
         q, k, v = (a.astype(jnp.float32) for a in (q, k, v))
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, scale=scale, implementation=impl)
+    if chunk and t > chunk:
+        out = _chunked_attention(q, k, v, chunk, mask=mask, is_causal=is_causal, scale=scale)
+    else:
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, scale=scale,
+                                           implementation=impl)
     return out.reshape(b, t, d).astype(dtype)
+
+
+def _chunked_attention(q, k, v, chunk: int, *, mask, is_causal: bool, scale):
+    """XLA attention of [B, T, H, D] queries in T / chunk sequential chunks (the last zero-padded).
+
+    A `lax.map` keeps the chunks sequential (XLA cannot fuse them back into
+    one T x S score tensor), and `jax.checkpoint` on the chunk makes the
+    backward save only its inputs and recompute its scores.
+    """
+    b, t, h, dh = q.shape
+    s = k.shape[1]
+    n = -(-t // chunk)
+    pad = n * chunk - t
+    qs = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, n, chunk, h, dh).swapaxes(0, 1)
+    if mask is not None:
+        mask = jnp.asarray(mask)
+        mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+    per_query_mask = mask is not None and mask.shape[2] != 1
+    if per_query_mask:  # the mask's query axis is chunked with the queries
+        mask = jnp.broadcast_to(mask, mask.shape[:2] + (t, s))
+        mask = jnp.pad(mask, ((0, 0), (0, 0), (0, pad), (0, 0)), constant_values=True)
+        masks = mask.reshape(mask.shape[:2] + (n, chunk, s)).transpose(2, 0, 1, 3, 4)
+    else:
+        masks = jnp.zeros((n,), jnp.bool_)  # a placeholder the body ignores
+
+    @jax.checkpoint
+    def one(args):
+        i, qc, mc = args
+        m = mc if per_query_mask else mask
+        if is_causal:  # query i * chunk + r attends keys 0 .. i * chunk + r
+            rows = i * chunk + jnp.arange(chunk)[:, None]
+            causal = (rows >= jnp.arange(s)[None, :])[None, None]
+            m = causal if m is None else m & causal
+        return jax.nn.dot_product_attention(qc, k, v, mask=m, scale=scale)
+
+    out = jax.lax.map(one, (jnp.arange(n), qs, masks))
+    return out.swapaxes(0, 1).reshape(b, n * chunk, h, dh)[:, :t]
 
 
 class Attention(nn.Module):
