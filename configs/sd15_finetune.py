@@ -32,7 +32,7 @@ plans need `model.attention_impl = "chunked"` (set here): XLA's attention materi
   depends on the fsdp degree and the images per chip only, which are the v5e-16 plan's; the data
   axis adds no state, only larger groups in the gradient all-reduce.
 - v6e-8 (`tpu:v6e:2x4`, 32 GiB per chip), batch 64: fsdp 1 passes the planner's lower bound
-  (16.78 GiB per chip before activations); its compile did not finish before this was written.
+  (16.78 GiB per chip before activations); its compile was stopped unfinished after 37 min.
   `--config.mesh.fsdp=2` (data 4) has the v5e-16 plan's per-chip shapes (11.45 GiB on a v5e) and
   leaves over half of 32 GiB free; compiled for v5e, not for v6e.
 Other fsdp degrees, remat off or a smaller micro-batch (`--config.train.grad_accum`) were not
