@@ -593,9 +593,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "clip_g); write its token (the file's own name, or TOKEN) in the prompts; repeatable")
     p.add_argument("--dtype", choices=["bf16", "fp32", "fp16"], default=None,
                    help="compute dtype (default: bf16 on GPU/TPU, fp32 on CPU); params stay as loaded")
-    p.add_argument("--attention", choices=["auto", "xla", "cudnn"], default="auto",
+    p.add_argument("--attention", choices=["auto", "xla", "cudnn", "chunked"], default="auto",
                    help="attention: auto (cuDNN flash attention on NVIDIA GPUs where the head size and dtype "
-                        "allow, XLA elsewhere), xla, or cudnn (NVIDIA GPU, bf16/fp16)")
+                        "allow, XLA elsewhere), xla, cudnn (NVIDIA GPU, bf16/fp16), or chunked (XLA over "
+                        "1024-query chunks: the same numbers in less memory, e.g. SDXL at 1024 px on a TPU)")
     p.add_argument("--out", required=True, help="output folder (created if missing)")
     from t2i_jax.enhance import DEFAULT_ENHANCER, GenerationSettings
 

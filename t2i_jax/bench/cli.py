@@ -88,8 +88,9 @@ def parser() -> argparse.ArgumentParser:
                    help="compile for this TPU topology instead of timing here, e.g. tpu:v5e:4x4, tpu:v6e:2x2, "
                         "tpu:v5p:2x2x1; --model, --resolution, --batch, --steps, --scheduler apply")
     g.add_argument("--plan", default=None, metavar="TOPOLOGY",
-                   help="memory planner: the smallest FSDP degree and remat policy whose LDM train step at "
-                        "--batch fits a chip of this topology, found by compiling a few candidates")
+                   help="memory planner: the smallest FSDP degree, and at it the largest micro-batch per chip "
+                        "(train.grad_accum), remat policy and attention (chunked or XLA), whose LDM train step "
+                        "at --batch fits a chip of this topology, found by compiling a few candidates")
     g.add_argument("--what", default="sample,train_ldm,train_clip",
                    help="with --aot, comma-separated: sample (denoise+decode loop), train_ldm (the LDM trainer's "
                         "step, cached latents), train_clip (CLIP's contrastive step)")
