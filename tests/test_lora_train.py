@@ -316,6 +316,7 @@ def test_lora_learns_a_new_colour_word(tmp_path):
     res = _script("lora_colour_eval").run(str(tmp_path / "run" / "export" / "pytorch_lora_weights.safetensors"),
                                           n=24, steps=25)
     acc = {(m, w): r.accuracy for m, d in res.items() for w, r in d.items()}
+    print(f"\nencoder round trip {rt}, adherence {acc}, {time.time() - t0:.0f} s")
     assert acc["base", "new"]["color"] < 0.2  # the base model does not know the word
     assert acc["lora", "new"]["color"] >= 0.8
     for key in ("color", "all"):
