@@ -13,7 +13,7 @@ U-Net trained on them learns green; sampling uses the unchanged decoder).
 The adapters sit on the U-Net's attention projections (to_q, to_k, to_v, to_out.0), feed-forward (ff.net.0.proj, ff.net.2) and 1x1
 proj_in / proj_out convs, rank 4, alpha 4: 71.2k trainable parameters in 84 layers against the U-Net's 3.3M
 parameters. lr 1e-2 (LoRA moves little per step; 2e-3 on attention alone had
-not learnt the colour after 300 steps). The data: 96 cached shapes images, 50 of them teal
+not learnt the colour after 300 steps; at 1e-2 an 800-step run diverged at step ~560). The data: 96 cached shapes images, 50 of them teal
 (`shapes.EXTRA_COLORS`; "teal" is named 8 times in `data.colors`, so its 72
 combinations weigh 8-fold against the 420 of the train split): the few dozen
 teal images come mixed with the colours the model knows, so that the adapters
