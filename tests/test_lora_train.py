@@ -286,25 +286,40 @@ def test_extra_colour_in_source_and_evaluator():
         ShapesSource(32, colors=["cyan"])
 
 
-@pytest.mark.slow
-@pytest.mark.xfail(reason="issue 16's bar (>= 80% teal) is not reached yet: 22% after 400 steps (configs/README.md)",
-                   strict=False)
-def test_lora_learns_a_new_colour_word(tmp_path):
-    """configs/lora_shapes.py on the bundled model: "teal" shapes at >= 80% shape-colour adherence,
-    the original prompts within 5 points of the base model (24 prompts each; configs/README.md has
-    the 50-prompt, 50-step figures)."""
+def _script(name: str):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("lora_colour_eval", REPO / "scripts" / "lora_colour_eval.py")
-    evaluation = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(evaluation)
-    c = lora_shapes.get_config()
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(reason="issue 16's bar is not reached yet: teal 21% (>= 80%), originals -17 points (within 5); "
+                   "configs/README.md", strict=False)
+def test_lora_learns_a_new_colour_word(tmp_path):
+    """configs/lora_shapes.py on the bundled model, after scripts/lora_teal_base.py taught the VAE
+    encoder teal (the bundled one encodes teal shapes as green ones): "teal" shapes at >= 80%
+    shape-colour adherence, the original prompts within 5 points of the base model (24 prompts
+    each, PNDM 25 steps; configs/README.md has the 50-prompt, 50-step figures). 13 min on 2 loaded
+    cores (encoder ~3 min, training ~8 min, sampling 4 x 24 prompts)."""
+    import time
+
+    t0 = time.time()
+    rt = _script("lora_teal_base").build_base(tmp_path / "base", lora_shapes.get_config())
+    assert rt["before"] < 0.6 and rt["after"] >= 0.8  # the bundled encoder loses teal; the taught one keeps it
+    c = lora_shapes.get_config(f"base={tmp_path / 'base'}")
     c.progress = False
     c.eval.prompts = []
+    c.mesh.num_devices = 1
     ldm.train_and_evaluate(c, tmp_path / "run")
-    res = evaluation.run(str(tmp_path / "run" / "export" / "pytorch_lora_weights.safetensors"), n=24, steps=25)
+    res = _script("lora_colour_eval").run(str(tmp_path / "run" / "export" / "pytorch_lora_weights.safetensors"),
+                                          n=24, steps=25)
     acc = {(m, w): r.accuracy for m, d in res.items() for w, r in d.items()}
+    print(f"\nencoder round trip {rt}, adherence {acc}, {time.time() - t0:.0f} s")
     assert acc["base", "new"]["color"] < 0.2  # the base model does not know the word
     assert acc["lora", "new"]["color"] >= 0.8
     for key in ("color", "all"):
         assert acc["lora", "original"][key] >= acc["base", "original"][key] - 0.05
+    assert time.time() - t0 < 3600  # bounded: fixed steps, one training run
