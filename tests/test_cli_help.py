@@ -56,7 +56,7 @@ def test_bench_help_shows_each_default_once(capsys):
         assert line.count("default") <= 1, line
         assert "(default: None)" not in line and "(default: False)" not in line, line
     assert "(default: 50)" in options["--steps"] and "(default: 0)" in options["--seed"]
-    assert options["--resolution"].endswith("(default: native, 512 for sd15, 768 for sd21)")
+    assert options["--resolution"].endswith("(default: native, 512 for sd15, 768 for sd21, 1024 for sdxl)")
 
 
 def test_quiet_console_drops_the_tpu_backend_notice_only(caplog):
