@@ -211,6 +211,9 @@ def test_textual_inversion_matches_diffusers(setup, embedded):
         lora.apply_adapters(ours, embeddings=[(embedded["st"], None)])
 
 
+# slow (17 s): the CLI's adapter wiring stays fast in test_sdxl_adapters.py::test_cli_with_lora_and_embedding
+# (the same sample.py path); the SD1 merge itself in the tests above.
+@pytest.mark.slow
 def test_cli_with_lora_and_embedding(setup, embedded, tmp_path):
     out = tmp_path / "out"
     argv = ["--model", str(setup["root"] / "model"), "--prompt", "a <one> <two> circle", "--steps", "3",

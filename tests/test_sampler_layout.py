@@ -263,6 +263,8 @@ def _kernel_casts(jaxpr, kernel_shapes) -> int:
     return count
 
 
+# slow (23 s): the bf16 compute path stays fast in test_pipeline.py::test_sampler_dtype_sets_the_modules_compute_dtype.
+@pytest.mark.slow
 def test_bf16_params_are_cast_once(pipe, bf16):
     cast = bf16
     uncast = pipeline.Sampler(pipe, mesh=bf16.mesh, dtype=jnp.bfloat16, cast_params=False)

@@ -314,6 +314,8 @@ def test_grad_accum_and_bf16(tmp_path):
 # ---------------------------------------------------------------------------
 
 
+# slow (28 s): the train CLI runs fast in test_train_faults.py (subprocess runs, signals) and test_cli_help.py.
+@pytest.mark.slow
 def test_cli_run_with_overrides(tmp_path):
     from t2i_jax.train import __main__ as cli
 

@@ -121,6 +121,8 @@ def test_resume_with_another_process_count_says_so(two_step_run, tmp_path):
 # ---------------------------------------------------------------------------
 
 
+# slow (23 s): test_kill_9_then_ctrl_c_leave_each_step_once_and_a_checkpoint_of_the_last keeps a crash + resume fast.
+@pytest.mark.slow
 def test_metrics_hold_each_step_once_after_crash_and_resume(tmp_path):
     c = quick_config(steps=5, checkpoint_every=2)
     clip_train.train_and_evaluate(c, tmp_path)

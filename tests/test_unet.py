@@ -174,6 +174,9 @@ def test_remat_same_values_and_grads(cases):
 # --------------------------------------------------------------------------
 
 
+# slow (30 s): U-Net export to diffusers stays fast in test_train_ldm.py::test_export_loads_in_diffusers_and_sample_cli
+# and test_sdxl.py::test_folder_export_round_trip.
+@pytest.mark.slow
 def test_save_unet_round_trip_through_diffusers(cases, tmp_path):
     case = cases("sd2")
     # Fresh Flax params (not the ones read from torch), perturbed so no leaf sits at its init value.
