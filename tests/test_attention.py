@@ -46,7 +46,8 @@ def test_resolve_on_this_machine():
         layers.resolve_attention_impl("flash", 64, jnp.float32)
 
 
-# slow (22 s): on a CPU 'auto' resolves to XLA, which test_resolve_on_this_machine above asserts fast; this runs it through a U-Net.
+# slow (22 s): on a CPU 'auto' resolves to XLA, which test_resolve_on_this_machine above asserts fast;
+# this runs it through a U-Net.
 @pytest.mark.slow
 def test_auto_gives_xla_numbers_where_it_picks_xla():
     cfg = unet_lib.UNetConfig.named("tiny")
