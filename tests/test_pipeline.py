@@ -131,6 +131,7 @@ def test_sampler_dtype_sets_the_modules_compute_dtype(tiny, sampler):
     assert a.std() > 0.05 and np.abs(a - b).mean() < 0.01 and np.abs(a - b).max() < 0.1
 
 
+@pytest.mark.slow  # 13 s; test_attention.py::test_chunked_matches_xla_forward_and_gradient keeps it fast
 def test_chunked_attention_gives_the_same_images(tiny, sampler):
     # The memory-saving attention (query chunks, exact softmax) through the whole sampler, as
     # `python -m t2i_jax.sample --attention chunked` runs it; chunks smaller than the latent's tokens.

@@ -53,6 +53,10 @@ def vae_run(tmp_path_factory):
     return workdir, vae_train.train_and_evaluate(tiny_config(), workdir)
 
 
+# slow (the run takes ~48 s): the VAE trainer still runs fast in
+# test_train_loop.py::test_no_host_reads_between_log_steps[vae], and VAE export in
+# test_vae.py::test_save_vae_round_trip_through_diffusers.
+@pytest.mark.slow
 def test_loss_falls_and_psnr_rises(vae_run):
     workdir, result = vae_run
     rows = [r for r in metrics_lib.read_jsonl(workdir / "metrics.jsonl") if "loss" in r]
@@ -72,6 +76,7 @@ def test_loss_falls_and_psnr_rises(vae_run):
     assert np.all(d[:DISC_START] == 0) and np.all(d[DISC_START:] > 0)
 
 
+@pytest.mark.slow  # with the run above
 def test_export_loads_in_diffusers(vae_run):
     import diffusers
     import torch
