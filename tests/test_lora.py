@@ -160,16 +160,24 @@ def test_conv_lora_and_old_format_match_diffusers(setup):
     assert np.abs(old - _reference(setup, ["a"], [1.0])).max() <= 1 / 255
 
 
-def test_unmatched_lora_keys_are_named(setup, tmp_path):
-    state = core.read_safetensors(setup["kohya"])
-    extra = {f"lora_unet_nonexistent_block_{i}.lora_down.weight": np.zeros((4, 8), np.float32) for i in range(7)}
+def check_unmatched_keys_are_named(bundle, kohya_file, stray_names, tmp_path):
+    """A kohya file plus stray `<name>.lora_down.weight` keys: apply_adapters names them (the first
+    five, then "and N more") and says to use a LoRA made for this model."""
+    state = core.read_safetensors(kohya_file)
+    extra = {f"{name}.lora_down.weight": np.zeros((4, 8), np.float32) for name in stray_names}
     path = tmp_path / "bad.safetensors"
     core.write_safetensors({**state, **extra}, path)
     with pytest.raises(core.ConversionError) as e:
-        lora.apply_adapters(setup["bundle"], loras=[(path, 1.0)])
+        lora.apply_adapters(bundle, loras=[(path, 1.0)])
     msg = str(e.value)
-    assert f"7 of its {len(state) + 7} keys match no layer" in msg and "lora_unet_nonexistent_block_0" in msg
-    assert "and 2 more" in msg and "Use a LoRA made for this model" in msg
+    n = len(stray_names)
+    assert f"{n} of its {len(state) + n} keys match no layer" in msg and stray_names[0] in msg
+    assert f"and {n - 5} more" in msg and "Use a LoRA made for this model" in msg
+
+
+def test_unmatched_lora_keys_are_named(setup, tmp_path):
+    check_unmatched_keys_are_named(setup["bundle"], setup["kohya"],
+                                   [f"lora_unet_nonexistent_block_{i}" for i in range(7)], tmp_path)
 
 
 @pytest.fixture(scope="module")
