@@ -70,6 +70,50 @@ def test_loss_matches_numpy(prediction_type, gamma):
     np.testing.assert_allclose(got, (w * mse).mean(), rtol=1e-5)
 
 
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_snr_floor_weights(prediction_type):
+    rng = np.random.default_rng(1)
+    out, x0, noise = (rng.normal(size=(4, 3, 3, 2)).astype(np.float32) for _ in range(3))
+    t = np.array([0, 400, 800, 999])
+    betas = np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=np.float64) ** 2
+    abar = np.cumprod(1 - betas).astype(np.float32)
+    args = (jnp.asarray(out), jnp.asarray(x0), jnp.asarray(noise), jnp.asarray(t), abar)
+    got = np.asarray(ldm.diffusion_loss(*args, prediction_type=prediction_type, snr_gamma=5.0, snr_floor=0.1,
+                                        per_example=True))
+    plain = np.asarray(ldm.diffusion_loss(*args, prediction_type=prediction_type, per_example=True))
+    snr = abar[t].astype(np.float64) / (1 - abar[t])
+    w = np.clip(snr, 0.1, 5.0) / (snr if prediction_type == "epsilon" else snr + 1)
+    assert snr[-1] < 0.01 and snr[0] > 5  # both clips act: t = 999 raised to 0.1, t = 0 cut to 5
+    np.testing.assert_allclose(got, w * plain, rtol=1e-5)
+
+
+def test_timestep_bias_weights_and_draws():
+    import ml_collections
+
+    dc = ldm.default_config().diffusion
+    assert ldm.timestep_weights(1000, dc) is None  # uniform by default
+    dc.timestep_bias, dc.timestep_bias_multiplier, dc.timestep_bias_portion = "later", 10.0, 0.3
+    w = ldm.timestep_weights(1000, dc)
+    # 300 later timesteps 10x as likely as the first 700: 3000 / 3700 of the draws.
+    np.testing.assert_allclose(w[:700], 1 / 3700, rtol=1e-6)
+    np.testing.assert_allclose(w[700:], 10 / 3700, rtol=1e-6)
+    t = ldm.draw_timesteps(jax.random.key(0), 20000, 1000, w)  # what the trainer's augment draws
+    assert t.dtype == jnp.int32 and abs(float(jnp.mean(t >= 700)) - 3000 / 3700) < 0.01
+    u = ldm.draw_timesteps(jax.random.key(0), 20000, 1000)
+    assert abs(float(jnp.mean(u >= 700)) - 0.3) < 0.01
+    r = ldm.timestep_weights(1000, ml_collections.ConfigDict(
+        {"timestep_bias": "range", "timestep_bias_multiplier": 3.0, "timestep_bias_begin": 100,
+         "timestep_bias_end": 200}))
+    assert r[150] == pytest.approx(3 * r[50]) and r[250] == pytest.approx(r[50])
+    for bad, match in (({"timestep_bias": "late"}, "use ''"), ({"timestep_bias_multiplier": 0.0}, "> 0"),
+                       ({"timestep_bias_portion": 1.5}, r"\(0, 1\]")):
+        c = ldm.default_config().diffusion
+        c.timestep_bias = "later"
+        c.update(bad)
+        with pytest.raises(ValueError, match=match):
+            ldm.timestep_weights(1000, c)
+
+
 # ---------------------------------------------------------------------------
 # A real run: learning, samples, export.
 # ---------------------------------------------------------------------------

@@ -90,7 +90,20 @@ def default_config() -> ml_collections.ConfigDict:
     c.diffusion = ml_collections.ConfigDict()
     c.diffusion.prediction_type = "epsilon"  # or "v_prediction"; "" keeps the scheduler config's
     c.diffusion.snr_gamma = 0.0  # min-SNR-gamma loss weighting; 0 off (5.0 is the paper's)
+    # A floor under the SNR an example's loss is weighted by (in x0 terms): epsilon's MSE weighs an
+    # x0 error by SNR, ~0.005 at t = 999, so what only the noisiest steps decide (layout, colour) is
+    # learnt last; with a floor f the weight is max(SNR, f) / SNR (v: / (SNR + 1)). 0 off.
+    c.diffusion.snr_floor = 0.0
     c.diffusion.noise_offset = 0.0  # noise += offset * N(0, 1) per (example, channel); 0 off
+    # Timesteps drawn uniformly, or with the ones of one part of the schedule `timestep_bias_multiplier`
+    # times as likely (diffusers' --timestep_bias_strategy): "later" the noisiest `timestep_bias_portion`
+    # of them (where a sample's layout and colours are decided), "earlier" the least noisy, "range"
+    # [timestep_bias_begin, timestep_bias_end).
+    c.diffusion.timestep_bias = ""  # "", "later", "earlier" or "range"
+    c.diffusion.timestep_bias_multiplier = 1.0
+    c.diffusion.timestep_bias_portion = 0.25
+    c.diffusion.timestep_bias_begin = 0
+    c.diffusion.timestep_bias_end = 1000
     c.diffusion.caption_dropout = 0.1  # share of captions replaced by "" (classifier-free guidance)
     c.cache = ml_collections.ConfigDict()
     c.cache.enabled = False  # encode the dataset once through the frozen VAE + text encoder
@@ -200,13 +213,14 @@ def to_latents(vae_config, z):
 
 
 def diffusion_loss(model_output, x0, noise, timesteps, alphas_cumprod, *, prediction_type: str = "epsilon",
-                   snr_gamma: float = 0.0, per_example: bool = False):
+                   snr_gamma: float = 0.0, snr_floor: float = 0.0, per_example: bool = False):
     """Mean over the batch of (weighted) per-example MSE between the U-Net output and its target
     (`per_example`: the [B] values, not their mean).
 
     target: `noise` ("epsilon") or v = sqrt(abar) noise - sqrt(1 - abar) x0 ("v_prediction").
     With `snr_gamma` > 0, example b is weighted by min(SNR_b, gamma) / SNR_b (epsilon) or
     min(SNR_b, gamma) / (SNR_b + 1) (v), SNR = abar / (1 - abar) at its timestep (min-SNR-gamma).
+    With `snr_floor` > 0 the SNR in the numerator is first raised to at least `snr_floor`.
     """
     if prediction_type == "epsilon":
         target = noise
@@ -216,12 +230,49 @@ def diffusion_loss(model_output, x0, noise, timesteps, alphas_cumprod, *, predic
         raise ValueError(f"prediction_type {prediction_type!r}: use 'epsilon' or 'v_prediction'")
     err = jnp.mean(jnp.square(model_output.astype(jnp.float32) - target.astype(jnp.float32)),
                    axis=tuple(range(1, x0.ndim)))
-    if snr_gamma and snr_gamma > 0:
+    if (snr_gamma and snr_gamma > 0) or (snr_floor and snr_floor > 0):
         abar = jnp.asarray(alphas_cumprod, jnp.float32)[timesteps]
         snr = abar / (1.0 - abar)
-        clipped = jnp.minimum(snr, snr_gamma)
+        clipped = jnp.minimum(snr, snr_gamma) if snr_gamma and snr_gamma > 0 else snr
+        if snr_floor and snr_floor > 0:
+            clipped = jnp.maximum(clipped, snr_floor)
         err = err * (clipped / snr if prediction_type == "epsilon" else clipped / (snr + 1.0))
     return err if per_example else jnp.mean(err)
+
+
+def timestep_weights(num_t: int, dc) -> np.ndarray | None:
+    """The probability of each of `num_t` training timesteps under `dc` (config.diffusion)'s timestep
+    bias, or None when they are drawn uniformly."""
+    strategy = dc.get("timestep_bias", "") or ""
+    if strategy in ("", "none"):
+        return None
+    mult = float(dc.get("timestep_bias_multiplier", 1.0))
+    if mult <= 0:
+        raise ValueError(f"diffusion.timestep_bias_multiplier {mult} must be > 0 (1.0: no bias; 5.0: five times "
+                         "as likely)")
+    if strategy in ("later", "earlier"):
+        portion = float(dc.get("timestep_bias_portion", 0.25))
+        if not 0.0 < portion <= 1.0:
+            raise ValueError(f"diffusion.timestep_bias_portion {portion} must be in (0, 1]: the share of the "
+                             f"{num_t} timesteps biased")
+        n = max(1, int(portion * num_t))
+        lo, hi = (num_t - n, num_t) if strategy == "later" else (0, n)
+    elif strategy == "range":
+        lo, hi = int(dc.get("timestep_bias_begin", 0)), int(dc.get("timestep_bias_end", num_t))
+        if not 0 <= lo < hi <= num_t:
+            raise ValueError(f"diffusion.timestep_bias_begin/end {lo}/{hi}: need 0 <= begin < end <= {num_t}")
+    else:
+        raise ValueError(f"diffusion.timestep_bias {strategy!r}: use '', 'later', 'earlier' or 'range'")
+    w = np.ones(num_t, np.float64)
+    w[lo:hi] *= mult
+    return (w / w.sum()).astype(np.float32)
+
+
+def draw_timesteps(key, b: int, num_t: int, weights: np.ndarray | None = None) -> jax.Array:
+    """[b] int32 training timesteps: uniform over `num_t`, or drawn with `timestep_weights`' `weights`."""
+    if weights is None:
+        return jax.random.randint(key, (b,), 0, num_t)
+    return jax.random.categorical(key, jnp.log(jnp.asarray(weights)), shape=(b,)).astype(jnp.int32)
 
 
 # ===========================================================================
@@ -247,6 +298,7 @@ def make_objective(parts, config, cached: bool, empty_ids, empty_context, empty_
     lo = lora_lib.enabled(config)  # params are then {"unet": adapters[, "text_encoder": adapters]}
     lora_kw = dict(lora_scale=lora_lib.scale(config), dropout=float(config.lora.dropout)) if lo else {}
     xl = sdxl_cond.is_sdxl(unet)
+    t_weights = timestep_weights(num_t, dc)
 
     def augment(frozen, batch, key):
         """The step's randomness for the whole batch: timesteps, noise, posterior noise, caption dropout."""
@@ -258,7 +310,7 @@ def make_objective(parts, config, cached: bool, empty_ids, empty_context, empty_
         else:
             f = vae.config.downsample_factor
             lat_shape = (b, batch["image"].shape[1] // f, batch["image"].shape[2] // f, vae.config.latent_channels)
-        rnd = {"t": jax.random.randint(k_t, (b,), 0, num_t), "noise": jax.random.normal(k_noise, lat_shape),
+        rnd = {"t": draw_timesteps(k_t, b, num_t, t_weights), "noise": jax.random.normal(k_noise, lat_shape),
                "eps_z": jax.random.normal(k_z, lat_shape),
                "drop": jax.random.uniform(k_drop, (b,)) < dc.caption_dropout}
         if dc.noise_offset:
@@ -300,7 +352,8 @@ def make_objective(parts, config, cached: bool, empty_ids, empty_context, empty_
         else:
             out = unet.apply({"params": params}, *args)
         errors = lambda gamma: diffusion_loss(out, x0, mb["noise"], mb["t"], abar, prediction_type=prediction,  # noqa: E731
-                                              snr_gamma=gamma, per_example=True)
+                                              snr_gamma=gamma, snr_floor=dc.get("snr_floor", 0.0),
+                                              per_example=True)
         if config.dreambooth.enabled:  # instance + prior_loss_weight * class loss
             loss, aux = dreambooth_lib.prior_preservation_loss(errors(dc.snr_gamma), errors(0.0), mb["is_class"],
                                                                config)
