@@ -41,6 +41,22 @@ AdamW state; the test checks these figures):
   micro-batches of 1, with EMA 0.9999 on. The activations per GPU are the one-GPU case's at
   the same micro-batch (assumed, as above), so there is room for `train.grad_accum=2`
   (micro-batches of 2 per GPU) once measured.
+
+TPU pods (`POD_PLANS`, `--config.mesh.fsdp=N` with `gpus=<chips>`): lower bounds before activations,
+NOT compiles. `t2i_jax.bench.plan.lower_bounds` (abstract values only) sums per chip the train step's
+arguments (this config's state with EMA, the frozen VAE and both text encoders replicated, the
+batch) and one fp32 gradient shard, at 1024 px and this config's 4 images per chip:
+
+    fsdp   1: 51.18 GiB   2: 27.29 GiB   4: 15.34 GiB   8: 9.37 GiB   16: 6.38 GiB
+
+- v5e-16 (`tpu:v5e:4x4`, 16 GiB per chip), batch 64: the smallest fsdp passing the bound is 4
+  (data 4), with only 0.66 GiB left for activations; fsdp 8 leaves 6.63 GiB.
+- v5e-256 (`tpu:v5e:16x16`), batch 1024: the same per-chip figures, smallest fsdp 4 (data 64).
+- v6e-8 (`tpu:v6e:2x4`, 32 GiB per chip), batch 32: smallest fsdp 2 (data 4), 4.71 GiB left.
+
+Whether 1024 px activations fit what is left is for a compile to say
+(`python -m t2i_jax.bench --plan tpu:v5e:4x4 --model sdxl --batch 64`); none was run for these
+figures (BENCHMARKS.md, "SDXL pod plans: lower bounds").
 """
 
 import ml_collections
@@ -48,6 +64,10 @@ import ml_collections
 from t2i_jax.train import ldm
 
 FP16_FIX_VAE = "madebyollin/sdxl-vae-fp16-fix"
+# TPU pods: the smallest mesh.fsdp whose lower bound (arguments + one fp32 gradient, before any
+# activation; `t2i_jax.bench.plan.lower_bounds`) fits a chip at 4 images per chip, 1024 px, EMA on.
+# Not compiled: see "TPU pods" in the docstring.
+POD_PLANS = {"v5e:4x4": 4, "v5e:16x16": 4, "v6e:2x4": 2}
 
 
 def _parse(arg):

@@ -117,11 +117,7 @@ def test_bad_sdxl_settings(kw, match):
         core.resolve(core.BenchSettings(**kw), jax.devices())
 
 
-def test_aot_refuses_sdxl(capsys):
-    with pytest.raises(SystemExit) as e:
-        cli.main(["--model", "sdxl", "--aot", "tpu:v5e:2x2"])
-    assert e.value.code == 2
-    assert "--aot and --plan compile SD 1.x/2.x models only; sdxl is an SDXL model" in capsys.readouterr().err
+# --aot / --plan with SDXL models: tests/test_aot_sdxl.py (it needs libtpu).
 
 
 # --------------------------------------------------------------------------

@@ -15,6 +15,11 @@ rules, with every model built abstractly (shapes only, nothing allocated):
     train_clip  CLIP's contrastive step (`train.clip.make_objective` through
                 the same `make_train_step`), its `PARTITION_RULES`.
 
+SDXL models (`--model sdxl`, `tiny-sdxl`): the sampler's SDXL loop (both text
+encoders' context, pooled text and time ids into every U-Net evaluation; the
+program `bench.models.sample_loop_program` builds) and the trainer's SDXL step
+with configs/sdxl_finetune.py's settings (`ldm_config`); no CLIP step.
+
 Per chip it reports what XLA planned (`memory_analysis`: arguments, outputs,
 temporaries) split into params / optimizer state / activations, whether that
 fits the chip's HBM (`tpu_chips.CHIPS`), FLOPs and bytes accessed
@@ -33,12 +38,12 @@ are counted in the loop's jaxpr (calls of the U-Net's input convolution).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import os
 import re
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -48,15 +53,12 @@ from jax.sharding import Mesh
 
 from t2i_jax import parallel, pipeline
 from t2i_jax.bench import core, tpu_chips
-from t2i_jax.models import clip as clip_lib
-from t2i_jax.models import unet as unet_lib
-from t2i_jax.models import vae as vae_lib
+from t2i_jax.bench import models as bench_models
 from t2i_jax.schedulers.schedule import SD_SCHEDULER
-from t2i_jax.tokenizer import Tokenizer
 
 __all__ = ["WHAT", "AotSettings", "libtpu_available", "topology_devices", "abstract", "collectives",
            "compile_sample", "compile_train_ldm", "train_ldm_program", "train_ldm_model_flops",
-           "train_bytes_lower_bound", "compile_train_clip", "run", "ldm_config"]
+           "train_bytes_lower_bound", "compile_train_clip", "run", "ldm_config", "default_what"]
 
 WHAT = ("sample", "train_ldm", "train_clip")
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute",
@@ -75,12 +77,12 @@ class AotSettings:
     batch: int | None = None  # global batch (default: one per chip; sampling and training alike)
     what: tuple[str, ...] = WHAT
     steps: int = 50  # sampler steps
-    scheduler: str = "pndm"
+    scheduler: str | None = None  # sampler (default: the model's: PNDM for SD 1.x/2.x, Euler for SDXL)
     guidance_scale: float = 7.5
     fsdp: int | None = None  # train: FSDP degree (default: the config's mesh.fsdp)
     remat: bool | None = None  # train: rematerialise U-Net / CLIP layers (default: the config's)
     clip_batch: int | None = None  # train_clip global batch (default: `batch`)
-    grad_accum: int = 1  # train: micro-batches per step (the global batch stays `batch`)
+    grad_accum: int | None = None  # train: micro-batches per step; the global batch stays `batch` (None: the config's)
     attention_impl: str | None = None  # train_ldm: U-Net attention, e.g. "chunked" (default: the config's)
     fsdp_min_size: int | None = None  # train: tensors with fewer elements stay replicated (default: the config's)
     clip_overrides: tuple[tuple[str, object], ...] = ()  # train_clip: transformers CLIPConfig fields (tests)
@@ -149,26 +151,6 @@ def per_chip_bytes(tree) -> int:
         shape = a.sharding.shard_shape(a.shape) if getattr(a, "sharding", None) is not None else a.shape
         total += math.prod(shape) * jnp.dtype(a.dtype).itemsize
     return int(total)
-
-
-def _modules(model: str, dtype, *, remat: bool = False, unet_overrides=(), attention_impl: str | None = None):
-    spec = core.MODELS[model]
-    ucfg = dataclasses.replace(unet_lib.UNetConfig.named(spec.unet), **dict(unet_overrides))
-    vcfg = vae_lib.VAEConfig.named(spec.vae)
-    tcfg = dataclasses.replace(clip_lib.named_config(spec.text).text, **dict(spec.text_overrides))
-    unet = unet_lib.UNet2DConditionModel(ucfg, dtype=dtype, remat=remat, attention_impl=attention_impl)
-    vae = vae_lib.AutoencoderKL(vcfg, dtype=dtype)
-    text = clip_lib.CLIPTextModel(tcfg, dtype=dtype)
-    tok = Tokenizer.bundled(pad_token="!" if spec.text == "sd2-text" else "<|endoftext|>")
-    return unet, vae, text, tok
-
-
-def _abstract_params(unet, vae, text) -> dict:
-    key = jax.random.key(0)
-    side = 8 * vae.config.downsample_factor
-    return {"unet": jax.eval_shape(unet.init, key, *unet_lib.dummy_inputs(unet.config))["params"],
-            "vae": jax.eval_shape(vae.init, key, jnp.zeros((1, side, side, vae.config.in_channels)))["params"],
-            "text_encoder": jax.eval_shape(text.init, key, *clip_lib.dummy_inputs(text))["params"]}
 
 
 # --------------------------------------------------------------------------
@@ -426,77 +408,97 @@ def unet_evals_per_trip(fn: Callable, args: Sequence, kernel_shape: tuple, trips
 
 def _resolution(model: str, resolution: int | None) -> int:
     spec = core.MODELS[model]
-    return resolution or unet_lib.UNetConfig.named(spec.unet).sample_size * vae_lib.VAEConfig.named(
-        spec.vae).downsample_factor
+    return resolution or spec.unet_config().sample_size * spec.vae_config().downsample_factor
+
+
+def _scheduler(s: AotSettings) -> str:
+    return s.scheduler or core.MODELS[s.model].scheduler
 
 
 def compile_sample(s: AotSettings, mesh: Mesh, chip: tpu_chips.Chip) -> dict:
-    """`pipeline.Sampler`'s txt2img loop (denoise + decode) for `s.batch` images on `mesh`."""
+    """`pipeline.Sampler`'s txt2img loop (denoise + decode) for `s.batch` images on `mesh`, the program
+    `bench.models.sample_loop_program` builds (SDXL: both encoders' context, pooled text and time ids
+    into every U-Net evaluation)."""
     dtype = jnp.bfloat16
-    unet, vae, text, tok = _modules(s.model, dtype, unet_overrides=s.unet_overrides)
     n = mesh.devices.size
     b = s.batch or n
-    res = _resolution(s.model, s.resolution)
-    pipe = pipeline.StableDiffusion(tok, text, unet, vae, {}, dict(SD_SCHEDULER), source=f"abstract {s.model}")
-    sampler = pipeline.Sampler(pipe, mesh=mesh, dtype=dtype)  # no params: nothing is placed
-    repl, batch = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-    params = _abstract_params(sampler.pipe.unet, sampler.pipe.vae, sampler.pipe.text_encoder)
-    cast = {k: jax.eval_shape(functools.partial(pipeline.cast_kernels, dtype=dtype), v) if k in ("unet", "vae")
-            else v for k, v in params.items()}  # as Sampler._place keeps them
-    params = abstract(cast, repl)
-    use_cfg = s.guidance_scale > 1.0
-    lat = res // vae.config.downsample_factor
-    lat_shape = (b, lat, lat, sampler.pipe.latent_channels)
-    ids = jax.ShapeDtypeStruct((b, tok.max_length), jnp.int32, sharding=batch)
-    cond_shape = jax.eval_shape(sampler._encode, params["text_encoder"], ids)
-    cond = jax.ShapeDtypeStruct(cond_shape.shape, cond_shape.dtype, sharding=batch)
-    sched = sampler.scheduler(s.scheduler)
-    state = sched.set_timesteps(s.steps, lat_shape)
-    trips = int(state.num_evals)
-    state = abstract(state, repl)
-    loop = sampler.loop(s.scheduler, use_cfg, False, False)
-    args = (params, cond, cond, jax.ShapeDtypeStruct((), jnp.float32, sharding=repl),
-            jax.ShapeDtypeStruct((b,), jnp.uint32, sharding=batch),
-            jax.ShapeDtypeStruct(lat_shape, jnp.float32, sharding=batch), None, state)
+    prog = bench_models.sample_loop_program(s.model, batch=b, steps=s.steps, scheduler=_scheduler(s),
+                                            guidance_scale=s.guidance_scale, resolution=_resolution(s.model,
+                                                                                                    s.resolution),
+                                            dtype=dtype, mesh=mesh, unet_overrides=s.unet_overrides)
+    loop, args, use_cfg, lat_shape = prog["loop"], prog["args"], prog["use_cfg"], prog["latent_shape"]
+    params, cond = args[0], prog["cond"]
+    trips = int(prog["state"].num_evals)
     kernel = tuple(params["unet"]["conv_in"]["kernel"].shape)
     per_trip = unet_evals_per_trip(loop, args, kernel, trips)
     compiled, compile_s = _compile(loop, *args)
 
-    # One U-Net evaluation as the body runs it (CFG rows, the Sampler's cast params), compiled alone:
-    # the (trips - 1) trips XLA's count of the loop leaves out.
+    # One U-Net evaluation as the body runs it (CFG rows, the Sampler's cast params, SDXL's added
+    # conditioning), compiled alone: the (trips - 1) trips XLA's count of the loop leaves out.
     rows = 2 * b if use_cfg else b
-    u = sampler.pipe.unet
+    u = prog["sampler"].pipe.unet
+    batch = parallel.batch_sharding(mesh)
 
-    def unet_eval(p, x, t, ctx):
-        return u.apply({"params": p}, x, t, ctx).astype(jnp.float32)
+    def rows_of(a, dt=None):
+        return jax.ShapeDtypeStruct((rows, *a.shape[1:]), dt or a.dtype, sharding=batch)
 
-    u_args = (params["unet"], jax.ShapeDtypeStruct((rows, lat, lat, lat_shape[-1]), dtype, sharding=batch),
-              jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=batch),
-              jax.ShapeDtypeStruct((rows, *cond.shape[1:]), dtype, sharding=batch))
+    def unet_eval(p, x, t, ctx, added):
+        return u.apply({"params": p}, x, t, ctx, added).astype(jnp.float32)
+
+    xl = isinstance(cond, dict)
+    context = cond["context"] if xl else cond
+    added = {k: rows_of(cond[k]) for k in ("text_embeds", "time_ids")} if xl else None
+    u_args = (params["unet"], jax.ShapeDtypeStruct((rows, *lat_shape[1:]), dtype, sharding=batch),
+              jax.ShapeDtypeStruct((rows,), prog["state"].timesteps.dtype, sharding=batch), rows_of(context, dtype),
+              added)
     u_compiled, u_s = _compile(jax.jit(unet_eval, out_shardings=batch), *u_args)
     u_cost = _cost(u_compiled)
     extra = max(trips - 1, 0) * per_trip
-    # The loop reads the U-Net's and the VAE's params; jit drops the unused text encoder's.
-    loop_params = per_chip_bytes({k: params[k] for k in ("unet", "vae")})
-    out = _figures(compiled, chip, items_per_chip=b / n, param_bytes=loop_params,
+    # The loop reads the U-Net's and the VAE's params; the text encoders' run before it.
+    out = _figures(compiled, chip, items_per_chip=b / n, param_bytes=per_chip_bytes(params),
                    extra_flops=extra * (u_cost["flops"] or 0.0), extra_bytes=extra * (u_cost["bytes_accessed"] or 0.0),
                    compile_s=compile_s + u_s)
-    out.update(item="image", batch=b, resolution=res, steps=s.steps, scheduler=s.scheduler, cfg=use_cfg,
-               loop_trips=trips, unet_evals_per_trip=per_trip, unet_evals=trips * per_trip, unet_rows_per_eval=rows,
-               unet_eval_cost_per_chip=u_cost, loop_program_cost_per_chip=_cost(compiled),
+    out.update(item="image", batch=b, resolution=prog["resolution"], steps=s.steps, scheduler=prog["scheduler"],
+               cfg=use_cfg, sdxl=xl, loop_trips=trips, unet_evals_per_trip=per_trip, unet_evals=trips * per_trip,
+               unet_rows_per_eval=rows, unet_eval_cost_per_chip=u_cost, loop_program_cost_per_chip=_cost(compiled),
                unet_eval_collectives=collectives(u_compiled.as_text())["counts"],
-               text_encoder_bytes_per_chip=per_chip_bytes(params["text_encoder"]),
+               text_encoder_bytes_per_chip=per_chip_bytes(prog["text_params"]),
                flops_method=("XLA's count of the loop program (one trip + the rest) + (trips - 1) x evals per trip "
                              "x the U-Net evaluation compiled alone"))
     return out
 
 
-def ldm_config(model: str) -> ml_collections.ConfigDict:
+SDXL_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "sdxl_finetune.py"
+
+
+def _load_config_file(path: Path, arg: str | None = None) -> ml_collections.ConfigDict:
+    # As ml_collections' config_flags loads `--config FILE:ARG`: the file as a module, get_config(ARG).
+    import importlib.util
+
+    if not path.is_file():
+        raise FileNotFoundError(f"the SDXL train config {path} is missing; the ahead-of-time SDXL train step takes "
+                                "its settings from it: run from a checkout of the repository (pip install -e .)")
+    spec = importlib.util.spec_from_file_location(f"_aot_{path.stem}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config(arg) if arg is not None else mod.get_config()
+
+
+def ldm_config(model: str, num_chips: int | None = None) -> ml_collections.ConfigDict:
     """The trainer config a model's train step is compiled with: `configs/sd15_finetune.py`'s settings
     for sd15 / sd21 (bf16, remat, chunked attention, AdamW, EMA, min-SNR, cache on), the LDM defaults
-    for tiny."""
+    for tiny; for SDXL models `configs/sdxl_finetune.py`'s own `get_config("gpus=N")` for `num_chips`
+    devices (bf16, remat, AdamW 1e-6, min-SNR, caption dropout; EMA from 8 devices on, as it sets it;
+    its mesh.fsdp = N and batch 4 per device as 4 micro-batches of 1), cache on. `batch_size` is per
+    chip (the planner's unit), global in the config files."""
     from t2i_jax.train import ldm
 
+    if core.MODELS[model].is_sdxl:
+        n = num_chips or 1
+        c = _load_config_file(SDXL_CONFIG, f"gpus={n}")
+        c.batch_size = c.batch_size // n
+        c.cache.enabled = True
+        return c
     c = ldm.default_config()
     if model != "tiny":
         c.model.dtype = "bfloat16"
@@ -512,44 +514,64 @@ def ldm_config(model: str) -> ml_collections.ConfigDict:
     return c
 
 
-def train_ldm_program(s: AotSettings, mesh: Mesh, config: ml_collections.ConfigDict | None = None) -> dict:
+def train_ldm_program(s: AotSettings, mesh: Mesh, config: ml_collections.ConfigDict | None = None, *,
+                      accumulator: bool = True) -> dict:
     """The LDM trainer's jitted step and its abstract arguments (nothing compiled or allocated).
 
-    Returns {"step_fn", "args" (state, accumulator, frozen, batch), "config", "remat", "batch", "resolution"}.
-    """
-    from t2i_jax.train import ldm
+    SDXL models: the step `ldm.setup_step` builds for an SDXL U-Net on the cache's batch
+    (`sdxl_cond.batch_keys(True)`: latent mean and std, both encoders' context, the pooled
+    embedding, time ids), both text encoders and the VAE frozen. `accumulator=False` leaves the
+    metric accumulator (a few scalars, found by tracing the step) out: args[1] is None.
 
-    config = ldm_config(s.model) if config is None else ml_collections.ConfigDict(config.to_dict())
+    Returns {"step_fn", "args" (state, accumulator, frozen, batch), "config", "remat", "batch",
+    "resolution", "attention_impl", "grad_accum"}.
+    """
+    from t2i_jax.train import ldm, sdxl_cond
+
+    n = mesh.devices.size
+    config = ldm_config(s.model, n) if config is None else ml_collections.ConfigDict(config.to_dict())
     remat = bool(config.model.remat if s.remat is None else s.remat)
     config.model.remat = remat
-    config.train.grad_accum = s.grad_accum
+    b = s.batch or n
+    # The config's micro-batches where the batch per chip allows them (configs/sdxl_finetune.py: 4 of 1
+    # image per device; at 1 per chip that is 1 of 1).
+    accum = s.grad_accum if s.grad_accum is not None else math.gcd(int(config.train.grad_accum), b // n)
+    if accum < 1 or b % (accum * n):
+        raise ValueError(f"grad_accum {accum} cuts batch {b} into micro-batches of {b / accum:g}, which do not "
+                         f"split over the {n} chips; use a grad_accum dividing the {b // n} samples per chip")
+    config.train.grad_accum = accum
     if s.attention_impl is not None:
         config.model.attention_impl = s.attention_impl
     if s.fsdp_min_size is not None:
         config.mesh.fsdp_min_size = s.fsdp_min_size
     dtype = jnp.dtype(config.model.dtype)
-    unet, vae, text, tok = _modules(s.model, dtype, remat=remat, unet_overrides=s.unet_overrides,
-                                    attention_impl=config.model.attention_impl or None)
-    b = s.batch or mesh.devices.size
+    parts = bench_models.model_parts(s.model, dtype, remat=remat, unet_overrides=s.unet_overrides)
+    parts["unet"] = parts["unet"].clone(attention_impl=config.model.attention_impl or None)
+    unet, vae, tok = parts["unet"], parts["vae"], parts["tokenizer"]
     config.batch_size = b
     res = _resolution(s.model, s.resolution)
     repl, batch = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-    frozen_params = _abstract_params(unet, vae, text)
-    parts = {"tokenizer": tok, "text_encoder": text, "vae": vae, "unet": unet,
-             "scheduler_config": {**SD_SCHEDULER, "prediction_type": "epsilon"}, "params": frozen_params}
-    width = text.config.hidden_size
-    empty = np.zeros((tok.max_length, width), np.float32)
-    run = ldm.setup_step(parts, config, mesh, cached=True, total_steps=10**6, empty_context=empty)
-    state = abstract(run["abstract_state"], run["shardings"])
-    frozen = abstract({k: frozen_params[k] for k in ("vae", "text_encoder")}, run["frozen_shardings"])
+    frozen_params = bench_models.abstract_params({k: v for k, v in parts.items() if k != "unet"})
+    xl = sdxl_cond.is_sdxl(unet)
+    parts.update(scheduler_config={**SD_SCHEDULER, "prediction_type": "epsilon"}, params=frozen_params)
+    width = unet.config.per_block("cross_attention_dim")[0]  # SDXL: both encoders' states side by side
+    f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32, sharding=batch)  # noqa: E731
     lat = res // vae.config.downsample_factor
     c = vae.config.latent_channels
-    bat = {"mean": jax.ShapeDtypeStruct((b, lat, lat, c), jnp.float32, sharding=batch),
-           "std": jax.ShapeDtypeStruct((b, lat, lat, c), jnp.float32, sharding=batch),
-           "context": jax.ShapeDtypeStruct((b, tok.max_length, width), jnp.float32, sharding=batch)}
-    acc = _abstract_accumulator(run["step_fn"], state, frozen, bat, repl)
+    bat = {"mean": f32(b, lat, lat, c), "std": f32(b, lat, lat, c), "context": f32(b, tok.max_length, width)}
+    empty = {"empty_context": np.zeros((tok.max_length, width), np.float32)}
+    if xl:
+        pooled = parts["text_encoder_2"].config.projection_dim
+        bat.update(pooled=f32(b, pooled), time_ids=f32(b, sdxl_cond.num_time_ids(parts)))
+        empty["empty_pooled"] = np.zeros((pooled,), np.float32)
+        assert tuple(bat) == sdxl_cond.batch_keys(True)
+    run = ldm.setup_step(parts, config, mesh, cached=True, total_steps=10**6, **empty)
+    state = abstract(run["abstract_state"], run["shardings"])
+    frozen = abstract({k: frozen_params[k] for k in run["frozen_shardings"]}, run["frozen_shardings"])
+    acc = _abstract_accumulator(run["step_fn"], state, frozen, bat, repl) if accumulator else None
     return {"step_fn": run["step_fn"], "args": (state, acc, frozen, bat), "config": config, "remat": remat,
-            "batch": b, "resolution": res, "attention_impl": config.model.attention_impl or "xla"}
+            "batch": b, "resolution": res, "attention_impl": config.model.attention_impl or "xla",
+            "grad_accum": int(config.train.grad_accum)}
 
 
 def train_bytes_lower_bound(program: dict) -> int:
@@ -585,7 +607,10 @@ def compile_train_ldm(s: AotSettings, mesh: Mesh, chip: tpu_chips.Chip,
     """The LDM trainer's step (`ldm.setup_step`, cached latents) for `s.batch` samples on `mesh`
     (`program`: `train_ldm_program`'s, when already built)."""
     prog = program or train_ldm_program(s, mesh, config)
-    state, _, frozen, _ = prog["args"]
+    state, acc, frozen, bat = prog["args"]
+    if acc is None:  # built with accumulator=False (the lower bound's)
+        acc = _abstract_accumulator(prog["step_fn"], state, frozen, bat, parallel.replicated(mesh))
+        prog = {**prog, "args": (state, acc, frozen, bat)}
     compiled, compile_s = _compile(prog["step_fn"], *prog["args"])
     opt_bytes = per_chip_bytes(state.opt_state) + per_chip_bytes(state.ema_params)
     b = prog["batch"]
@@ -593,18 +618,19 @@ def compile_train_ldm(s: AotSettings, mesh: Mesh, chip: tpu_chips.Chip,
     # counted as grad_accum x XLA's count (which holds one optimizer update, so the update's FLOPs
     # and bytes are over-counted grad_accum - 1 times: a bound from above).
     cost = _cost(compiled)
-    more = s.grad_accum - 1
+    accum = prog["grad_accum"]
+    more = accum - 1
     out = _figures(compiled, chip, items_per_chip=b / mesh.devices.size, param_bytes=per_chip_bytes(state.params),
                    optimizer_bytes=opt_bytes, compile_s=compile_s, extra_flops=more * (cost["flops"] or 0.0),
                    extra_bytes=more * (cost["bytes_accessed"] or 0.0))
     out.update(flops_method="XLA's count of the compiled step" + (
-        f" x grad_accum {s.grad_accum} (the micro-batch scan's body is counted once)" if more else "") + (
+        f" x grad_accum {accum} (the micro-batch scan's body is counted once)" if more else "") + (
         "; a chunked attention's query-chunk loop is also counted once (one chunk of each long attention)"
         if str(prog["attention_impl"]).startswith("chunked") else "") + (
         "; remat's recomputed forward is included" if prog["remat"] else ""))
     out.update(item="sample", batch=b, resolution=prog["resolution"], fsdp=mesh.shape["fsdp"],
-               data=mesh.shape["data"], remat=prog["remat"], grad_accum=s.grad_accum,
-               micro_batch_per_chip=b // mesh.devices.size // s.grad_accum, attention_impl=prog["attention_impl"],
+               data=mesh.shape["data"], remat=prog["remat"], grad_accum=accum,
+               micro_batch_per_chip=b // mesh.devices.size // accum, attention_impl=prog["attention_impl"],
                ema=prog["config"].ema_decay > 0, cached=True, frozen_bytes_per_chip=per_chip_bytes(frozen),
                step="t2i_jax.train.ldm.setup_step (train.loop.make_train_step)")
     return out
@@ -631,7 +657,7 @@ def compile_train_clip(s: AotSettings, mesh: Mesh, chip: tpu_chips.Chip) -> dict
     if s.model != "tiny":
         config.model.dtype = "bfloat16"
     config.model.remat = bool(s.remat) if s.remat is not None else s.model != "tiny"
-    config.train.grad_accum = s.grad_accum
+    config.train.grad_accum = s.grad_accum or 1
     if s.fsdp_min_size is not None:
         config.mesh.fsdp_min_size = s.fsdp_min_size
     config.model.overrides = ml_collections.ConfigDict(dict(s.clip_overrides))
@@ -669,6 +695,11 @@ def compile_train_clip(s: AotSettings, mesh: Mesh, chip: tpu_chips.Chip) -> dict
 # --------------------------------------------------------------------------
 
 
+def default_what(model: str) -> tuple[str, ...]:
+    """The programs `--aot` compiles for a model when --what is not given (SDXL: no CLIP step)."""
+    return WHAT if model in CLIP_FOR else tuple(w for w in WHAT if w != "train_clip")
+
+
 def validate(s: AotSettings, num_chips: int) -> None:
     """Raises ValueError naming the bad setting, its value and the fix."""
     if s.model not in core.MODELS:
@@ -676,6 +707,9 @@ def validate(s: AotSettings, num_chips: int) -> None:
     bad = [w for w in s.what if w not in WHAT]
     if bad or not s.what:
         raise ValueError(f"--what {','.join(s.what)!r}: choose from {', '.join(WHAT)}")
+    if "train_clip" in s.what and s.model not in CLIP_FOR:
+        raise ValueError(f"--what train_clip: no CLIP is trained for {s.model} (an SDXL model's text encoders are "
+                         f"frozen); use --what {','.join(default_what(s.model))}")
     if s.resolution is not None:
         pipeline.check_size("resolution", s.resolution, 8)
     for name in ("batch", "clip_batch"):
@@ -704,7 +738,7 @@ def run(s: AotSettings, log: Callable[[str], None] = lambda m: None,
             results[what] = compile_sample(s, mesh, chip)
         else:
             cfg = ldm_train_config if what == "train_ldm" else None
-            fsdp = s.fsdp if s.fsdp is not None else int((cfg or ldm_config(s.model)).mesh.fsdp)
+            fsdp = s.fsdp if s.fsdp is not None else int((cfg or ldm_config(s.model, n)).mesh.fsdp)
             mesh = parallel.make_mesh(data=-1, fsdp=fsdp, devices=devices)
             try:
                 results[what] = (compile_train_ldm(s, mesh, chip, cfg) if what == "train_ldm"

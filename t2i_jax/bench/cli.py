@@ -91,9 +91,10 @@ def parser() -> argparse.ArgumentParser:
                    help="memory planner: the smallest FSDP degree, and at it the largest micro-batch per chip "
                         "(train.grad_accum), remat policy and attention (chunked or XLA), whose LDM train step "
                         "at --batch fits a chip of this topology, found by compiling a few candidates")
-    g.add_argument("--what", default="sample,train_ldm,train_clip",
+    g.add_argument("--what", default=None,
                    help="with --aot, comma-separated: sample (denoise+decode loop), train_ldm (the LDM trainer's "
-                        "step, cached latents), train_clip (CLIP's contrastive step)")
+                        "step, cached latents), train_clip (CLIP's contrastive step); default: all three "
+                        "(SDXL models: sample,train_ldm)")
     g.add_argument("--fsdp", type=_positive_int("fsdp"), default=None,
                    help="with --aot: FSDP degree of the train steps (default: the config's mesh.fsdp)")
     return p
@@ -106,8 +107,9 @@ def aot_main(args: argparse.Namespace, argv: list[str]) -> dict:
 
     topology = args.plan or args.aot
     s = aot.AotSettings(topology=topology, model=args.model, resolution=args.resolution, batch=args.batch_size,
-                        what=tuple(w.strip() for w in args.what.split(",") if w.strip()), steps=args.steps,
-                        scheduler=args.scheduler or "pndm", guidance_scale=args.guidance_scale, fsdp=args.fsdp,
+                        what=(tuple(w.strip() for w in args.what.split(",") if w.strip()) if args.what is not None
+                              else aot.default_what(args.model)), steps=args.steps,
+                        scheduler=args.scheduler, guidance_scale=args.guidance_scale, fsdp=args.fsdp,
                         remat=True if args.remat else None)
     started = time.time()
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
@@ -212,10 +214,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.aot and args.plan:
         p.error("--aot and --plan are separate runs; give one of them")
     if args.aot or args.plan:
-        spec = core.MODELS.get(args.model)
-        if spec is not None and spec.is_sdxl:
-            p.error(f"--aot and --plan compile SD 1.x/2.x models only; {args.model} is an SDXL model (time it "
-                    "here without --aot, or pick tiny, sd15 or sd21)")
         return aot_main(args, argv)
     settings = settings_from_args(args)
     started = time.time()

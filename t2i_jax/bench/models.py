@@ -135,15 +135,18 @@ def random_params(module, dummy: Sequence, key, sharding) -> dict:
     return jax.jit(lambda k: cut(jax.random.normal(k, (sum(sizes),), jnp.float32), jnp), out_shardings=sharding)(key)
 
 
-def model_parts(model: str, dtype=jnp.float32, attention: str | None = None, *, remat: bool = False) -> dict:
+def model_parts(model: str, dtype=jnp.float32, attention: str | None = None, *, remat: bool = False,
+                unet_overrides: Sequence[tuple[str, Any]] = ()) -> dict:
     """The modules, tokenizers and pipeline options of a named model, no params:
     the keyword arguments of `pipeline.StableDiffusion` less `params` (SDXL:
-    both text encoders and tokenizers, the base's pipeline options)."""
+    both text encoders and tokenizers, the base's pipeline options).
+    `unet_overrides`: UNetConfig fields replaced on top of the model's (a smaller U-Net for tests)."""
     spec = MODELS[model]
+    ucfg = dataclasses.replace(spec.unet_config(), **dict(unet_overrides))
     parts = dict(
         tokenizer=Tokenizer.bundled(pad_token="!" if spec.text == "sd2-text" else "<|endoftext|>"),
         text_encoder=clip_lib.CLIPTextModel(spec.text_config(), dtype=dtype, attention_impl=attention),
-        unet=unet_lib.UNet2DConditionModel(spec.unet_config(), dtype=dtype, attention_impl=attention, remat=remat),
+        unet=unet_lib.UNet2DConditionModel(ucfg, dtype=dtype, attention_impl=attention, remat=remat),
         vae=vae_lib.AutoencoderKL(spec.vae_config(), dtype=dtype),
         scheduler_config=dict(SD_SCHEDULER), source=f"random {model}")
     if spec.is_sdxl:
@@ -173,37 +176,66 @@ def abstract_params(parts: dict) -> dict:
     return out
 
 
-def lower_sample_loop(model: str, *, batch: int = 1, steps: int = 30, scheduler: str | None = None,
-                      guidance_scale: float = 7.5, resolution: int | None = None, dtype=jnp.float32, mesh=None):
+def sample_loop_program(model: str, *, batch: int = 1, steps: int = 30, scheduler: str | None = None,
+                        guidance_scale: float = 7.5, resolution: int | None = None, dtype=jnp.float32, mesh=None,
+                        unet_overrides: Sequence[tuple[str, Any]] = ()) -> dict:
     """`pipeline.Sampler`'s txt2img program (the denoising loop and the VAE
-    decode, as `Sampler.loop` jits it) for a named model, lowered on abstract
-    params and inputs: compile it for its compile time and cost analysis
-    without holding the weights. Returns (lowered, state) with `state` the
-    scheduler state it runs (`state.num_evals` U-Net evaluations)."""
+    decode, as `Sampler.loop` jits it) for a named model and its abstract
+    arguments, laid out on `mesh` as the Sampler lays them (params and
+    scheduler state replicated, the rest split over the batch); nothing is
+    allocated or compiled.
+
+    The conditioning has the shapes and dtypes of the Sampler's own encoders
+    (SDXL: both encoders' `context`, the pooled `text_embeds` and the
+    `time_ids`; SD 1.x/2.x: the text states). Returns {"sampler", "loop",
+    "args" (loop's arguments), "state" (the scheduler state, concrete:
+    `state.num_evals` U-Net evaluations), "scheduler", "use_cfg",
+    "resolution", "latent_shape", "cond" (abstract), "text_params" (the
+    abstract params of the text encoders, which the loop does not read)}.
+    """
     spec = MODELS[model]
-    parts = model_parts(model, dtype)
+    parts = model_parts(model, dtype, unet_overrides=unet_overrides)
     mesh = mesh or parallel.make_mesh()
     pipe = pipeline.StableDiffusion(params={}, **parts)
-    sampler = pipeline.Sampler(pipe, mesh=mesh, dtype=dtype)
+    sampler = pipeline.Sampler(pipe, mesh=mesh, dtype=dtype)  # no params: nothing is placed
+    repl, bsh = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+    S = jax.ShapeDtypeStruct
+
+    def place(tree, sharding):
+        return jax.tree_util.tree_map(lambda a: S(a.shape, a.dtype, sharding=sharding), tree)
+
+    params = abstract_params(parts)
     # The loop reads the U-Net's and the VAE's params, kernels in the compute dtype (the Sampler's cast_params).
-    params = {k: jax.eval_shape(functools.partial(pipeline.cast_kernels, dtype=dtype), v)
-              for k, v in abstract_params(parts).items() if k in ("unet", "vae")}
+    loop_params = place({k: jax.eval_shape(functools.partial(pipeline.cast_kernels, dtype=dtype), params[k])
+                         for k in ("unet", "vae")}, repl)
+    text_params = place({k: v for k, v in params.items() if k.startswith("text_encoder")}, repl)
     res = resolution or spec.unet_config().sample_size * pipe.vae_scale
     lat = (batch, res // pipe.vae_scale, res // pipe.vae_scale, pipe.latent_channels)
-    sched = sampler.scheduler(scheduler or spec.scheduler)
-    state = sched.set_timesteps(steps, lat)
-    S = jax.ShapeDtypeStruct
-    width = pipe.unet.config.per_block("cross_attention_dim")[0]
-    context = S((batch, pipe.tokenizer.max_length, width), jnp.float32)
+    name = scheduler or spec.scheduler
+    state = sampler.scheduler(name).set_timesteps(steps, lat)
+    ids = S((batch, pipe.tokenizer.max_length), jnp.int32)
     if pipe.is_sdxl:
-        pooled = pipe.text_encoder_2.config.projection_dim
-        ids = unet_lib.text_time_sizes(pipe.unet.config, pooled)
-        cond = {"context": context, "text_embeds": S((batch, pooled), jnp.float32),
-                "time_ids": S((batch, ids), jnp.float32)}
+        context, pooled = jax.eval_shape(sampler._encode_xl, text_params["text_encoder"],
+                                         text_params["text_encoder_2"], ids, ids)
+        num_ids = unet_lib.text_time_sizes(pipe.unet.config, pipe.text_encoder_2.config.projection_dim)
+        cond = {"context": context, "text_embeds": pooled, "time_ids": S((batch, num_ids), jnp.float32)}
     else:
-        cond = context
+        cond = jax.eval_shape(sampler._encode, text_params["text_encoder"], ids)
+    cond = place(cond, bsh)
     use_cfg = guidance_scale > 1.0
-    loop = sampler.loop(scheduler or spec.scheduler, use_cfg, False, False)
-    lowered = loop.lower(params, cond, cond, S((), jnp.float32), S((batch,), jnp.uint32), S(lat, jnp.float32), None,
-                         state)
-    return lowered, state
+    loop = sampler.loop(name, use_cfg, False, False)
+    args = (loop_params, cond, cond, S((), jnp.float32, sharding=repl), S((batch,), jnp.uint32, sharding=bsh),
+            S(lat, jnp.float32, sharding=bsh), None, place(state, repl))
+    return {"sampler": sampler, "loop": loop, "args": args, "state": state, "scheduler": name, "use_cfg": use_cfg,
+            "resolution": res, "latent_shape": lat, "cond": cond, "text_params": text_params}
+
+
+def lower_sample_loop(model: str, *, batch: int = 1, steps: int = 30, scheduler: str | None = None,
+                      guidance_scale: float = 7.5, resolution: int | None = None, dtype=jnp.float32, mesh=None):
+    """`sample_loop_program`'s loop lowered on its abstract params and inputs:
+    compile it for its compile time and cost analysis without holding the
+    weights. Returns (lowered, state) with `state` the scheduler state it runs
+    (`state.num_evals` U-Net evaluations)."""
+    prog = sample_loop_program(model, batch=batch, steps=steps, scheduler=scheduler, guidance_scale=guidance_scale,
+                               resolution=resolution, dtype=dtype, mesh=mesh)
+    return prog["loop"].lower(*prog["args"]), prog["state"]

@@ -2,6 +2,9 @@
 largest per-chip micro-batch, remat only if needed, and XLA's attention or the chunked one.
 
     python -m t2i_jax.bench --plan tpu:v5e:16x16 --model sd15 --resolution 512 --batch 2048
+    python -m t2i_jax.bench --plan tpu:v5e:4x4 --model sdxl --batch 64   # configs/sdxl_finetune.py's step
+
+`lower_bounds` gives the first filter alone, per FSDP degree, without compiling.
 
 A candidate is (fsdp, remat, attention, micro-batch per chip) on the project's
 mesh (`parallel.make_mesh(data=-1, fsdp=...)`): fsdp a power of two dividing
@@ -36,7 +39,7 @@ from collections.abc import Callable, Sequence
 from t2i_jax import parallel
 from t2i_jax.bench import aot, tpu_chips
 
-__all__ = ["degrees", "micro_batches", "plan"]
+__all__ = ["degrees", "micro_batches", "plan", "lower_bounds"]
 
 ATTENTION_OPTIONS = ("chunked", "xla")  # the memory-saving one first
 
@@ -53,6 +56,43 @@ def micro_batches(per_chip: int) -> list[int]:
     while out[-1] % 2 == 0:
         out.append(out[-1] // 2)
     return sorted(out)
+
+
+def lower_bounds(s: aot.AotSettings, fsdp_degrees: Sequence[int] | None = None) -> dict:
+    """The planner's lower bound per FSDP degree, with nothing compiled: for each degree (default
+    `degrees(chips)`), the per-chip bytes of the LDM train step's arguments (train state with the
+    config's EMA and AdamW moments, the frozen parts replicated, the global batch `s.batch` split
+    over the chips) plus one fp32 gradient per parameter shard (`aot.train_bytes_lower_bound`), from
+    abstract values only. Activations and XLA's temporaries come on top, so a degree that passes
+    may still not fit; one that fails cannot.
+
+    Returns {"topology", "chip", "batch", "resolution", "ema", "rows": [{"fsdp", "data",
+    "lower_bound_bytes", "state_bytes", "frozen_bytes", "batch_bytes", "gradient_bytes",
+    "passes"}], "smallest_passing_fsdp" (None if none passes), "note"}.
+    """
+    devices = aot.topology_devices(s.topology)
+    chip = tpu_chips.chip_for(s.topology.removeprefix("tpu:"))
+    n = len(devices)
+    aot.validate(dataclasses.replace(s, what=("train_ldm",)), n)
+    rows = []
+    prog = None
+    for d in fsdp_degrees or degrees(n):
+        if n % d:
+            raise ValueError(f"fsdp {d} does not divide the {n} chips of {s.topology}; use one of {degrees(n)}")
+        mesh = parallel.make_mesh(data=-1, fsdp=d, devices=devices)
+        prog = aot.train_ldm_program(dataclasses.replace(s, fsdp=d), mesh, accumulator=False)
+        state, _, frozen, batch = prog["args"]
+        bound = aot.train_bytes_lower_bound(prog)
+        rows.append({"fsdp": d, "data": n // d, "lower_bound_bytes": bound, "state_bytes": aot.per_chip_bytes(state),
+                     "frozen_bytes": aot.per_chip_bytes(frozen), "batch_bytes": aot.per_chip_bytes(batch),
+                     "gradient_bytes": aot.per_chip_bytes(state.params), "passes": bound <= chip.hbm_bytes})
+    passing = [r["fsdp"] for r in rows if r["passes"]]
+    return {"topology": {"name": s.topology.removeprefix("tpu:"), "chips": n, "device_kind": devices[0].device_kind},
+            "chip": chip.as_dict(), "model": s.model, "batch": prog["batch"], "resolution": prog["resolution"],
+            "ema": prog["config"].ema_decay > 0, "rows": rows,
+            "smallest_passing_fsdp": min(passing) if passing else None,
+            "note": "lower bounds before activations (arguments + one fp32 gradient), from abstract values; "
+                    "nothing compiled"}
 
 
 def plan(s: aot.AotSettings, log: Callable[[str], None] = lambda m: None, *,
