@@ -288,3 +288,15 @@ def test_sd15_sampler_512_50_steps_compiles_for_v5e_2x2(chips, v5e):
     assert r["memory_per_chip"]["fits"] and r["loop_trips"] == 51 and r["unet_evals_per_trip"] == 1
     assert not any(r["collectives"]["in_while"].get(op) for op in LOOP_TRAFFIC)
     assert 0 < r["max_items_per_s_per_chip"] < math.inf
+
+
+def test_unprintable_compiled_module_keeps_the_report():
+    # libtpu compiled SD1.5's train step for v6e:2x4 but jax could not print the module: the
+    # report keeps memory and cost, and says why the collectives are missing.
+    class Unprintable:
+        def as_text(self):
+            raise RuntimeError("INTERNAL: RET_CHECK failure Async done requires its operand to be an asynchronous op")
+
+    text, why = aot.hlo_text(Unprintable())
+    assert text is None and "not counted" in why and "Async done" in why
+    assert aot._collective_counts(Unprintable()) == {"error": why}
