@@ -76,6 +76,7 @@ def test_sdxl_sampler_loop_moves_nothing_between_chips_and_counts_its_trips(samp
     assert mem["fits"] and mem["params"] <= mem["argument"] < mem["params"] + sample["text_encoder_bytes_per_chip"]
 
 
+@pytest.mark.slow  # ~27 s of compile; as for SD1's LDM step (test_aot.py), the fast suite builds the program only
 def test_sdxl_train_step_compiles_with_fsdp_and_data(chips, v5e):
     # data 2 x fsdp 2, the config's settings (bf16, no EMA on 4 devices) but remat off and one
     # micro-batch (a compile a third quicker; the config's remat is checked below, without a compile).
