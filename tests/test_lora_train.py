@@ -214,11 +214,45 @@ def test_target_errors(runs):
     pipe = runs["pipe"]
     c = _config(runs["root"] / "model")
     c.lora.targets = "to_qq"
-    with pytest.raises(ValueError, match="'to_qq' match no Dense layer of the unet"):
+    with pytest.raises(ValueError, match="'to_qq' match no Dense or conv layer of the unet"):
         lora_lib.find_targets(pipe.params, c)
-    c.lora.targets = "conv1"
-    with pytest.raises(ValueError, match="3x3 kernel"):
-        lora_lib.find_targets(pipe.params, c)
+
+
+def test_locon_on_3x3_convs_matches_merge_and_diffusers(runs, tmp_path):
+    """LoRA on the ResNets' 3x3 convs and the stride-2 downsampler (kohya's LoCon): the training
+    forward (a k x k conv down to the rank, a 1x1 up) equals the merged kernel, and both exported
+    files, loaded by diffusers' load_lora_weights, give the same U-Net output (fp32)."""
+    pipe = runs["pipe"]
+    c = _config(runs["root"] / "model")
+    c.lora.targets = r"resnets\.\d+\.conv[12]|downsamplers|to_k"
+    c.lora.text_encoder_targets = ""
+    targets = lora_lib.find_targets(pipe.params, c)
+    windows = {t.module: t.kernel for t in targets}
+    assert windows["down_blocks.0.downsamplers.0.conv"] == (3, 3)
+    assert sum(k == (3, 3) for k in windows.values()) >= 5 and (1, 1) in windows.values()
+    adapters = lora_lib.init_adapters(jax.random.PRNGKey(1), targets, 4)
+    flat = traverse_util.flatten_dict(adapters)
+    down = flat[("unet", *next(t.path for t in targets if t.module.endswith("downsamplers.0.conv")), "lora_down")]
+    assert down.shape[:2] == (3, 3)
+    bound = float(jnp.abs(down).max())
+    assert 0.5 / np.sqrt(9 * down.shape[2]) < bound <= 1 / np.sqrt(9 * down.shape[2])  # PEFT's fan-in bound
+    r = np.random.RandomState(3)  # lora_up starts at zero: give it values, so that the branch counts
+    adapters = traverse_util.unflatten_dict({k: (r.randn(*v.shape).astype(np.float32) * 0.3 if k[-1] == "lora_up"
+                                                 else np.asarray(v)) for k, v in flat.items()})
+    x, t, ctx = _unet_inputs(1)
+    ours = np.asarray(lora_lib.apply(pipe.unet, {"params": pipe.params["unet"]}, adapters["unet"], x, t, ctx,
+                                     lora_scale=0.5))
+    base = np.asarray(pipe.unet.apply({"params": pipe.params["unet"]}, x, t, ctx))
+    assert _rel(ours, base) > 1e-2
+    merged = lora_lib.merged_params(pipe.params, adapters, targets, 0.5)
+    assert _rel(np.asarray(pipe.unet.apply({"params": merged["unet"]}, x, t, ctx)), ours) < 1e-5
+    layers = lora_lib.to_layers(adapters, targets, 0.5)
+    ref_pipe = diffusers.StableDiffusionPipeline.from_pretrained(runs["root"] / "model", safety_checker=None,
+                                                                 requires_safety_checker=False)
+    for fmt in ("diffusers", "kohya"):
+        path = lora_convert.save_lora(tmp_path / f"{fmt}.safetensors", layers, fmt=fmt)
+        ref, _, _ = _diffusers_unet(ref_pipe, path, x, t, ctx)
+        assert _rel(ours, ref) < 1e-5, fmt
 
 
 # ---------------------------------------------------------------------------

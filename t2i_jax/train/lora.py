@@ -3,7 +3,7 @@
     python -m t2i_jax.train --config configs/lora_shapes.py --workdir runs/lora_teal
 
 With `config.lora.rank` > 0 the ldm trainer trains only adapters: for every
-Dense (or 1x1 conv) layer of the U-Net whose module path (the diffusers name,
+Dense or conv layer of the U-Net whose module path (the diffusers name,
 e.g. `down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k`) matches
 `lora.targets` (`re.search`), and of the CLIP text encoder matching
 `lora.text_encoder_targets`, the layer's output y = W x + b becomes
@@ -12,7 +12,13 @@ e.g. `down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k`) matches
 
 with `down` [in, rank] initialised as PEFT does (kaiming-uniform, bound
 1 / sqrt(in)) and `up` [rank, out] at zero, so training starts at the base
-model. The adapters are the train state's `params` (optimizer moments, EMA,
+model. A k x k conv (a ResNet's conv1/conv2, a down/upsampler's conv) gets
+kohya's LoCon form, what PEFT builds for a Conv2d: `down` a k x k conv to
+`rank` channels with the layer's own strides and padding ([k, k, in, rank],
+bound 1 / sqrt(k * k * in)), `up` a 1x1 conv [rank, out]; merged, up @ down is
+a k x k kernel, so the files are ordinary LoRA files that diffusers loads.
+
+The adapters are the train state's `params` (optimizer moments, EMA,
 donation and checkpoints hold them alone); the base weights are a frozen,
 non-donated argument of the step, kernels cast to the compute dtype.
 
@@ -54,7 +60,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.rank = 0  # adapter rank; 0: off (full fine-tune)
     c.alpha = 0.0  # the branch is scaled by alpha / rank; 0: alpha = rank (scale 1)
     c.dropout = 0.0  # dropout on the branch's input (PEFT's lora_dropout)
-    c.targets = "to_q|to_k|to_v|to_out"  # U-Net module paths (re.search); add "|ff.net" for the feed-forward
+    # U-Net module paths (re.search); add "|ff.net" for the feed-forward, "|resnets.*conv|samplers" for LoCon
+    c.targets = "to_q|to_k|to_v|to_out"
     c.text_encoder_targets = ""  # CLIP text encoder module paths, e.g. "q_proj|k_proj|v_proj|out_proj"
     return c
 
@@ -81,15 +88,20 @@ class Target:
     component: str
     path: tuple[str, ...]  # Flax module path (the params path without "kernel")
     module: str  # canonical torch module path (`core.flax_path_to_torch_key`)
-    kind: str  # "linear" (Dense) or "conv" (1x1 Conv)
+    kind: str  # "linear" (Dense) or "conv"
     d_in: int
     d_out: int
+    kernel: tuple[int, int] = (1, 1)  # a conv's window; (1, 1) for Dense and 1x1 convs
+
+    @property
+    def fan_in(self) -> int:
+        return self.d_in * self.kernel[0] * self.kernel[1]
 
 
 def find_targets(params, config) -> list[Target]:
     """The layers of `params` ({"unet": tree, "text_encoder": tree}, arrays or shapes) that
-    `config.lora` adapts. Raises ValueError for a pattern that matches nothing or a conv
-    that is not 1x1."""
+    `config.lora` adapts (convs of any window: k x k ones as LoCon). Raises ValueError for a
+    pattern that matches nothing."""
     patterns = {"unet": config.lora.targets, "text_encoder": config.lora.text_encoder_targets}
     out = []
     for comp in COMPONENTS:
@@ -106,15 +118,13 @@ def find_targets(params, config) -> list[Target]:
             module = key[: -len(".weight")]
             if not rx.search(module):
                 continue
-            if kind == "conv" and shape[:2] != (1, 1):
-                raise ValueError(f"lora targets {pattern!r} match {comp} conv {module!r} with a {shape[0]}x{shape[1]} "
-                                 "kernel; LoRA training adapts Dense and 1x1 conv layers only: narrow the pattern")
-            found.append(Target(comp, tuple(path[:-1]), module, kind, shape[-2], shape[-1]))
+            window = tuple(shape[:2]) if kind == "conv" else (1, 1)
+            found.append(Target(comp, tuple(path[:-1]), module, kind, shape[-2], shape[-1], window))
         if not found:
             names = sorted(core.flax_path_to_torch_key(p, 2)[0] for p in traverse_util.flatten_dict(params[comp])
                            if p[-1] == "kernel")[:3]
             raise ValueError(f"lora {'targets' if comp == 'unet' else 'text_encoder_targets'} {pattern!r} match no "
-                             f"Dense layer of the {comp} (its layers are named like {names}); fix the pattern")
+                             f"Dense or conv layer of the {comp} (its layers are named like {names}); fix the pattern")
         out += found
     return out
 
@@ -131,11 +141,13 @@ def abstract_adapters(params: dict, config) -> tuple[list[Target], dict]:
 
 def init_adapters(key, targets: list[Target], rank: int) -> dict:
     """{component: {Flax module path...: {"lora_down" [in, rank], "lora_up" [rank, out]}}}, fp32:
-    down kaiming-uniform (PEFT's a = sqrt(5): bound 1 / sqrt(in)), up zero."""
+    down kaiming-uniform (PEFT's a = sqrt(5): bound 1 / sqrt(fan in)), up zero. A k x k conv's
+    down is a conv kernel [k, k, in, rank] (HWIO)."""
     flat = {}
     for i, t in enumerate(targets):
-        bound = 1.0 / np.sqrt(t.d_in)
-        down = jax.random.uniform(jax.random.fold_in(key, i), (t.d_in, rank), jnp.float32, -bound, bound)
+        bound = 1.0 / np.sqrt(t.fan_in)
+        shape = (t.d_in, rank) if t.kernel == (1, 1) else (*t.kernel, t.d_in, rank)
+        down = jax.random.uniform(jax.random.fold_in(key, i), shape, jnp.float32, -bound, bound)
         flat[(t.component, *t.path, "lora_down")] = down
         flat[(t.component, *t.path, "lora_up")] = jnp.zeros((rank, t.d_out), jnp.float32)
     return traverse_util.unflatten_dict(flat)
@@ -187,7 +199,11 @@ def apply(module: nn.Module, variables, adapters: dict | None, *args, lora_scale
         if dropout > 0 and rng is not None:
             x = _dropout(x, dropout, rng, idx)
         dt = y.dtype
-        h = jnp.matmul(x.astype(dt), ad["lora_down"].astype(dt))
+        down = ad["lora_down"].astype(dt)
+        if down.ndim == 4:  # LoCon: a k x k conv down to the rank, with the layer's strides and padding
+            h = _conv(mod, x.astype(dt), down)
+        else:
+            h = jnp.matmul(x.astype(dt), down)
         h = jnp.matmul(h, ad["lora_up"].astype(dt))
         return y + (lora_scale * h).astype(dt)
 
@@ -199,6 +215,20 @@ def _get(tree, path):
     for p in path:
         tree = tree[p]
     return tree
+
+
+def _conv(mod: nn.Conv, x, kernel):
+    """`x` [B, H, W, C] through `kernel` (HWIO) as the layer `mod` convolves its input."""
+    if mod.feature_group_count != 1 or mod.input_dilation not in (None, 1) or mod.kernel_dilation not in (None, 1):
+        raise ValueError(f"LoRA on conv {'.'.join(mod.path)}: grouped or dilated convs are not supported")
+    strides = mod.strides if mod.strides is not None else 1
+    strides = (strides,) * 2 if isinstance(strides, int) else tuple(strides)
+    padding = mod.padding
+    if isinstance(padding, int):
+        padding = ((padding, padding),) * 2
+    elif not isinstance(padding, str):
+        padding = tuple((p, p) if isinstance(p, int) else tuple(p) for p in padding)
+    return jax.lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
 def _dropout(x, rate: float, rng, idx: int):
@@ -215,14 +245,20 @@ def _dropout(x, rate: float, rng, idx: int):
 # ===========================================================================
 
 def to_layers(adapters: dict, targets: list[Target], lora_scale: float) -> list[lora_convert.LoraLayer]:
-    """Host adapters as `t2i_jax.convert.lora.LoraLayer`s (torch layout: down [rank, in(, 1, 1)],
+    """Host adapters as `t2i_jax.convert.lora.LoraLayer`s (torch layout: down [rank, in(, kh, kw)],
     up [out, rank(, 1, 1)]), what `merge_loras` and `save_lora` take."""
     layers = []
     for t in targets:
         ad = _get(adapters[t.component], t.path)
-        down, up = np.asarray(ad["lora_down"], np.float32).T, np.asarray(ad["lora_up"], np.float32).T
+        down, up = np.asarray(ad["lora_down"], np.float32), np.asarray(ad["lora_up"], np.float32).T
+        if down.ndim == 4:  # HWIO [kh, kw, in, rank] -> [rank, in, kh, kw]
+            down = down.transpose(3, 2, 0, 1)
+        else:
+            down = down.T
+            if t.kind == "conv":
+                down = down[:, :, None, None]
         if t.kind == "conv":
-            down, up = down[:, :, None, None], up[:, :, None, None]
+            up = up[:, :, None, None]
         layers.append(lora_convert.LoraLayer(t.component, t.module, down, up, float(lora_scale)))
     return layers
 
