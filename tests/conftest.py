@@ -49,3 +49,25 @@ def compilation_cache(tmp_path_factory):
     yield
     for n, v in old.items():
         jax.config.update(n, v)
+
+
+# ---------------------------------------------------------------------------
+# TPU ahead-of-time compiles (test_aot*.py): the v5e:2x2 slice the fast cases compile for.
+
+AOT_TOPOLOGY = "v5e:2x2"
+
+
+@pytest.fixture(scope="session")
+def chips():
+    """The 4 TPU devices of a v5e:2x2 topology (libtpu's compiler, no TPU needed)."""
+    from t2i_jax.bench import aot
+
+    return aot.topology_devices(AOT_TOPOLOGY)
+
+
+@pytest.fixture(scope="session")
+def v5e():
+    """The datasheet figures of the chip of `chips`."""
+    from t2i_jax.bench import tpu_chips
+
+    return tpu_chips.chip_for(AOT_TOPOLOGY)

@@ -31,16 +31,6 @@ ONE_LEVEL_UNET = (("block_out_channels", (32,)), ("down_block_types", ("CrossAtt
 
 
 @pytest.fixture(scope="module")
-def chips():
-    return aot.topology_devices(TOPOLOGY)
-
-
-@pytest.fixture(scope="module")
-def v5e():
-    return tpu_chips.chip_for(TOPOLOGY)
-
-
-@pytest.fixture(scope="module")
 def sample(chips, v5e):
     s = aot.AotSettings(topology=TOPOLOGY, model="tiny", batch=4, steps=3)
     return aot.compile_sample(s, parallel.make_mesh(devices=chips), v5e)

@@ -30,16 +30,6 @@ RES = 16  # 8 x 8 latents with the tiny VAE
 
 
 @pytest.fixture(scope="module")
-def chips():
-    return aot.topology_devices(TOPOLOGY)
-
-
-@pytest.fixture(scope="module")
-def v5e():
-    return tpu_chips.chip_for(TOPOLOGY)
-
-
-@pytest.fixture(scope="module")
 def sample(chips, v5e):
     s = aot.AotSettings(topology=TOPOLOGY, model="tiny-sdxl", batch=4, steps=3, resolution=RES,
                         unet_overrides=ONE_LEVEL_SDXL)

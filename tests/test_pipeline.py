@@ -181,6 +181,10 @@ def test_img2img_matches_diffusers(tiny, sampler, monkeypatch, name):
     assert np.abs(ours - out).max() <= 1 / 255
 
 
+# Behind --slow (~30 s): 8 devices against one are checked fast per scheduler in
+# test_sampler_layout.test_eight_devices_match_one, and an image alone against the same image in a
+# batch of 8 in test_serve.test_same_image_as_the_cli_alone_and_batched_with_7_others.
+@pytest.mark.slow
 def test_same_images_any_batch_and_device_count(tiny):
     """Image b depends on (prompt, seed, settings) only: 1 device x batch 1,
     1 device x batch 4 and 8 devices x batch 8 agree (euler_a: its sampler
