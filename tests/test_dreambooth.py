@@ -283,6 +283,9 @@ def _rows(d):
     return metrics_lib.read_jsonl(d / "metrics.jsonl")
 
 
+# Behind --slow (~34 s): the LDM objective's exact resume is checked fast in LoRA mode
+# (test_lora_train.test_checkpoint_holds_adapters_and_resume_is_exact), through the same loop.
+@pytest.mark.slow
 def test_train_resume_exact(tiny, tmp_path):
     """4 steps with checkpoints at 2 and 4; then, as after a crash past step 2, the checkpoint of step
     4 is removed and the same command resumes from 2: the same params and metrics, class images reused."""

@@ -239,6 +239,8 @@ def test_check_size_suggests_neighbours():
         pipeline.check_size("width", 5, 8)
 
 
+# Behind --slow (~21 s): the single-file conversion's parity with diffusers' keys is checked fast in test_single_file.
+@pytest.mark.slow
 def test_single_file_gives_the_same_images(tiny, sampler, tmp_path):
     """The tiny model written as one original-layout checkpoint loads through
     load_components and generates what the diffusers folder generates."""

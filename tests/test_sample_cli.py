@@ -217,6 +217,9 @@ def _pngs(out):
     return {p.name: p.read_bytes() for p in out.glob("*.png") if p.name != "grid.png"}
 
 
+# Behind --slow (~19 s, for the fast suite's budget): that an image depends on its own seed alone, not on
+# its batch, is checked fast in test_serve.test_same_image_as_the_cli_alone_and_batched_with_7_others.
+@pytest.mark.slow
 def test_seeds_do_not_move_when_images_or_prompts_are_added(model_dir, tmp_path):
     two = ["--prompt", "a red circle", "--prompt", "a blue square", "--seed", "5"]
     three, four = tmp_path / "three", tmp_path / "four"
@@ -242,6 +245,8 @@ def test_seeds_do_not_move_when_images_or_prompts_are_added(model_dir, tmp_path)
         assert grid.size == (3 * SIZE, 3 * SIZE)
 
 
+# Behind --slow (~16 s): resume by manifest is checked fast in test_generate_files_metadata_manifest_and_resume.
+@pytest.mark.slow
 def test_grid_is_this_runs_images_and_init_image_resumes_by_content(model_dir, tmp_path, capsys):
     out = tmp_path / "out"
     assert sample.main(_args(model_dir, out, "--prompt", "a red circle")) == 0

@@ -215,6 +215,8 @@ def test_export_loads_in_transformers(shapes_run):
         assert np.linalg.norm(np.asarray(ours) - theirs) / np.linalg.norm(theirs) < 1e-5
 
 
+# Behind --slow (~25 s): the export loading in transformers stays fast (test_export_loads_in_transformers).
+@pytest.mark.slow
 def test_finetune_from_exported_folder(shapes_run, tmp_path):
     """A run starting from a transformers folder (init_from) begins with exactly those weights,
     and resumes (module rebuilt from config.json alone) after a stop."""
@@ -281,6 +283,9 @@ def test_fsdp_on_8_devices_matches_one_device(tmp_path):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
 
 
+# Behind --slow (~22 s): the one train loop's non-finite stop is checked fast in
+# test_train_loop.test_huge_learning_rate_stops_with_only_finite_checkpoints.
+@pytest.mark.slow
 def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path):
     c = quick_config(steps=8, checkpoint_every=2, debug_nan_step=5)
     with pytest.raises(FloatingPointError, match=r"step 5: loss is nan.*last good checkpoint \(step 4\)"):
@@ -296,6 +301,8 @@ def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert clip_train.train_and_evaluate(c, tmp_path)["step"] == 8
 
 
+# Behind --slow (~18 s): accumulation through the one loop is checked fast in test_train_loop.
+@pytest.mark.slow
 def test_grad_accum_and_bf16(tmp_path):
     c = quick_config(steps=2, grad_accum=2)
     c.model.dtype = "bfloat16"

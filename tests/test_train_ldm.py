@@ -206,7 +206,7 @@ def _losses(d):
 
 
 # Behind --slow (~85 s): the LDM trainer's exact resume is also checked fast in LoRA mode
-# (test_lora_train.py) and with DreamBooth (test_dreambooth.py::test_train_resume_exact), both through this loop.
+# (test_lora_train.py), through this loop (DreamBooth's own resume test is behind --slow too).
 @pytest.mark.slow
 def test_resume_equals_uninterrupted(tmp_path):
     full = ldm.train_and_evaluate(tiny_config(6), tmp_path / "full")

@@ -96,7 +96,7 @@ def test_export_loads_in_diffusers(vae_run):
 
 
 # Behind --slow (~32 s): the one train loop's exact resume is checked fast for the LDM objective
-# (test_lora_train.py, test_dreambooth.py) and for CLIP (test_train_clip.py).
+# (test_lora_train.py) and for CLIP (test_train_clip.py).
 @pytest.mark.slow
 def test_resume_equals_uninterrupted(tmp_path):
     """Across the discriminator's start step."""
