@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import traverse_util
+from flax.linen import linear as flax_linear
 
 from t2i_jax.convert import core
 from t2i_jax.convert import lora as lora_convert
@@ -223,11 +224,7 @@ def _conv(mod: nn.Conv, x, kernel):
         raise ValueError(f"LoRA on conv {'.'.join(mod.path)}: grouped or dilated convs are not supported")
     strides = mod.strides if mod.strides is not None else 1
     strides = (strides,) * 2 if isinstance(strides, int) else tuple(strides)
-    padding = mod.padding
-    if isinstance(padding, int):
-        padding = ((padding, padding),) * 2
-    elif not isinstance(padding, str):
-        padding = tuple((p, p) if isinstance(p, int) else tuple(p) for p in padding)
+    padding = flax_linear.canonicalize_padding(mod.padding, 2)  # nn.Conv's own reading of its padding
     return jax.lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
@@ -251,14 +248,11 @@ def to_layers(adapters: dict, targets: list[Target], lora_scale: float) -> list[
     for t in targets:
         ad = _get(adapters[t.component], t.path)
         down, up = np.asarray(ad["lora_down"], np.float32), np.asarray(ad["lora_up"], np.float32).T
-        if down.ndim == 4:  # HWIO [kh, kw, in, rank] -> [rank, in, kh, kw]
-            down = down.transpose(3, 2, 0, 1)
+        if t.kind == "conv":  # down HWIO [kh, kw, in, rank] (a 1x1 conv's stored as [in, rank]) -> [rank, in, kh, kw]
+            down = down.reshape(*t.kernel, t.d_in, -1).transpose(3, 2, 0, 1)
+            up = up[:, :, None, None]
         else:
             down = down.T
-            if t.kind == "conv":
-                down = down[:, :, None, None]
-        if t.kind == "conv":
-            up = up[:, :, None, None]
         layers.append(lora_convert.LoraLayer(t.component, t.module, down, up, float(lora_scale)))
     return layers
 
